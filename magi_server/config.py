@@ -265,3 +265,76 @@ def weight_subfolder(dit: DiTConfig) -> str:
         name += ".distill"
     return name
 
+
+
+# ------------------------------------------------------------------------------------------------------ presets
+
+# The six shipped configurations (SandAI-org/MAGI-1 example/24B/*.json, example/4.5B/*.json; spec §1.1) and a
+# tiny random model that runs the whole flow on a laptop CPU. Names follow the Hugging Face subfolders
+# (ckpt/magi/24B_base, ...), with '-' for '_'.
+REAL_PRESETS = (
+    "24B-base",
+    "24B-distill",
+    "24B-distill-quant",
+    "4.5B-base",
+    "4.5B-distill",
+    "4.5B-distill-quant",
+)
+PRESET_NAMES = REAL_PRESETS + ("tiny",)
+
+
+def canonical_preset_name(name: str) -> str | None:
+    """"24b_distill_quant" -> "24B-distill-quant"; None when it names no preset."""
+    key = str(name).strip().replace("_", "-").lower()
+    for candidate in PRESET_NAMES:
+        if candidate.lower() == key:
+            return candidate
+    return None
+
+
+def _dit_24b(distill: bool, fp8: bool) -> DiTConfig:
+    return DiTConfig(
+        num_layers=48, hidden_size=6144, ffn_hidden_size=16384, num_attention_heads=48, num_query_groups=8,
+        kv_channels=128, in_channels=32, out_channels=32, x_rescale_factor=0.1, half_channel_vae=True,
+        gated_linear_unit=True, distill=distill, fp8_quant=fp8,
+    )
+
+
+def _dit_4_5b(distill: bool, fp8: bool) -> DiTConfig:
+    return DiTConfig(
+        num_layers=34, hidden_size=3072, ffn_hidden_size=12288, num_attention_heads=24, num_query_groups=8,
+        kv_channels=128, in_channels=16, out_channels=16, x_rescale_factor=1.0, half_channel_vae=False,
+        gated_linear_unit=False, distill=distill, fp8_quant=fp8,
+    )
+
+
+TINY_DIT = DiTConfig(
+    num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=2, num_query_groups=1, kv_channels=32,
+    in_channels=16, out_channels=16, caption_channels=32, params_dtype="float32", distill=True,
+)
+TINY_VAE = VAEConfig(video_size=64, video_length=8, embed_dim=256, depth=2, num_heads=4, mlp_ratio=1.0)
+
+
+def preset(name: str) -> MagiConfig:
+    """The MagiConfig of a named preset (see PRESET_NAMES); paths are left unset."""
+    canonical = canonical_preset_name(name)
+    if canonical is None:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    if canonical == "tiny":
+        return MagiConfig(
+            dit=TINY_DIT,
+            sampling=SamplingConfig(cfg_number=1, num_steps=8, video_size_h=128, video_size_w=128, window_size=4),
+        )
+    size, _, variant = canonical.partition("-")
+    distill = variant.startswith("distill")
+    fp8 = variant.endswith("quant")
+    if size == "24B":
+        dit = _dit_24b(distill, fp8)
+        steps = 16 if distill else 32
+        h, w = 720, 1280
+    else:
+        dit = _dit_4_5b(distill, fp8)
+        steps = 64
+        h, w = 720, 720
+    sampling = SamplingConfig(cfg_number=1 if distill else 3, num_steps=steps, video_size_h=h, video_size_w=w)
+    return MagiConfig(dit=dit, sampling=sampling, t5_device="cuda" if size == "24B" else "cpu")
