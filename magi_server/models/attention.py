@@ -86,12 +86,17 @@ def range_attention(
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    # (S, H, D) -> (H, S, D) for SDPA's (..., L, E) convention
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scale)
-    return out.transpose(0, 1)
+    # (S, H, D) -> (1, H, S, D): the fused SDPA kernels (CPU flash, CUDA flash / mem-efficient) accept only
+    # 4-D inputs; 3-D ones silently fall back to the math kernel, which is slower and rounds differently.
+    q4, k4, v4 = (t.transpose(0, 1)[None] for t in (q, k, v))
+    if groups > 1 and q.is_cuda:
+        out = F.scaled_dot_product_attention(q4, k4, v4, scale=scale, enable_gqa=True)
+    else:
+        if groups > 1:
+            k4 = k4.repeat_interleave(groups, dim=1)
+            v4 = v4.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q4, k4, v4, scale=scale)
+    return out[0].transpose(0, 1)
 
 
 def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
