@@ -1,0 +1,685 @@
+"""The MAGI-1 DiT ("videodit_ardf") network and its explicit KV cache.
+
+This file owns:
+
+* :class:`VideoDiT` — the transformer, with parameter names and shapes identical to the reference checkpoint
+  (spec §2.11), its precision policy (:meth:`VideoDiT.is_fp32_param`, spec §2.10) and one forward call
+  (spec §2.1-§2.8): patch embedding, 3-D RoPE, timestep/caption conditioning, block-causal self-attention plus
+  per-chunk cross-attention, sandwich-normed gated residuals, final layer and unpatchify.
+* :class:`KVCache` — the clean-chunk key/value store that a caller owns and hands to each forward (spec §2.12).
+  It is kept per chunk index so a sampler can release chunks that no window reads any more.
+
+Guidance (CFG passes, the nearly-clean copy) is not here; it lives in ``magi_server/velocity.py``.
+All attention goes through :func:`magi_server.models.attention.range_attention`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from magi_server.config import DiTConfig
+from magi_server.models.attention import range_attention
+
+# Sub-module names whose parameters the reference promotes to fp32 after loading (`_high_precision_promoter`).
+# Top-level modules are matched on the first path component, block norms on any component; the cross-attention
+# norms are named `*_xattn`, so an exact component match leaves them out, as the reference does.
+_FP32_TOP_MODULES = frozenset({"x_embedder", "t_embedder", "y_embedder", "final_linear", "rope"})
+_FP32_NORM_MODULES = frozenset(
+    {"q_layernorm", "k_layernorm", "self_attn_post_norm", "mlp_post_norm", "final_layernorm"}
+)
+
+# The reference reorders [self-attn | cross-attn] outputs in 8 slices before linear_proj, a permutation fixed by
+# its tensor-parallel-8 training whatever the head count (spec §2.7 step 7).
+_PROJ_INTERLEAVE = 8
+
+_FREQ_EMBED_SIZE = 256
+_TIMESTEP_RESCALE = 1000
+_ROPE_REF_AREA = 16 * 16
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------------------------------------
+class KVCache:
+    """Keys and values of already-computed chunks, per layer and per chunk index, owned by the caller.
+
+    Each stored entry is a tensor (tokens_per_chunk, num_query_groups, 2 * kv_channels) laid out per group as
+    [key | value]; the key is stored after its q/k-norm and RoPE, the value raw (the reference cache layout).
+    Rows are copied into ``dtype`` on ``device`` when written (``pin_memory`` pins CPU copies for faster uploads).
+    The chunk size is fixed by the first forward that uses the cache (or by ``tokens_per_chunk``).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        *,
+        tokens_per_chunk: int | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.num_layers = int(num_layers)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.pin_memory = bool(pin_memory) and self.device.type == "cpu"
+        self.tokens_per_chunk = tokens_per_chunk
+        self._store: list[dict[int, torch.Tensor]] = [{} for _ in range(self.num_layers)]
+        self._row_shape: tuple[int, ...] | None = None
+
+    def bind_tokens_per_chunk(self, tokens_per_chunk: int) -> None:
+        """Fix the chunk size (first use) or check that a later call uses the same one."""
+        if self.tokens_per_chunk is None:
+            self.tokens_per_chunk = int(tokens_per_chunk)
+        elif self.tokens_per_chunk != tokens_per_chunk:
+            raise ValueError(
+                f"KV cache holds chunks of {self.tokens_per_chunk} tokens but this call has {tokens_per_chunk} "
+                "tokens per chunk (resolution changed mid-video?)"
+            )
+
+    def _check_layer(self, layer: int) -> dict[int, torch.Tensor]:
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range for a cache of {self.num_layers} layers")
+        return self._store[layer]
+
+    def write(self, layer: int, first_chunk: int, rows: torch.Tensor) -> None:
+        """Store ``rows`` (whole chunks, (n * tokens_per_chunk, groups, 2 * kv_channels)) as chunks first_chunk.."""
+        store = self._check_layer(layer)
+        if self.tokens_per_chunk is None:
+            raise ValueError("tokens_per_chunk is unknown: pass it to KVCache() or bind_tokens_per_chunk() first")
+        if first_chunk < 0:
+            raise ValueError(f"first_chunk must be >= 0, got {first_chunk}")
+        tpc = self.tokens_per_chunk
+        if rows.dim() != 3 or rows.shape[0] % tpc:
+            raise ValueError(f"rows {tuple(rows.shape)} do not cover whole chunks of {tpc} tokens")
+        if self._row_shape is None:
+            self._row_shape = tuple(rows.shape[1:])
+        elif tuple(rows.shape[1:]) != self._row_shape:
+            raise ValueError(f"rows of shape {tuple(rows.shape[1:])} do not match the cache's {self._row_shape}")
+        for i in range(rows.shape[0] // tpc):
+            # copy=True: never keep a view that would pin the caller's whole K|V tensor in memory
+            piece = rows[i * tpc : (i + 1) * tpc].to(device=self.device, dtype=self.dtype, copy=True)
+            if self.pin_memory:
+                piece = piece.pin_memory()
+            store[first_chunk + i] = piece
+
+    def read(self, layer: int, first_chunk: int, end_chunk: int) -> torch.Tensor:
+        """Rows of chunks [first_chunk, end_chunk) concatenated, in the cache's dtype and device."""
+        store = self._check_layer(layer)
+        if end_chunk <= first_chunk:
+            shape = (0, *self._row_shape) if self._row_shape is not None else (0,)
+            return torch.empty(shape, dtype=self.dtype, device=self.device)
+        pieces = []
+        for c in range(first_chunk, end_chunk):
+            if c not in store:
+                raise KeyError(
+                    f"KV cache has no chunk {c} for layer {layer} (retained chunks: {sorted(store)}); "
+                    "it was never written or has been evicted"
+                )
+            pieces.append(store[c])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+    def rows(self, layer: int, first_chunk: int = 0, end_chunk: int | None = None) -> torch.Tensor:
+        """Like :meth:`read`; ``end_chunk`` defaults to one past the newest retained chunk of that layer."""
+        store = self._check_layer(layer)
+        if end_chunk is None:
+            end_chunk = max(store) + 1 if store else first_chunk
+        return self.read(layer, first_chunk, end_chunk)
+
+    def chunks(self) -> list[int]:
+        """Sorted chunk indices retained in any layer."""
+        found: set[int] = set()
+        for store in self._store:
+            found.update(store)
+        return sorted(found)
+
+    def has(self, chunk: int) -> bool:
+        """True when every layer holds ``chunk``."""
+        return all(chunk in store for store in self._store)
+
+    def evict(self, keep: Iterable[int]) -> None:
+        """Release every chunk not listed in ``keep``."""
+        keep = set(int(c) for c in keep)
+        for store in self._store:
+            for c in [c for c in store if c not in keep]:
+                del store[c]
+
+    def drop_before(self, chunk: int) -> None:
+        """Release chunks with index < ``chunk``."""
+        for store in self._store:
+            for c in [c for c in store if c < chunk]:
+                del store[c]
+
+    def clear(self) -> None:
+        for store in self._store:
+            store.clear()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for store in self._store for t in store.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------
+class ZeroCenteredLayerNorm(nn.Module):
+    """The reference "FusedLayerNorm": LayerNorm whose effective gain is 1 + weight when ``one_plus``.
+
+    The +1 is formed in the stored dtype (it matters for the bf16 cross-attention norms); the parameters then
+    follow the input dtype, so the caller decides the compute precision by casting the input.
+    """
+
+    def __init__(self, size: int, eps: float, one_plus: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.size = int(size)
+        self.eps = float(eps)
+        self.one_plus = bool(one_plus)
+        self.weight = nn.Parameter(torch.zeros(size, dtype=dtype) if one_plus else torch.ones(size, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(size, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight + 1 if self.one_plus else self.weight
+        return F.layer_norm(x, (self.size,), weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+class PreLayerNorm(nn.LayerNorm):
+    """Plain affine LayerNorm (the pre-norms are not zero-centred); runs in the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+class FP32Linear(nn.Linear):
+    """A Linear computed in fp32 whatever the stored dtype (the reference runs these under fp32 autocast)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoid of 1000·t (cos first), rounded to the compute dtype, then an fp32 MLP (spec §2.4)."""
+
+    def __init__(self, cond_dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            FP32Linear(_FREQ_EMBED_SIZE, cond_dim, bias=True, dtype=torch.float32),
+            nn.SiLU(),
+            FP32Linear(cond_dim, cond_dim, bias=True, dtype=torch.float32),
+        )
+
+    @staticmethod
+    def sinusoid(t: torch.Tensor) -> torch.Tensor:
+        half = _FREQ_EMBED_SIZE // 2
+        # the operation order (t·freq first, ×1000 last) is part of the fp32 parity contract (spec §2.4)
+        freqs = torch.exp(-math.log(10000) * torch.arange(0, half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None] * _TIMESTEP_RESCALE
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: torch.Tensor, round_dtype: torch.dtype) -> torch.Tensor:
+        # the reference feeds the MLP a params_dtype sinusoid: a real rounding step for bf16 models
+        emb = self.sinusoid(t).to(round_dtype).float()
+        return self.mlp(emb)
+
+
+class CaptionEmbedder(nn.Module):
+    """Caption projections: SiLU(Linear) tokens for cross-attention, and the adaLN flag from the null rows."""
+
+    def __init__(self, caption_channels: int, xattn_dim: int, cond_dim: int, caption_max_length: int) -> None:
+        super().__init__()
+        self.y_proj_xattn = nn.Sequential(
+            FP32Linear(caption_channels, xattn_dim, bias=True, dtype=torch.float32), nn.SiLU()
+        )
+        self.y_proj_adaln = nn.Sequential(FP32Linear(caption_channels, cond_dim, bias=True, dtype=torch.float32))
+        self.null_caption_embedding = nn.Parameter(
+            torch.empty(caption_max_length, caption_channels, dtype=torch.float32)
+        )
+        nn.init.normal_(self.null_caption_embedding)
+
+    def adaln(self, caption_dropout: torch.Tensor) -> torch.Tensor:
+        # At inference the adaLN path never sees the caption: row -2 = "text present", row -1 = "text dropped".
+        null = self.null_caption_embedding.float()
+        rows = torch.where(caption_dropout[:, None], null[-1][None], null[-2][None])
+        return self.y_proj_adaln(rows)
+
+
+class RotaryBands(nn.Module):
+    """Learned RoPE frequencies (``rope.bands``) and the 3-D (frame, row, column) table built from them."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        num_bands = head_dim // 8
+        exponent = torch.arange(0, num_bands, dtype=torch.int64).to(torch.float32) / num_bands
+        self.bands = nn.Parameter(1.0 / (10000.0**exponent))
+
+    def table(self, t_total: int, frames: int, hp: int, wp: int) -> torch.Tensor:
+        """cat(sin θ, cos θ) for the last ``frames`` of a T_total-frame grid: (frames·hp·wp, 6·n_bands) fp32."""
+        device = self.bands.device
+        rescale = math.sqrt((hp * wp) / _ROPE_REF_AREA)
+        sizes = (t_total, hp, wp)
+        refs = (t_total, hp / rescale, wp / rescale)
+        coords = [torch.arange(n, dtype=torch.int64, device=device).to(torch.float32) for n in sizes]
+        coords[1] = coords[1] - (hp - 1) / 2
+        coords[2] = coords[2] - (wp - 1) / 2
+        # only the frames of this call are needed; the per-element arithmetic is that of the full table
+        coords[0] = coords[0][t_total - frames :]
+        scaled = []
+        for coord, n, r in zip(coords, sizes, refs):
+            scaled.append(coord if n == 1 else coord / (n - 1) * (r - 1))
+        grid = torch.stack(torch.meshgrid(*scaled, indexing="ij"), dim=-1)  # (frames, hp, wp, 3)
+        pos = grid.unsqueeze(-1) * self.bands.float()  # axis-major, band-minor
+        count = frames * hp * wp
+        return torch.cat([pos.sin().reshape(count, -1), pos.cos().reshape(count, -1)], dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on the first 2·R channels of each head; x (N, S, H, D), cos/sin (S, R)."""
+    r = cos.shape[-1]
+    x1, x2, rest = x[..., :r], x[..., r : 2 * r], x[..., 2 * r :]
+    c = cos[None, :, None, :]
+    s = sin[None, :, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, rest], dim=-1)
+
+
+@dataclass
+class _CallContext:
+    """Per-forward data every layer needs (built once by VideoDiT.forward)."""
+
+    dtype: torch.dtype
+    chunks: int
+    tokens_per_chunk: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    condition: torch.Tensor  # (N, chunks, cond_dim), compute dtype
+    captions: torch.Tensor  # (valid caption tokens, hidden), compute dtype
+    q_ranges: list[tuple[int, int]]
+    k_ranges: list[tuple[int, int]]
+    xk_ranges: list[tuple[int, int]]
+    backend: str
+    cache: KVCache | None = None
+    read_first: int = 0
+    read_end: int = 0
+    write_first: int = 0
+    write_chunks: int = 0
+
+    def merge_cache(self, layer: int, kv: torch.Tensor) -> torch.Tensor:
+        """[cached chunks read_first..read_end ; current rows], writing the current rows first when asked."""
+        if self.cache is None:
+            return kv
+        if self.write_chunks:
+            self.cache.write(layer, self.write_first, kv[: self.write_chunks * self.tokens_per_chunk])
+        if self.read_end <= self.read_first:
+            return kv
+        past = self.cache.read(layer, self.read_first, self.read_end).to(device=kv.device, dtype=kv.dtype)
+        return torch.cat([past, kv], dim=0)
+
+
+class QKVProjections(nn.Module):
+    """``linear_qkv``: the shared pre-norm and the four bias-free projections q, qx, k, v."""
+
+    def __init__(self, hidden: int, q_size: int, kv_size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layer_norm = PreLayerNorm(hidden, eps=eps, dtype=dtype)
+        self.q = nn.Linear(hidden, q_size, bias=False, dtype=dtype)
+        self.qx = nn.Linear(hidden, q_size, bias=False, dtype=dtype)
+        self.k = nn.Linear(hidden, kv_size, bias=False, dtype=dtype)
+        self.v = nn.Linear(hidden, kv_size, bias=False, dtype=dtype)
+
+
+class ParallelAttention(nn.Module):
+    """``self_attention``: block-causal self-attention and per-chunk cross-attention from one pre-norm."""
+
+    def __init__(self, config: DiTConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        hd = config.kv_channels
+        self.num_heads = config.num_attention_heads
+        self.num_groups = config.num_query_groups
+        self.head_dim = hd
+        q_size = self.num_heads * hd
+        kv_size = self.num_groups * hd
+        eps = config.layernorm_epsilon
+        one_plus = config.apply_layernorm_1p
+        self.linear_qkv = QKVProjections(config.hidden_size, q_size, kv_size, eps, dtype)
+        self.linear_kv_xattn = nn.Linear(config.xattn_dim, 2 * kv_size, bias=False, dtype=dtype)
+        # stored in params_dtype, computed in fp32 (reference: fp32 autocast around this GEMM)
+        self.linear_proj = FP32Linear(2 * q_size, config.hidden_size, bias=False, dtype=dtype)
+        self.q_layernorm = ZeroCenteredLayerNorm(hd, eps, one_plus, torch.float32)
+        self.k_layernorm = ZeroCenteredLayerNorm(hd, eps, one_plus, torch.float32)
+        self.q_layernorm_xattn = ZeroCenteredLayerNorm(hd, eps, one_plus, dtype)
+        self.k_layernorm_xattn = ZeroCenteredLayerNorm(hd, eps, one_plus, dtype)
+
+    def forward(self, h: torch.Tensor, ctx: _CallContext, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n, s, _ = h.shape
+        dt = ctx.dtype
+        nh, ng, hd = self.num_heads, self.num_groups, self.head_dim
+        a = self.linear_qkv.layer_norm(h)
+
+        # q/k norm and RoPE in fp32, rounded back to the compute dtype (spec §2.7 step 3)
+        q = self.linear_qkv.q(a).to(dt).view(n, s, nh, hd)
+        q = _apply_rope(self.q_layernorm(q.float()), ctx.cos, ctx.sin).to(dt).view(n * s, nh, hd)
+        k = self.linear_qkv.k(a).to(dt).view(n, s, ng, hd)
+        k = _apply_rope(self.k_layernorm(k.float()), ctx.cos, ctx.sin).to(dt).view(n * s, ng, hd)
+        v = self.linear_qkv.v(a).to(dt).view(n * s, ng, hd)
+
+        kv = ctx.merge_cache(layer, torch.cat([k, v], dim=-1))
+        key = kv[..., :hd].contiguous()
+        value = kv[..., hd:].contiguous()
+        core = range_attention(q, key, value, ctx.q_ranges, ctx.k_ranges, backend=ctx.backend)
+
+        # cross-attention: norms in the compute dtype, no RoPE; linear_kv_xattn rows are per group [k | v]
+        qx = self.q_layernorm_xattn(self.linear_qkv.qx(a).to(dt).view(n * s, nh, hd))
+        kvx = self.linear_kv_xattn(ctx.captions).to(dt).view(-1, ng, 2 * hd)
+        kx = self.k_layernorm_xattn(kvx[..., :hd]).contiguous()
+        vx = kvx[..., hd:].contiguous()
+        cross = range_attention(qx, kx, vx, ctx.q_ranges, ctx.xk_ranges, backend=ctx.backend)
+        return core.reshape(n * s, nh * hd), cross.reshape(n * s, nh * hd)
+
+
+class AdaModulate(nn.Module):
+    """``ada_modulate_layer``: Linear(SiLU(condition)) -> [attention gate | MLP gate]."""
+
+    def __init__(self, cond_dim: int, hidden: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(cond_dim, 2 * hidden, bias=True, dtype=dtype))
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.silu(condition))
+
+
+class FeedForward(nn.Module):
+    """``mlp``: pre-norm, fc1, SwiGLU (gate half first) or exact GELU, fc2."""
+
+    def __init__(self, config: DiTConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        hidden, ffn = config.hidden_size, config.ffn_hidden_size
+        self.gated = config.gated_linear_unit
+        self.layer_norm = PreLayerNorm(hidden, eps=config.layernorm_epsilon, dtype=dtype)
+        self.linear_fc1 = nn.Linear(hidden, 2 * ffn if self.gated else ffn, bias=False, dtype=dtype)
+        self.linear_fc2 = nn.Linear(ffn, hidden, bias=False, dtype=dtype)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        dt = h.dtype
+        u = self.linear_fc1(self.layer_norm(h)).to(dt)
+        if self.gated:
+            gate, lin = u.chunk(2, dim=-1)
+            # one rounding, like the fused silu_and_mul kernel
+            u = (F.silu(gate.float()) * lin.float()).to(dt)
+        else:
+            u = F.gelu(u)
+        return self.linear_fc2(u).to(dt)
+
+
+class TransformerLayer(nn.Module):
+    """One layer: parallel self/cross attention, fixed 8-way interleave, fp32 projection, gated sandwich norms."""
+
+    def __init__(self, config: DiTConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        eps, one_plus = config.layernorm_epsilon, config.apply_layernorm_1p
+        self.ada_modulate_layer = AdaModulate(config.cond_dim, config.hidden_size, dtype)
+        self.self_attention = ParallelAttention(config, dtype)
+        self.self_attn_post_norm = ZeroCenteredLayerNorm(config.hidden_size, eps, one_plus, torch.float32)
+        self.mlp = FeedForward(config, dtype)
+        self.mlp_post_norm = ZeroCenteredLayerNorm(config.hidden_size, eps, one_plus, torch.float32)
+
+    def forward(self, h: torch.Tensor, ctx: _CallContext, layer: int) -> torch.Tensor:
+        n, s, d = h.shape
+        dt = ctx.dtype
+        chunked = (n, ctx.chunks, ctx.tokens_per_chunk, d)
+
+        core, cross = self.self_attention(h, ctx, layer)
+        z = torch.cat([core, cross], dim=-1)
+        z = z.view(n * s, 2, _PROJ_INTERLEAVE, -1).transpose(1, 2).reshape(n * s, -1)
+        # fp8 replacements return bf16; the gate/post-norm math is fp32 either way
+        proj = self.self_attention.linear_proj(z).float().view(chunked)
+
+        # softcap with cap 1: tanh in fp32, rounded to the compute dtype, then used in fp32
+        gates = torch.tanh(self.ada_modulate_layer(ctx.condition).float()).to(dt).float()
+        gate_attn, gate_mlp = gates[:, :, None, :d], gates[:, :, None, d:]
+
+        h1 = (h.float().view(chunked) + self.self_attn_post_norm(proj * gate_attn)).to(dt).view(n, s, d)
+        m = self.mlp(h1).float().view(chunked)
+        h2 = (h1.float().view(chunked) + self.mlp_post_norm(m * gate_mlp)).to(dt).view(n, s, d)
+        return h2
+
+
+class TransformerBlocks(nn.Module):
+    """``videodit_blocks``: the layer stack and the final zero-centred LayerNorm."""
+
+    def __init__(self, config: DiTConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([TransformerLayer(config, dtype) for _ in range(config.num_layers)])
+        self.final_layernorm = ZeroCenteredLayerNorm(
+            config.hidden_size, config.layernorm_epsilon, config.apply_layernorm_1p, torch.float32
+        )
+
+
+class FinalLinear(nn.Module):
+    def __init__(self, hidden: int, out_features: int) -> None:
+        super().__init__()
+        self.linear = FP32Linear(hidden, out_features, bias=False, dtype=torch.float32)
+
+
+def _as_ranges(value, name: str) -> list[tuple[int, int]]:
+    rows = list(value) if isinstance(value, (list, tuple)) else torch.as_tensor(value).reshape(-1, 2).tolist()
+    out = []
+    for row in rows:
+        if len(row) != 2:
+            raise ValueError(f"{name} rows must be [start, end) pairs, got {row!r}")
+        out.append((int(row[0]), int(row[1])))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------
+class VideoDiT(nn.Module):
+    """The MAGI-1 DiT. ``state_dict()`` keys and shapes are those of the reference checkpoint (spec §2.11).
+
+    Parameters are created in their policy dtype: the fp32 set of :meth:`is_fp32_param` in float32, the rest in
+    ``config.params_dtype``. The module is constructible under ``torch.device("meta")`` (nothing in ``__init__``
+    depends on parameter values) for ``load_state_dict(..., assign=True)``.
+    """
+
+    def __init__(self, config: DiTConfig, attention_backend: str = "sdpa") -> None:
+        super().__init__()
+        self.config = config
+        self.attention_backend = attention_backend
+        self.compute_dtype = getattr(torch, config.params_dtype)
+        dt = self.compute_dtype
+        pt, p = config.t_patch_size, config.patch_size
+        self.x_embedder = nn.Conv3d(
+            config.in_channels, config.hidden_size, kernel_size=(pt, p, p), stride=(pt, p, p), bias=False,
+            dtype=torch.float32,
+        )
+        self.t_embedder = TimestepEmbedder(config.cond_dim)
+        self.y_embedder = CaptionEmbedder(
+            config.caption_channels, config.xattn_dim, config.cond_dim, config.caption_max_length
+        )
+        # the table is sized from hidden/heads (the config insists this equals kv_channels)
+        self.rope = RotaryBands(config.hidden_size // config.num_attention_heads)
+        self.videodit_blocks = TransformerBlocks(config, dt)
+        self.final_linear = FinalLinear(config.hidden_size, pt * p * p * config.out_channels)
+
+    # ------------------------------------------------------------------ precision policy
+    @classmethod
+    def is_fp32_param(cls, name: str) -> bool:
+        """True for the parameters the reference keeps in fp32 whatever params_dtype is (spec §2.10)."""
+        parts = name.split(".")
+        if parts[0] in _FP32_TOP_MODULES:
+            return True
+        return any(part in _FP32_NORM_MODULES for part in parts[:-1])
+
+    # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        captions: torch.Tensor,
+        caption_mask: torch.Tensor,
+        kv_range,
+        caption_dropout,
+        *,
+        slice_point: int = 0,
+        chunk_width: int = 6,
+        dt: float | None = None,
+        kv_cache: KVCache | None = None,
+        write_cache: bool = False,
+        skip_cache_write_chunks: int = 0,
+        intermediates: dict | None = None,
+    ) -> torch.Tensor:
+        """One DiT call; returns the fp32 velocity (N, out latent channels, T, H, W).
+
+        x: (N, latent channels, T = chunks·chunk_width, H, W); t: (N, chunks); captions: (N·chunks, L, C) (a
+        singleton dim 1 is accepted); caption_mask: (N·chunks, L), nonzero = valid; kv_range: (N·chunks, 2) absolute
+        [start, end) rows of the batch-flattened [cache ; current] key sequence; caption_dropout: (N,) bool
+        selecting null-caption row -1 (True) or -2 (False) for adaLN; slice_point: index of the call's first chunk;
+        dt: the distilled model's step-size value (None for base models). With ``kv_cache`` and (slice_point > 0 or
+        ``write_cache``) the cache is used: chunks [lo, slice_point) are read, lo being the lowest chunk any range
+        starts in, and with ``write_cache`` the call's chunks except the last ``skip_cache_write_chunks`` are stored.
+        """
+        cfg = self.config
+        cdt = self.compute_dtype
+        device = self.x_embedder.weight.device
+        pt, p = cfg.t_patch_size, cfg.patch_size
+
+        # ---------------------------------------------------------------- validate the call
+        if x.dim() != 5:
+            raise ValueError(f"x must be (N, C, T, H, W), got shape {tuple(x.shape)}")
+        n, channels, frames, height, width = x.shape
+        if channels != cfg.latent_channels:
+            raise ValueError(f"x has {channels} channels; this model takes {cfg.latent_channels}-channel latents")
+        t = torch.as_tensor(t).to(device=device, dtype=torch.float32)
+        if t.dim() != 2 or t.shape[0] != n:
+            raise ValueError(f"t must be (N={n}, chunks), got shape {tuple(t.shape)}")
+        chunks = t.shape[1]
+        if chunks < 1 or frames != chunks * chunk_width:
+            raise ValueError(f"x has {frames} frames but t gives {chunks} chunks of {chunk_width} frames")
+        if chunk_width % pt or height % p or width % p:
+            raise ValueError(f"latent ({chunk_width} frames/chunk, {height}x{width}) is not divisible by the patch")
+        if cfg.distill and dt is None:
+            raise ValueError("a distilled model needs the step-size value dt (see velocity.distill_dt)")
+        if not cfg.distill and dt is not None:
+            raise ValueError("dt is only meaningful for distilled models")
+        if slice_point < 0:
+            raise ValueError(f"slice_point must be >= 0, got {slice_point}")
+        if not 0 <= skip_cache_write_chunks <= chunks:
+            raise ValueError(f"skip_cache_write_chunks must be in [0, {chunks}], got {skip_cache_write_chunks}")
+        if kv_cache is not None and n != 1:
+            raise ValueError(f"a KV cache needs batch size 1, got {n}")
+        if kv_cache is not None and kv_cache.num_layers != cfg.num_layers:
+            raise ValueError(f"KV cache has {kv_cache.num_layers} layers, the model {cfg.num_layers}")
+
+        rows = n * chunks
+        captions = torch.as_tensor(captions)
+        if captions.dim() == 4:
+            captions = captions.squeeze(1)
+        if captions.dim() != 3 or captions.shape[0] != rows:
+            raise ValueError(f"captions must be (N·chunks={rows}, L, C), got {tuple(captions.shape)}")
+        mask = torch.as_tensor(caption_mask).reshape(rows, -1).to(device) != 0
+        if mask.shape[1] != captions.shape[1]:
+            raise ValueError(f"caption_mask length {mask.shape[1]} != caption length {captions.shape[1]}")
+        dropout = torch.as_tensor(caption_dropout, dtype=torch.bool).reshape(-1).to(device)
+        if dropout.numel() == 1 and n > 1:
+            dropout = dropout.expand(n)
+        if dropout.numel() != n:
+            raise ValueError(f"caption_dropout must have N={n} entries, got {dropout.numel()}")
+        ranges = _as_ranges(kv_range, "kv_range")
+        if len(ranges) != rows:
+            raise ValueError(f"kv_range must have N·chunks={rows} rows, got {len(ranges)}")
+
+        # ---------------------------------------------------------------- embeddings (fp32)
+        xs = x.to(device=device, dtype=torch.float32) * cfg.x_rescale_factor
+        if cfg.half_channel_vae:
+            xs = torch.cat([xs, xs], dim=1)
+        tokens = F.conv3d(xs, self.x_embedder.weight.float(), stride=(pt, p, p))  # (N, h, Tp, Hp, Wp)
+        tp, hp, wp = tokens.shape[2:]
+        tokens = tokens.flatten(2).transpose(1, 2)  # (N, S, h), frame-major token order
+        seq = tp * hp * wp
+        tpc = seq // chunks
+        t_total = tp + (chunk_width // pt) * slice_point  # absolute temporal positions include cached chunks
+
+        rope = self.rope.table(t_total, tp, hp, wp)
+        sin, cos = rope.tensor_split(2, dim=-1)
+
+        t_flat = t.flatten()
+        t_emb = self.t_embedder(t_flat, cdt)
+        if dt is not None:
+            t_emb = t_emb + self.t_embedder(torch.ones_like(t_flat) * dt, cdt)
+        condition = t_emb.reshape(n, chunks, -1) + self.y_embedder.adaln(dropout)[:, None, :]
+
+        valid = captions.to(device=device, dtype=torch.float32)[mask]  # (valid tokens, C), row-major over chunks
+        y_flat = self.y_embedder.y_proj_xattn(valid)
+        counts = mask.sum(dim=1).tolist()
+
+        if intermediates is not None:
+            intermediates["x_tokens"] = tokens.transpose(0, 1)
+            intermediates["condition"] = condition
+            intermediates["condition_map"] = (
+                torch.arange(rows, device=device).repeat_interleave(tpc).reshape(n, seq).transpose(0, 1)
+            )
+            intermediates["y_xattn_flat"] = y_flat
+            intermediates["rope"] = rope
+
+        # ---------------------------------------------------------------- attention ranges and cache plan
+        q_ranges = [(i * tpc, (i + 1) * tpc) for i in range(rows)]
+        xk_ranges, start = [], 0
+        for c in counts:
+            xk_ranges.append((start, start + int(c)))
+            start += int(c)
+
+        ctx = _CallContext(
+            dtype=cdt, chunks=chunks, tokens_per_chunk=tpc, cos=cos, sin=sin,
+            condition=condition.to(cdt), captions=y_flat.to(cdt), q_ranges=q_ranges, k_ranges=ranges,
+            xk_ranges=xk_ranges, backend=self.attention_backend,
+        )
+        key_len = n * seq
+        if kv_cache is not None and (slice_point > 0 or write_cache):
+            kv_cache.bind_tokens_per_chunk(tpc)
+            # read only the chunks some range reaches: attention is range-based, so shifting every range by the
+            # unread prefix gives the same result while bounding memory to the window
+            lo = min(min(s for s, _ in ranges) // tpc, slice_point)
+            lo = max(lo, 0)
+            # fail before any layer writes, so a bad call leaves the cache as it was
+            for c in range(lo, slice_point):
+                if not kv_cache.has(c):
+                    raise KeyError(
+                        f"KV cache lacks chunk {c}, which kv_range {ranges} reads (retained: {kv_cache.chunks()})"
+                    )
+            shift = lo * tpc
+            ctx.k_ranges = [(s - shift, e - shift) for s, e in ranges]
+            ctx.cache = kv_cache
+            ctx.read_first, ctx.read_end = lo, slice_point
+            ctx.write_first = slice_point
+            ctx.write_chunks = chunks - skip_cache_write_chunks if write_cache else 0
+            key_len += (slice_point - lo) * tpc
+        for s, e in ctx.k_ranges:
+            if not 0 <= s <= e <= key_len:
+                raise ValueError(
+                    f"kv_range {list(ranges)} reaches outside the {key_len} keys of this call "
+                    f"(slice_point={slice_point}, cache {'used' if ctx.cache is not None else 'not used'})"
+                )
+
+        # ---------------------------------------------------------------- transformer
+        h = tokens.to(cdt)
+        for index, layer in enumerate(self.videodit_blocks.layers):
+            h = layer(h, ctx, index)
+            if intermediates is not None:
+                intermediates[f"layer{index}.out"] = h.transpose(0, 1)
+
+        # ---------------------------------------------------------------- final layer and unpatchify (fp32)
+        h = self.videodit_blocks.final_layernorm(h.float())
+        if intermediates is not None:
+            intermediates["blocks_out_after_final_layernorm"] = h.transpose(0, 1)
+        out = self.final_linear.linear(h)  # (N, S, pT·p·p·C), C fastest
+        c_out = cfg.out_channels
+        out = out.view(n, tp, hp, wp, pt, p, p, c_out).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        out = out.reshape(n, c_out, tp * pt, hp * p, wp * p)
+        if cfg.half_channel_vae:
+            out = out[:, : c_out // 2]
+        return (out / cfg.x_rescale_factor).contiguous()
