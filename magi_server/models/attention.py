@@ -9,6 +9,11 @@ Backends:
 * ``sdpa`` (default, runs everywhere): PyTorch ``scaled_dot_product_attention`` once per range.
 * ``flash_attn``: flash-attn 2 ``flash_attn_func`` per range (GPU, fp16/bf16 only).
 * ``xformers``: ``xformers.ops.memory_efficient_attention`` per range (GPU).
+* ``flex``: PyTorch flex attention, all ranges in one call through a block mask (compiled on GPU; eager
+  elsewhere, which materializes the scores and is only for checking).
+
+``auto`` picks flash-attn when it imports on a GPU and SDPA otherwise (SDPA reaches PyTorch's own flash kernel on
+CUDA); xformers and flex run only when named, until benchmarks say they are faster.
 
 Optional kernels are imported lazily, only when chosen, so importing this module never touches CUDA.
 """
@@ -20,7 +25,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "flash_attn", "xformers")
+BACKENDS = ("sdpa", "flash_attn", "xformers", "flex")
 
 Ranges = Sequence[tuple[int, int]]
 
@@ -29,6 +34,8 @@ def available_backends(device: torch.device | str, dtype: torch.dtype) -> list[s
     """Backends usable for tensors on ``device`` of ``dtype`` (sdpa always; the others only on CUDA)."""
     device = torch.device(device)
     found = ["sdpa"]
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is not None:
+        found.append("flex")
     if device.type != "cuda":
         return found
     if dtype in (torch.float16, torch.bfloat16) and importlib.util.find_spec("flash_attn") is not None:
@@ -42,7 +49,7 @@ def select_backend(device: torch.device | str, dtype: torch.dtype, preference: s
     """Resolve "auto" to the fastest importable backend; reject a named backend that cannot run here."""
     usable = available_backends(device, dtype)
     if preference == "auto":
-        for name in ("flash_attn", "xformers", "sdpa"):
+        for name in ("flash_attn", "sdpa"):
             if name in usable:
                 return name
     if preference not in BACKENDS:
@@ -75,6 +82,8 @@ def range_attention(
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} are not a multiple of kv heads {k.shape[1]}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if backend == "flex":
+        return _flex(q, k, v, q_ranges, k_ranges, scale)
     kernel = _KERNELS[backend]
     out = torch.zeros_like(q)
     for (qs, qe), (ks, ke) in zip(q_ranges, k_ranges):
@@ -113,6 +122,32 @@ def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     return memory_efficient_attention(q[None], k[None], v[None], scale=scale)[0]
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: Ranges, k_ranges: Ranges, scale: float):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # lazy: compiles on first use
+
+    device = q.device
+    block_of_query = torch.full((q.shape[0],), -1, dtype=torch.int64, device=device)
+    starts = torch.zeros(max(len(k_ranges), 1), dtype=torch.int64, device=device)
+    ends = torch.zeros_like(starts)
+    for i, ((qs, qe), (ks, ke)) in enumerate(zip(q_ranges, k_ranges)):
+        block_of_query[qs:qe] = i
+        starts[i], ends[i] = ks, ke
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        block = block_of_query[q_idx]
+        safe = block.clamp(min=0)
+        return (block >= 0) & (kv_idx >= starts[safe]) & (kv_idx < ends[safe])
+
+    mask = create_block_mask(mask_mod, None, None, q.shape[0], k.shape[0], device=device)
+    # torch.compile caches per code object, so wrapping here does not recompile on every call
+    attend = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
+    q4, k4, v4 = (t.transpose(0, 1)[None] for t in (q, k, v))
+    out = attend(q4, k4, v4, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out = out[0].transpose(0, 1)
+    # rows outside every range must be zeros like the other kernels (flex leaves them undefined-but-finite)
+    return torch.where((block_of_query >= 0)[:, None, None], out, torch.zeros((), dtype=out.dtype, device=device))
 
 
 _KERNELS = {"sdpa": _sdpa, "flash_attn": _flash_attn, "xformers": _xformers}

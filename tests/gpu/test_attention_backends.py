@@ -10,7 +10,7 @@ RANGES_Q = [(0, 96), (96, 192), (192, 288)]
 RANGES_K = [(0, 96), (0, 192), (96, 288)]  # block-causal, chunk 2 cannot see chunk 0
 
 
-@pytest.mark.parametrize("backend", ["flash_attn", "xformers"])
+@pytest.mark.parametrize("backend", ["flash_attn", "xformers", "flex"])
 def test_backend_matches_sdpa(backend):
     device = torch.device("cuda")
     if backend not in available_backends(device, torch.bfloat16):
