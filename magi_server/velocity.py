@@ -47,6 +47,7 @@ def guided_velocity(
     prev_chunk_scales: Sequence[float] | None = None,
     text_scales: Sequence[float] | None = None,
     prev_chunks_scale: float = 0.7,
+    max_cache_write_chunks: int | None = None,
 ) -> torch.Tensor:
     """Guided velocity of one sampler call, in the reference dispatcher layout.
 
@@ -56,6 +57,7 @@ def guided_velocity(
     when ``extra_clean_chunk``. Returns (2, C, T, H, W) fp32 with both rows equal: the guided velocity for every
     denoising chunk; in an extra clean chunk's slot its input latent, except with cfg_number 1 and
     ``nearly_clean``, where it is the model output (the sampler drops that slot either way).
+    ``max_cache_write_chunks`` limits the cache write to the call's first chunks (see ``VideoDiT.forward``).
     """
     defaults = SamplingConfig()
     cfg_t_range = defaults.cfg_t_range if cfg_t_range is None else tuple(cfg_t_range)
@@ -86,37 +88,50 @@ def guided_velocity(
     common = dict(slice_point=slice_point, chunk_width=chunk_width, dt=dt)
 
     if cfg_number == 3:
+        # Per-chunk scales first: they decide which passes can change the result. v = (1-p)·v_u + (p-s)·v_p + s·v_t,
+        # and a zero coefficient contributes exactly 0 for finite velocities, so a pass whose coefficient is zero
+        # for every chunk (text pass when t >= 0.3 everywhere; uncond pass for chunks with p = 1) is skipped
+        # without changing a bit. The reference always runs all three (spec §11.4).
+        slots = list(range(chunks - denoising, chunks))
+        scales = [cfg_scales(float(t0[0, slot]), cfg_t_range, prev_chunk_scales, text_scales) for slot in slots]
+        need_text = any(ts != 0.0 for _, ts in scales)
+        uncond_slots = [slot for slot, (ps, _) in zip(slots, scales) if ps != 1.0]
+
         # pass 1: text + context, reads the cache but leaves it alone
-        v_text = model(x0, t0, cond_caps, cond_mask, kv, [False], kv_cache=kv_cache, write_cache=False, **common)
+        v_text = None
+        if need_text:
+            v_text = model(x0, t0, cond_caps, cond_mask, kv, [False], kv_cache=kv_cache, write_cache=False, **common)
         # pass 2: context with null text; this pass produces the cached clean K/V. A nearly-clean flag only keeps
         # the newest chunk's rows out of the cache here.
         v_ctx = model(
             x0, t0, null_caps, null_mask, kv, [True], kv_cache=kv_cache, write_cache=True,
-            skip_cache_write_chunks=1 if nearly_clean else 0, **common,
+            skip_cache_write_chunks=1 if nearly_clean else 0, max_cache_write_chunks=max_cache_write_chunks,
+            **common,
         )
-        # pass 3: every denoising chunk alone as its own batch element, no context, no cache
-        width = denoising * chunk_width
-        channels, height, wide = x0.shape[1], x0.shape[3], x0.shape[4]
-        uncond_x = x0[0, :, frames - width :].reshape(channels, denoising, chunk_width, height, wide).transpose(0, 1)
-        tpc = _tokens_per_chunk(model, chunk_width, height, wide)
-        uncond_kv = [[b * tpc, (b + 1) * tpc] for b in range(denoising)]
-        v_uncond = model(
-            uncond_x, t0[0, chunks - denoising :].reshape(denoising, 1), null_caps[chunks - denoising :],
-            null_mask[chunks - denoising :], uncond_kv, [True] * denoising,
-            slice_point=0, chunk_width=chunk_width, dt=dt, kv_cache=None,
-        )
-        v_uncond = v_uncond.transpose(0, 1).reshape(1, v_uncond.shape[1], width, *v_uncond.shape[3:])
-
-        pieces = [x0[:, :, : frames - width]]  # the extra clean chunk's slot keeps its input
-        for j in range(denoising):
-            slot = chunks - denoising + j
-            ps, ts = cfg_scales(float(t0[0, slot]), cfg_t_range, prev_chunk_scales, text_scales)
-            lo, hi = j * chunk_width, (j + 1) * chunk_width
-            a, b = slot * chunk_width, (slot + 1) * chunk_width
-            # the reference's weighted-sum form and order (fp32)
-            pieces.append(
-                (1 - ps) * v_uncond[:, :, lo:hi] + (ps - ts) * v_ctx[:, :, a:b] + ts * v_text[:, :, a:b]
+        # pass 3: each chunk that needs it alone as its own batch element, no context, no cache
+        v_uncond = {}
+        if uncond_slots:
+            channels, height, wide = x0.shape[1], x0.shape[3], x0.shape[4]
+            uncond_x = torch.stack([x0[0, :, s * chunk_width : (s + 1) * chunk_width] for s in uncond_slots])
+            tpc = _tokens_per_chunk(model, chunk_width, height, wide)
+            items = len(uncond_slots)
+            out_u = model(
+                uncond_x, t0[0, uncond_slots].reshape(items, 1), null_caps[uncond_slots], null_mask[uncond_slots],
+                [[b * tpc, (b + 1) * tpc] for b in range(items)], [True] * items,
+                slice_point=0, chunk_width=chunk_width, dt=dt, kv_cache=None,
             )
+            v_uncond = {slot: out_u[i : i + 1] for i, slot in enumerate(uncond_slots)}
+
+        pieces = [x0[:, :, : slots[0] * chunk_width]]  # the extra clean chunk's slot keeps its input
+        for slot, (ps, ts) in zip(slots, scales):
+            a, b = slot * chunk_width, (slot + 1) * chunk_width
+            # the reference's weighted-sum form and order (fp32), less the terms that are exactly zero
+            v = (ps - ts) * v_ctx[:, :, a:b]
+            if slot in v_uncond:
+                v = (1 - ps) * v_uncond[slot] + v
+            if ts != 0.0:
+                v = v + ts * v_text[:, :, a:b]
+            pieces.append(v)
         out = torch.cat(pieces, dim=2)
     elif cfg_number == 1:
         if nearly_clean:
@@ -132,13 +147,17 @@ def guided_velocity(
                 torch.cat([t0, t0[:, first : first + 1]], dim=1),
                 torch.cat([cond_caps, cond_caps[first : first + 1]], dim=0),
                 torch.cat([cond_mask, cond_mask[first : first + 1]], dim=0),
-                cat_kv, [False], kv_cache=kv_cache, write_cache=True, skip_cache_write_chunks=1, **common,
+                cat_kv, [False], kv_cache=kv_cache, write_cache=True, skip_cache_write_chunks=1,
+                max_cache_write_chunks=max_cache_write_chunks, **common,
             )
             scale = float(prev_chunks_scale)
             out = cat_out[:, :, :frames].clone()
             out[:, :, a:b] = cat_out[:, :, a:b] * scale + cat_out[:, :, frames:] * (1 - scale)
         else:
-            out = model(x0, t0, cond_caps, cond_mask, kv, [False], kv_cache=kv_cache, write_cache=True, **common)
+            out = model(
+                x0, t0, cond_caps, cond_mask, kv, [False], kv_cache=kv_cache, write_cache=True,
+                max_cache_write_chunks=max_cache_write_chunks, **common,
+            )
             if extra_clean_chunk:
                 out = torch.cat([x0[:, :, :chunk_width], out[:, :, chunk_width:]], dim=2)
     else:

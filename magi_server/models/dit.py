@@ -531,6 +531,7 @@ class VideoDiT(nn.Module):
         kv_cache: KVCache | None = None,
         write_cache: bool = False,
         skip_cache_write_chunks: int = 0,
+        max_cache_write_chunks: int | None = None,
         intermediates: dict | None = None,
     ) -> torch.Tensor:
         """One DiT call; returns the fp32 velocity (N, out latent channels, T, H, W).
@@ -541,7 +542,9 @@ class VideoDiT(nn.Module):
         selecting null-caption row -1 (True) or -2 (False) for adaLN; slice_point: index of the call's first chunk;
         dt: the distilled model's step-size value (None for base models). With ``kv_cache`` and (slice_point > 0 or
         ``write_cache``) the cache is used: chunks [lo, slice_point) are read, lo being the lowest chunk any range
-        starts in, and with ``write_cache`` the call's chunks except the last ``skip_cache_write_chunks`` are stored.
+        starts in, and with ``write_cache`` the call's chunks except the last ``skip_cache_write_chunks`` are stored
+        (at most the first ``max_cache_write_chunks`` of them: a sampler that knows later calls overwrite the noisy
+        chunks' rows before reading them can skip those copies).
         """
         cfg = self.config
         cdt = self.compute_dtype
@@ -594,7 +597,8 @@ class VideoDiT(nn.Module):
             raise ValueError(f"kv_range must have N·chunks={rows} rows, got {len(ranges)}")
 
         # ---------------------------------------------------------------- embeddings (fp32)
-        xs = x.to(device=device, dtype=torch.float32) * cfg.x_rescale_factor
+        # rescale in the input's dtype first: a bf16 prefix latent is rounded there, as in the reference (spec §6.9)
+        xs = (x.to(device) * cfg.x_rescale_factor).to(torch.float32)
         if cfg.half_channel_vae:
             xs = torch.cat([xs, xs], dim=1)
         tokens = F.conv3d(xs, self.x_embedder.weight.float(), stride=(pt, p, p))  # (N, h, Tp, Hp, Wp)
@@ -657,6 +661,8 @@ class VideoDiT(nn.Module):
             ctx.read_first, ctx.read_end = lo, slice_point
             ctx.write_first = slice_point
             ctx.write_chunks = chunks - skip_cache_write_chunks if write_cache else 0
+            if max_cache_write_chunks is not None:
+                ctx.write_chunks = min(ctx.write_chunks, max(0, int(max_cache_write_chunks)))
             key_len += (slice_point - lo) * tpc
         for s, e in ctx.k_ranges:
             if not 0 <= s <= e <= key_len:
