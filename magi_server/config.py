@@ -193,6 +193,7 @@ class MagiConfig:
     vae_pretrained: str | None = None
     t5_device: str = "cpu"
     kv_offload: bool = True
+    special_tokens: str | None = None  # special_tokens.npz (not in the reference schema; found beside the weights)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base_dir: str | Path | None = None) -> "MagiConfig":

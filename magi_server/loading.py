@@ -293,3 +293,59 @@ def state_dict_numel(model: nn.Module, names: Iterable[str] | None = None) -> in
     state = model.state_dict()
     keys = state.keys() if names is None else names
     return sum(state[k].numel() for k in keys)
+
+
+# ----------------------------------------------------------------------------------------------- model folders
+
+MODEL_CONFIG_NAME = "magi_config.json"
+SPECIAL_TOKENS_NAME = "special_tokens.npz"
+
+
+def _first_existing(*candidates: Path) -> Path | None:
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def resolve_model_folder(path: str | Path, config: "str | Path | MagiConfig | None" = None) -> "MagiConfig":
+    """The MagiConfig of a weights folder, with every path filled in.
+
+    ``path`` is a model folder as ``magi-server download`` writes it (``weights/4.5B_distill``) or any folder that
+    holds ``inference_weight[.fp8][.distill]/``. The architecture comes from ``config`` (a reference-style JSON or
+    a MagiConfig), else from ``<path>/magi_config.json``, else from the preset the folder is named after
+    (``4.5B_distill`` -> 4.5B-distill). The VAE, T5 and special tokens are taken from the config when it names
+    them, else from the folder or its parent (``vae/``, ``t5/``, ``special_tokens.npz``).
+    """
+    from magi_server.config import MagiConfig, canonical_preset_name, preset
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model folder not found: {path}")
+    if isinstance(config, MagiConfig):
+        resolved = config
+    elif config is not None:
+        resolved = MagiConfig.from_json(config)
+    elif (path / MODEL_CONFIG_NAME).is_file():
+        resolved = MagiConfig.from_json(path / MODEL_CONFIG_NAME)
+    else:
+        name = canonical_preset_name(path.name)
+        if name is None or name == "tiny":
+            raise CheckpointError(
+                f"cannot tell which MAGI-1 variant {path} holds: name the folder after a preset "
+                f"(e.g. 4.5B_distill) or put a reference-style {MODEL_CONFIG_NAME} in it"
+            )
+        resolved = preset(name)
+
+    def pick(configured: str | None, *names: str) -> str | None:
+        if configured and Path(configured).exists():
+            return configured
+        found = _first_existing(*[base / n for n in names for base in (path, path.parent)])
+        return str(found) if found is not None else configured
+
+    return resolved.replace(
+        load=str(path),
+        vae_pretrained=pick(resolved.vae_pretrained, "vae"),
+        t5_pretrained=pick(resolved.t5_pretrained, "t5"),
+        special_tokens=pick(resolved.special_tokens, SPECIAL_TOKENS_NAME),
+    )

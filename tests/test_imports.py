@@ -55,7 +55,7 @@ def test_every_module_imports_without_cuda_or_disk():
 LAYERS = {
     "http": {"server", "schemas", "jobs", "api", "metrics", "playground"},
     "engine": {"engine", "scheduler"},
-    "runner": {"runner", "pipeline", "sampling", "chunking", "video", "loading", "velocity", "inputs"},
+    "runner": {"runner", "pipeline", "sampling", "chunking", "video", "loading", "velocity", "inputs", "tiny"},
     "models": {"models"},
 }
 ORDER = ["http", "engine", "runner", "models"]
