@@ -191,45 +191,45 @@ class MagiPipeline:
         """Check and normalize every input; raises InputError naming the parameter. No model runs here."""
         s = self.config.sampling
         if output_type not in OUTPUT_TYPES:
-            raise InputError(f"output_type: must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+            raise InputError("output_type", f"must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if output_type != "latent" and self.vae is None:
-            raise InputError("output_type: this pipeline was loaded with vae=None; only output_type='latent' works")
+            raise InputError("output_type", "this pipeline was loaded with vae=None; only output_type='latent' works")
 
         num_frames = _int_param("num_frames", s.num_frames if num_frames is None else num_frames, 1, MAX_FRAMES)
         height = _int_param("height", s.video_size_h if height is None else height, 16, MAX_SIDE)
         width = _int_param("width", s.video_size_w if width is None else width, 16, MAX_SIDE)
         for name, value in (("height", height), ("width", width)):
             if value % 16:
-                raise InputError(f"{name}: must be a multiple of 16 (the DiT patches 16x16 pixels), got {value}")
+                raise InputError(name, f"must be a multiple of 16 (the DiT patches 16x16 pixels), got {value}")
         window = _int_param("window_size", s.window_size if window_size is None else window_size, 1, 16)
         steps = _int_param("num_inference_steps", s.num_steps if num_inference_steps is None else num_inference_steps, 1, 1000)
         settings = replace(SamplerSettings.from_config(self.config), num_steps=steps, window_size=window)
         problem = settings.step_problem()
         if problem:
-            raise InputError(f"num_inference_steps: {steps} {problem}")
+            raise InputError("num_inference_steps", f"{steps} {problem}")
         if num_frames // 4 < 1 and image is None and video is None and video_latents is None:
-            raise InputError(f"num_frames: must be at least 4 for text-to-video, got {num_frames}")
+            raise InputError("num_frames", f"must be at least 4 for text-to-video, got {num_frames}")
 
         if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed == -1):
             seed = secrets.randbelow(2**31)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= MAX_SEED:
-            raise InputError(f"seed: must be an integer in [0, {MAX_SEED}] or -1 for random, got {seed!r}")
+            raise InputError("seed", f"must be an integer in [0, {MAX_SEED}] or -1 for random, got {seed!r}")
 
         given = [n for n, v in (("image", image), ("video", video), ("video_latents", video_latents)) if v is not None]
         if len(given) > 1:
-            raise InputError(f"{given[1]}: give only one of image, video, video_latents")
+            raise InputError(given[1], f"give only one of image, video, video_latents")
 
         prompts = None
         if prompt_embeds is None:
             if prompt is None:
-                raise InputError("prompt: required (or pass prompt_embeds)")
+                raise InputError("prompt", "required (or pass prompt_embeds)")
             prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
             if not prompts or not all(isinstance(p, str) for p in prompts):
-                raise InputError("prompt: must be a string or a non-empty list of strings (one per chunk or scene)")
+                raise InputError("prompt", "must be a string or a non-empty list of strings (one per chunk or scene)")
             if self.text_encoder is None:
-                raise InputError("prompt: this pipeline was loaded with text_encoder=None; pass prompt_embeds")
+                raise InputError("prompt", "this pipeline was loaded with text_encoder=None; pass prompt_embeds")
         elif prompt_attention_mask is None:
-            raise InputError("prompt_attention_mask: required with prompt_embeds")
+            raise InputError("prompt_attention_mask", "required with prompt_embeds")
 
         image_array = video_array = latents_prefix = None
         if image is not None:
@@ -237,14 +237,15 @@ class MagiPipeline:
         if video is not None:
             video_array = load_video(video, width=width, height=height, fps=s.fps, max_frames=32)
             if video_array.shape[0] < 4:
-                raise InputError(f"video: needs at least 4 frames after resampling to {s.fps} fps, got {video_array.shape[0]}")
+                raise InputError("video", f"needs at least 4 frames after resampling to {s.fps} fps, got {video_array.shape[0]}")
         if video_latents is not None:
             latents_prefix = torch.as_tensor(video_latents)
             expected = (1, self.dit.config.latent_channels, height // 8, width // 8)
             if latents_prefix.dim() != 5 or (latents_prefix.shape[0], latents_prefix.shape[1], *latents_prefix.shape[3:]) != expected:
                 raise InputError(
-                    f"video_latents: must be (1, {expected[1]}, frames, {expected[2]}, {expected[3]}) for "
-                    f"{width}x{height}, got {tuple(latents_prefix.shape)}"
+                    "video_latents",
+                    f"must be (1, {expected[1]}, frames, {expected[2]}, {expected[3]}) for "
+                    f"{width}x{height}, got {tuple(latents_prefix.shape)}",
                 )
         return GenerationInputs(
             prompts=prompts, image=image_array, video=video_array, video_latents=latents_prefix,
@@ -308,7 +309,7 @@ class MagiPipeline:
         if latents is not None:
             noise = torch.as_tensor(latents)
             if tuple(noise.shape) != shape:
-                raise InputError(f"latents: must have shape {shape} for this request, got {tuple(noise.shape)}")
+                raise InputError("latents", f"must have shape {shape} for this request, got {tuple(noise.shape)}")
             noise = noise.to(device=device, dtype=torch.float32)
         else:
             generator = torch.Generator(device=device).manual_seed(inputs.seed)
@@ -379,7 +380,7 @@ class MagiPipeline:
             return [e.float().cpu() for e in prompt_embeds], [torch.as_tensor(m).cpu() for m in prompt_attention_mask]
         prompts = inputs.prompts
         if len(prompts) > num_denoised:
-            raise InputError(f"prompt: {len(prompts)} prompts for a video of {num_denoised} chunks; give at most one per chunk")
+            raise InputError("prompt", f"{len(prompts)} prompts for a video of {num_denoised} chunks; give at most one per chunk")
         embeds, masks = self.text_encoder.encode(list(prompts))
         embeds, masks = embeds.float().cpu(), masks.cpu()
         if len(prompts) == 1:
@@ -399,9 +400,9 @@ def _int_param(name: str, value, low: int, high: int) -> int:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         else:
-            raise InputError(f"{name}: must be an integer in [{low}, {high}], got {value!r}")
+            raise InputError(name, f"must be an integer in [{low}, {high}], got {value!r}")
     if not low <= int(value) <= high:
-        raise InputError(f"{name}: must be in [{low}, {high}], got {value}")
+        raise InputError(name, f"must be in [{low}, {high}], got {value}")
     return int(value)
 
 
@@ -417,5 +418,5 @@ def _as_image(image, width: int, height: int) -> np.ndarray:
     if array.ndim == 4 and array.shape[0] == 1:
         array = array[0]
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-        raise InputError(f"image: an array must be (H, W, 3) uint8 RGB, got {array.shape} {array.dtype}")
+        raise InputError("image", f"an array must be (H, W, 3) uint8 RGB, got {array.shape} {array.dtype}")
     return resize_image(array, width, height)
