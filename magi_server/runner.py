@@ -24,7 +24,7 @@ from magi_server.chunking import SamplerCall, SamplerPlan, chunk_layout, plan_sa
 from magi_server.config import MagiConfig
 from magi_server.models.dit import KVCache
 from magi_server.sampling import chunk_timesteps, distill_dt, euler_step, init_interval, init_t, nearly_clean
-from magi_server.velocity import guided_velocity
+from magi_server.velocity import GuidanceScales, guided_velocity_batch
 
 
 @dataclass(frozen=True)
@@ -190,12 +190,13 @@ def start_sampler(
     )
 
 
-def _call_captions(state: SamplerState, slots: list[int], null_slots: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Caption rows in the dispatcher layout [conditional slots..., null slots...] (2·len(slots), L, D)."""
+def _call_captions(state: SamplerState, slots: list[int], null_slots: set[int]) -> tuple[torch.Tensor, ...]:
+    """(conditional rows, conditional masks, null rows, null masks) of the call's slots, (len(slots), L, ...)."""
     cond_rows = [1 if slot in null_slots else 0 for slot in slots]
-    caps = torch.cat([state.captions[cond_rows, slots], state.captions[1, slots]], dim=0)
-    masks = torch.cat([state.caption_masks[cond_rows, slots], state.caption_masks[1, slots]], dim=0)
-    return caps, masks
+    return (
+        state.captions[cond_rows, slots], state.caption_masks[cond_rows, slots],
+        state.captions[1, slots], state.caption_masks[1, slots],
+    )
 
 
 def _dt(state: SamplerState, step_in_stage: int) -> float | None:
@@ -204,76 +205,108 @@ def _dt(state: SamplerState, step_in_stage: int) -> float | None:
     return distill_dt(state.settings.num_steps, state.intervals[step_in_stage].item())
 
 
+def _scales(settings: SamplerSettings) -> GuidanceScales:
+    return GuidanceScales(
+        settings.cfg_t_range, settings.prev_chunk_scales, settings.text_scales, settings.prev_chunks_scale
+    )
+
+
 def _run_prefix_call(model, state: SamplerState) -> None:
     """Write the clean prefix chunks' K/V (v2v with a prefix of >= one chunk); its output is discarded."""
     call = state.plan.prefix_call
-    width = state.settings.chunk_width
-    x = state.prefix[:, :, : call.frame_end]  # the bf16 prefix as is: the model rescales it in bf16 (spec §6.9)
-    t = torch.full((1, call.num_chunks), state.settings.clean_t, dtype=torch.float32, device=x.device)
-    slots = list(range(call.num_chunks))
-    caps, masks = _call_captions(state, slots, null_slots=set(slots))  # null captions in both halves
-    assert x.shape[2] == width * call.num_chunks
-    _guided(model, state, x, t, caps, masks, call.kv_ranges, slice_point=0, extra=False, nearly=False,
-            dt=_dt(state, 0), max_cache_write_chunks=None)
-
-
-def _guided(model, state, x, t, caps, masks, kv_ranges, *, slice_point, extra, nearly, dt, max_cache_write_chunks):
     s = state.settings
-    return guided_velocity(
-        model, x, t, caps, masks, [list(r) for r in kv_ranges],
-        cfg_number=s.cfg_number, slice_point=slice_point, chunk_width=s.chunk_width, extra_clean_chunk=extra,
-        nearly_clean=nearly, dt=dt, kv_cache=state.cache, cfg_t_range=s.cfg_t_range,
-        prev_chunk_scales=s.prev_chunk_scales, text_scales=s.text_scales, prev_chunks_scale=s.prev_chunks_scale,
-        max_cache_write_chunks=max_cache_write_chunks,
-    )[:1]
+    x = state.prefix[:, :, : call.frame_end]  # the bf16 prefix as is: the model rescales it in bf16 (spec §6.9)
+    t = torch.full((1, call.num_chunks), s.clean_t, dtype=torch.float32, device=x.device)
+    slots = list(range(call.num_chunks))
+    _, _, null_caps, null_masks = _call_captions(state, slots, null_slots=set(slots))
+    # null captions in both halves (spec §6.9)
+    guided_velocity_batch(
+        model, x, t, null_caps, null_masks, null_caps, null_masks, call.kv_ranges,
+        cfg_number=s.cfg_number, slice_point=0, chunk_width=s.chunk_width, extra_clean_chunk=False,
+        nearly_clean=False, dt=_dt(state, 0), kv_caches=[state.cache], scales=_scales(s),
+    )
+
+
+def call_signature(state: SamplerState) -> tuple:
+    """Two requests whose next calls have equal signatures can run them as one batched DiT call."""
+    call = state.plan.calls[state.next_call]
+    return (
+        state.settings, state.plan.tokens_per_chunk, tuple(state.canvas.shape[1:2]) + tuple(state.canvas.shape[3:]),
+        call.slice_point, call.range_num, call.extra_clean_chunk, call.step_indices, call.kv_ranges,
+        call.step_in_stage, call.prefix_overwrite,
+    )
 
 
 def sampler_step(model, state: SamplerState) -> LatentChunk | None:
     """Run the next model call of ``state``; return the chunk it finished, if any."""
-    if state.done:
-        raise RuntimeError("the sampler has already finished every call")
-    if state.plan.prefix_call is not None and not state.prefix_done:
-        _run_prefix_call(model, state)
-    state.prefix_done = True
+    return sampler_step_batch(model, [state])[0]
 
-    call: SamplerCall = state.plan.calls[state.next_call]
-    s = state.settings
+
+def sampler_step_batch(model, states: list[SamplerState]) -> list[LatentChunk | None]:
+    """Run the next model call of every request in ``states`` as one batched call (their call signatures must be
+    equal); return, per request, the chunk it finished, if any."""
+    if not states:
+        return []
+    for state in states:
+        if state.done:
+            raise RuntimeError("the sampler has already finished every call")
+    signature = call_signature(states[0])
+    if any(call_signature(state) != signature for state in states[1:]):
+        raise ValueError("requests in one batch must be at the same call of the same plan (equal call signatures)")
+    for state in states:
+        if state.plan.prefix_call is not None and not state.prefix_done:
+            _run_prefix_call(model, state)
+        state.prefix_done = True
+
+    lead = states[0]
+    call: SamplerCall = lead.plan.calls[lead.next_call]
+    s = lead.settings
     width = s.chunk_width
     first = call.first_denoising_slot
-
-    # 1-3. the call's latents (extra clean chunk first), timesteps and caption rows
-    x = state.canvas[:, :, width * call.slice_point : width * call.range_num].clone()
-    window_steps = list(call.window_step_indices)
-    t = chunk_timesteps(state.schedule, window_steps, s.clean_t if call.extra_clean_chunk else None)[None]
     slots = list(call.slot_chunks)
-    caps, masks = _call_captions(state, slots, null_slots={slots[0]} if call.extra_clean_chunk else set())
+    window_steps = list(call.window_step_indices)
+    null_slots = {slots[0]} if call.extra_clean_chunk else set()
 
-    # 5. prefix frames are re-imposed on the model input at every call that holds them
-    if call.prefix_overwrite:
-        start = width * call.slice_point
-        x[:, :, : call.prefix_overwrite] = state.prefix[:, :, start : start + call.prefix_overwrite].to(x.dtype)
+    # 1-5. each request's latents (extra clean chunk first, prefix frames re-imposed), timesteps and caption rows
+    xs, rows = [], []
+    for state in states:
+        x = state.canvas[:, :, width * call.slice_point : width * call.range_num].clone()
+        if call.prefix_overwrite:
+            start = width * call.slice_point
+            x[:, :, : call.prefix_overwrite] = state.prefix[:, :, start : start + call.prefix_overwrite].to(x.dtype)
+        xs.append(x)
+        rows.append(_call_captions(state, slots, null_slots))
+    x = torch.cat(xs, dim=0)
+    t = chunk_timesteps(lead.schedule, window_steps, s.clean_t if call.extra_clean_chunk else None)[None]
+    t = t.expand(len(states), -1).contiguous()
+    cond_caps, cond_masks, null_caps, null_masks = (torch.cat([r[i] for r in rows], dim=0) for i in range(4))
 
-    # 6-7. guided velocity; the cache keeps only the extra clean chunk's rows (the only ones a later call reads)
-    velocity = _guided(
-        model, state, x, t, caps, masks, call.kv_ranges, slice_point=call.slice_point, extra=call.extra_clean_chunk,
-        nearly=nearly_clean(t[0, first], s.nearly_clean_threshold), dt=_dt(state, call.step_in_stage),
+    # 6-7. guided velocity; the caches keep only the extra clean chunk's rows (the only ones a later call reads)
+    velocity = guided_velocity_batch(
+        model, x, t, cond_caps, cond_masks, null_caps, null_masks, call.kv_ranges,
+        cfg_number=s.cfg_number, slice_point=call.slice_point, chunk_width=width,
+        extra_clean_chunk=call.extra_clean_chunk, nearly_clean=nearly_clean(t[0, first], s.nearly_clean_threshold),
+        dt=_dt(lead, call.step_in_stage), kv_caches=[state.cache for state in states], scales=_scales(s),
         max_cache_write_chunks=1 if call.extra_clean_chunk else 0,
     )
 
-    # 8. Euler step on the window chunks (the clean chunk's slot is dropped), written back into the canvas
-    t_now = state.schedule[window_steps]
-    t_next = state.schedule[[step + 1 for step in window_steps]]
-    window = euler_step(x[:, :, first * width :], velocity[:, :, first * width :], t_now, t_next)
-    state.canvas[:, :, width * call.chunk_start : width * call.chunk_end] = window
-
-    state.cache.evict(state.keep_after[call.index])
-    state.next_call += 1
-
-    # 9. the oldest window chunk is final after its last step: emit its frames now
-    if call.emitted is None:
-        return None
-    e = call.emitted
-    return LatentChunk(e.index, e.chunk, e.frame_start, e.frame_end, state.canvas[:, :, e.frame_start : e.frame_end].clone())
+    # 8. Euler step on the window chunks (the clean chunk's slot is dropped), written back into each canvas
+    t_now = lead.schedule[window_steps]
+    t_next = lead.schedule[[step + 1 for step in window_steps]]
+    results: list[LatentChunk | None] = []
+    for b, state in enumerate(states):
+        window = euler_step(x[b : b + 1, :, first * width :], velocity[b : b + 1, :, first * width :], t_now, t_next)
+        state.canvas[:, :, width * call.chunk_start : width * call.chunk_end] = window
+        state.cache.evict(state.keep_after[call.index])
+        state.next_call += 1
+        # 9. the oldest window chunk is final after its last step: emit its frames now
+        e = call.emitted
+        results.append(
+            None if e is None
+            else LatentChunk(e.index, e.chunk, e.frame_start, e.frame_end,
+                             state.canvas[:, :, e.frame_start : e.frame_end].clone())
+        )
+    return results
 
 
 def run_sampler(model, state: SamplerState):

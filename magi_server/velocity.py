@@ -1,6 +1,7 @@
 """One sampler call -> guided velocity (the reference's ``forward_dispatcher``, spec §6.5 step 7, §6.6, §6.7).
 
-This file owns how the DiT passes of one call are assembled and combined:
+This file owns how the DiT passes of one call are assembled and combined, for one request or for a batch of
+requests whose calls have the same structure (same slots, kv ranges and timesteps: requests in lock-step):
 
 * cfg_number 3 (base models): text+context pass (reads the KV cache), context/null-text pass (reads and writes
   it), and the unconditional pass with every denoising chunk as its own batch element; mixed per chunk with
@@ -8,12 +9,14 @@ This file owns how the DiT passes of one call are assembled and combined:
 * cfg_number 1 (distilled / fp8 models): one conditional pass that reads and writes the cache, plus, when the
   first denoising chunk is nearly clean, a context-free copy of it mixed in with weight ``prev_chunks_scale``.
 
+Batching puts the requests side by side in the DiT's batch axis; every row of every GEMM, norm and attention
+range only ever sees its own request, so each request's result is the one it gets alone.
 The distilled model's step-size value comes from the caller (:func:`magi_server.sampling.distill_dt`).
-Schedules and the step loop live in ``sampling.py``.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -21,11 +24,179 @@ from magi_server.config import SamplingConfig
 from magi_server.sampling import cfg_scales
 
 
-def _split_rows(tensor: torch.Tensor, rows: int, name: str) -> torch.Tensor:
-    tensor = torch.as_tensor(tensor)
-    if tensor.shape[0] != 2 * rows:
-        raise ValueError(f"{name} must have 2·chunks = {2 * rows} rows [cond..., null...], got {tensor.shape[0]}")
-    return tensor
+@dataclass(frozen=True)
+class GuidanceScales:
+    cfg_t_range: tuple[float, ...]
+    prev_chunk_scales: tuple[float, ...]
+    text_scales: tuple[float, ...]
+    prev_chunks_scale: float = 0.7
+
+    @classmethod
+    def defaults(cls) -> "GuidanceScales":
+        s = SamplingConfig()
+        return cls(s.cfg_t_range, s.prev_chunk_scales, s.text_scales, s.prev_chunks_scale)
+
+
+def _tokens_per_chunk(model, chunk_width: int, height: int, width: int) -> int:
+    cfg = model.config
+    return (chunk_width // cfg.t_patch_size) * (height // cfg.patch_size) * (width // cfg.patch_size)
+
+
+def _flatten_ranges(ranges: Sequence[Sequence[int]], items: int, keys_per_item: int) -> list[list[int]]:
+    """Per-item kv ranges repeated for ``items`` batch elements in the batch-flattened key layout (spec §2.1)."""
+    return [[b * keys_per_item + s, b * keys_per_item + e] for b in range(items) for s, e in ranges]
+
+
+def guided_velocity_batch(
+    model,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond_captions: torch.Tensor,
+    cond_masks: torch.Tensor,
+    null_captions: torch.Tensor,
+    null_masks: torch.Tensor,
+    kv_ranges: Sequence[Sequence[int]],
+    *,
+    cfg_number: int,
+    slice_point: int,
+    chunk_width: int,
+    extra_clean_chunk: bool,
+    nearly_clean: bool,
+    dt: float | None,
+    kv_caches: Sequence | None,
+    scales: GuidanceScales | None = None,
+    max_cache_write_chunks: int | None = None,
+) -> torch.Tensor:
+    """Guided velocity of one call for N requests. Returns (N, C, T, H, W) fp32.
+
+    x: (N, C, T, H, W), one canvas slice per request (extra clean chunk first when ``extra_clean_chunk``);
+    t: (N, chunks); cond_/null_captions: (N·chunks, L, D) with row b·chunks + j for chunk j of request b (the
+    extra clean chunk's conditional row is the null caption); masks likewise (N·chunks, L); kv_ranges: the
+    call's (chunks) ranges of ONE request in absolute token units of its [cache ; current] keys (they are the same
+    for every request of a lock-step batch); kv_caches: one KVCache per request, or None. Slot contents as the
+    reference: the guided velocity for every denoising chunk; in an extra clean chunk's slot its input latent,
+    except with cfg_number 1 and ``nearly_clean``, where it is the model output.
+    """
+    scales = scales or GuidanceScales.defaults()
+    if not len(scales.cfg_t_range) == len(scales.prev_chunk_scales) == len(scales.text_scales):
+        raise ValueError("cfg_t_range, prev_chunk_scales and text_scales must have the same length")
+    x = x.float()
+    t = torch.as_tensor(t, dtype=torch.float32)
+    n, channels, frames, height, width = x.shape
+    if t.dim() != 2 or t.shape[0] != n:
+        raise ValueError(f"t must be (N={n}, chunks), got shape {tuple(t.shape)}")
+    chunks = t.shape[1]
+    denoising = chunks - (1 if extra_clean_chunk else 0)
+    if denoising < 1:
+        raise ValueError("a call needs at least one denoising chunk")
+    if frames != chunks * chunk_width:
+        raise ValueError(f"x has {frames} frames but t gives {chunks} chunks of {chunk_width} frames")
+    for name, rows in (("cond_captions", cond_captions), ("null_captions", null_captions),
+                       ("cond_masks", cond_masks), ("null_masks", null_masks)):
+        if rows.shape[0] != n * chunks:
+            raise ValueError(f"{name} must have N·chunks = {n * chunks} rows, got {rows.shape[0]}")
+    ranges = [[int(s), int(e)] for s, e in torch.as_tensor(kv_ranges).reshape(-1, 2).tolist()]
+    if len(ranges) != chunks:
+        raise ValueError(f"kv_ranges must have {chunks} rows, got {len(ranges)}")
+    if kv_caches is not None and len(kv_caches) != n:
+        raise ValueError(f"need one KV cache per request ({n}), got {len(kv_caches)}")
+
+    tpc = _tokens_per_chunk(model, chunk_width, height, width)
+    keys_per_item = (slice_point + chunks) * tpc  # the reference layout: whole cache prefix + current rows
+    flat = _flatten_ranges(ranges, n, keys_per_item)
+    caches = None if kv_caches is None else list(kv_caches)
+    common = dict(slice_point=slice_point, chunk_width=chunk_width, dt=dt)
+    if cfg_number == 3:
+        return _cfg3(model, x, t, cond_captions, cond_masks, null_captions, null_masks, flat, caches, common, scales,
+                     chunks, denoising, chunk_width, tpc, nearly_clean, max_cache_write_chunks)
+    if cfg_number == 1:
+        return _cfg1(model, x, t, cond_captions, cond_masks, ranges, caches, common, scales, chunks,
+                     extra_clean_chunk, nearly_clean, chunk_width, tpc, slice_point, max_cache_write_chunks)
+    raise ValueError(f"cfg_number must be 1 or 3, got {cfg_number}")
+
+
+def _cfg3(model, x, t, cond_caps, cond_masks, null_caps, null_masks, flat, caches, common, scales, chunks, denoising,
+          width, tpc, nearly_clean, max_cache_write_chunks):
+    n = x.shape[0]
+    slots = list(range(chunks - denoising, chunks))
+    # Per-chunk scales first: they decide which passes can change the result. v = (1-p)·v_u + (p-s)·v_p + s·v_t,
+    # and a zero coefficient contributes exactly 0 for finite velocities, so a pass whose coefficient is zero for
+    # every chunk (text pass when t >= 0.3 everywhere; uncond pass for chunks with p = 1) is skipped without
+    # changing a bit. The reference always runs all three (spec §11.4).
+    table = [
+        [cfg_scales(float(t[b, slot]), scales.cfg_t_range, scales.prev_chunk_scales, scales.text_scales) for slot in slots]
+        for b in range(n)
+    ]
+    need_text = any(ts != 0.0 for row in table for _, ts in row)
+    uncond_items = [(b, slot) for b in range(n) for slot, (ps, _) in zip(slots, table[b]) if ps != 1.0]
+    text_on, text_dropped = [False] * n, [True] * n  # caption_dropout per request: adaLN row -2 / -1
+
+    # pass 1: text + context, reads the cache but leaves it alone
+    v_text = None
+    if need_text:
+        v_text = model(x, t, cond_caps, cond_masks, flat, text_on, kv_cache=caches, write_cache=False, **common)
+    # pass 2: context with null text; this pass produces the cached clean K/V. A nearly-clean flag only keeps the
+    # newest chunk's rows out of the cache here.
+    v_ctx = model(
+        x, t, null_caps, null_masks, flat, text_dropped, kv_cache=caches, write_cache=True,
+        skip_cache_write_chunks=1 if nearly_clean else 0, max_cache_write_chunks=max_cache_write_chunks, **common,
+    )
+    # pass 3: each chunk that needs it alone as its own batch element, no context, no cache
+    v_uncond = {}
+    if uncond_items:
+        items = len(uncond_items)
+        uncond_x = torch.stack([x[b, :, s * width : (s + 1) * width] for b, s in uncond_items])
+        rows = [b * chunks + s for b, s in uncond_items]
+        out_u = model(
+            uncond_x, torch.stack([t[b, s] for b, s in uncond_items]).reshape(items, 1), null_caps[rows],
+            null_masks[rows], [[i * tpc, (i + 1) * tpc] for i in range(items)], [True] * items,
+            slice_point=0, chunk_width=width, dt=common["dt"], kv_cache=None,
+        )
+        v_uncond = {item: out_u[i] for i, item in enumerate(uncond_items)}
+
+    out = x.clone()  # the extra clean chunk's slot keeps its input
+    for b in range(n):
+        for slot, (ps, ts) in zip(slots, table[b]):
+            a, e = slot * width, (slot + 1) * width
+            # the reference's weighted-sum form and order (fp32), less the terms that are exactly zero
+            v = (ps - ts) * v_ctx[b, :, a:e]
+            if (b, slot) in v_uncond:
+                v = (1 - ps) * v_uncond[(b, slot)] + v
+            if ts != 0.0:
+                v = v + ts * v_text[b, :, a:e]
+            out[b, :, a:e] = v
+    return out
+
+
+def _cfg1(model, x, t, cond_caps, cond_masks, ranges, caches, common, scales, chunks, extra, nearly_clean, width, tpc,
+          slice_point, max_cache_write_chunks):
+    n, frames = x.shape[0], x.shape[2]
+    if not nearly_clean:
+        flat = _flatten_ranges(ranges, n, (slice_point + chunks) * tpc)
+        out = model(
+            x, t, cond_caps, cond_masks, flat, [False] * n, kv_cache=caches, write_cache=True,
+            max_cache_write_chunks=max_cache_write_chunks, **common,
+        )
+        if extra:
+            out[:, :, :width] = x[:, :, :width]
+        return out
+    # The first denoising chunk (slot 1 with the extra clean chunk, never the clean chunk) is copied to the end of
+    # the call; the copy attends only to itself, after every other key of the call.
+    first = 1 if extra else 0
+    a, e = first * width, (first + 1) * width
+    end = (slice_point + chunks) * tpc
+    cat_ranges = ranges + [[end, end + tpc]]
+    rows = torch.tensor([[b * chunks + j for j in range(chunks)] + [b * chunks + first] for b in range(n)]).flatten()
+    cat_out = model(
+        torch.cat([x, x[:, :, a:e]], dim=2), torch.cat([t, t[:, first : first + 1]], dim=1),
+        cond_caps[rows], cond_masks[rows], _flatten_ranges(cat_ranges, n, end + tpc), [False] * n,
+        kv_cache=caches, write_cache=True, skip_cache_write_chunks=1,
+        max_cache_write_chunks=max_cache_write_chunks, **common,
+    )
+    mix = float(scales.prev_chunks_scale)
+    out = cat_out[:, :, :frames].clone()
+    out[:, :, a:e] = cat_out[:, :, a:e] * mix + cat_out[:, :, frames:] * (1 - mix)
+    return out
 
 
 def guided_velocity(
@@ -49,122 +220,32 @@ def guided_velocity(
     prev_chunks_scale: float = 0.7,
     max_cache_write_chunks: int | None = None,
 ) -> torch.Tensor:
-    """Guided velocity of one sampler call, in the reference dispatcher layout.
+    """Guided velocity of one request's call, in the reference dispatcher layout.
 
     x: (2, C, T, H, W) (both rows the same canvas slice; row 0 is used); t: (2, chunks); captions: (2·chunks, L,
     C_txt) rows [conditional chunks..., null chunks...] (a singleton dim 1 is accepted); caption_mask likewise
-    (2·chunks, L); kv_range: (chunks, 2) absolute token ranges. ``chunks`` counts the extra clean chunk (slot 0)
-    when ``extra_clean_chunk``. Returns (2, C, T, H, W) fp32 with both rows equal: the guided velocity for every
-    denoising chunk; in an extra clean chunk's slot its input latent, except with cfg_number 1 and
-    ``nearly_clean``, where it is the model output (the sampler drops that slot either way).
-    ``max_cache_write_chunks`` limits the cache write to the call's first chunks (see ``VideoDiT.forward``).
+    (2·chunks, L); kv_range: (chunks, 2) absolute token ranges. Returns (2, C, T, H, W) with both rows equal.
     """
-    defaults = SamplingConfig()
-    cfg_t_range = defaults.cfg_t_range if cfg_t_range is None else tuple(cfg_t_range)
-    prev_chunk_scales = defaults.prev_chunk_scales if prev_chunk_scales is None else tuple(prev_chunk_scales)
-    text_scales = defaults.text_scales if text_scales is None else tuple(text_scales)
-    if not len(cfg_t_range) == len(prev_chunk_scales) == len(text_scales):
-        raise ValueError("cfg_t_range, prev_chunk_scales and text_scales must have the same length")
-
+    defaults = GuidanceScales.defaults()
+    scales = GuidanceScales(
+        defaults.cfg_t_range if cfg_t_range is None else tuple(cfg_t_range),
+        defaults.prev_chunk_scales if prev_chunk_scales is None else tuple(prev_chunk_scales),
+        defaults.text_scales if text_scales is None else tuple(text_scales),
+        float(prev_chunks_scale),
+    )
     t = torch.as_tensor(t, dtype=torch.float32)
-    if t.dim() != 2:
-        raise ValueError(f"t must be (2, chunks), got shape {tuple(t.shape)}")
     chunks = t.shape[1]
-    denoising = chunks - (1 if extra_clean_chunk else 0)
-    if denoising < 1:
-        raise ValueError("a call needs at least one denoising chunk")
-    captions = _split_rows(captions, chunks, "captions")
-    caption_mask = _split_rows(caption_mask, chunks, "caption_mask")
-    kv = torch.as_tensor(kv_range).reshape(-1, 2)
-    if kv.shape[0] != chunks:
-        raise ValueError(f"kv_range must have {chunks} rows, got {kv.shape[0]}")
-
-    x0, t0 = x[0:1].float(), t[0:1]
-    frames = x0.shape[2]
-    if frames != chunks * chunk_width:
-        raise ValueError(f"x has {frames} frames but t gives {chunks} chunks of {chunk_width} frames")
-    cond_caps, null_caps = captions[:chunks], captions[chunks:]
-    cond_mask, null_mask = caption_mask[:chunks], caption_mask[chunks:]
-    common = dict(slice_point=slice_point, chunk_width=chunk_width, dt=dt)
-
-    if cfg_number == 3:
-        # Per-chunk scales first: they decide which passes can change the result. v = (1-p)·v_u + (p-s)·v_p + s·v_t,
-        # and a zero coefficient contributes exactly 0 for finite velocities, so a pass whose coefficient is zero
-        # for every chunk (text pass when t >= 0.3 everywhere; uncond pass for chunks with p = 1) is skipped
-        # without changing a bit. The reference always runs all three (spec §11.4).
-        slots = list(range(chunks - denoising, chunks))
-        scales = [cfg_scales(float(t0[0, slot]), cfg_t_range, prev_chunk_scales, text_scales) for slot in slots]
-        need_text = any(ts != 0.0 for _, ts in scales)
-        uncond_slots = [slot for slot, (ps, _) in zip(slots, scales) if ps != 1.0]
-
-        # pass 1: text + context, reads the cache but leaves it alone
-        v_text = None
-        if need_text:
-            v_text = model(x0, t0, cond_caps, cond_mask, kv, [False], kv_cache=kv_cache, write_cache=False, **common)
-        # pass 2: context with null text; this pass produces the cached clean K/V. A nearly-clean flag only keeps
-        # the newest chunk's rows out of the cache here.
-        v_ctx = model(
-            x0, t0, null_caps, null_mask, kv, [True], kv_cache=kv_cache, write_cache=True,
-            skip_cache_write_chunks=1 if nearly_clean else 0, max_cache_write_chunks=max_cache_write_chunks,
-            **common,
-        )
-        # pass 3: each chunk that needs it alone as its own batch element, no context, no cache
-        v_uncond = {}
-        if uncond_slots:
-            channels, height, wide = x0.shape[1], x0.shape[3], x0.shape[4]
-            uncond_x = torch.stack([x0[0, :, s * chunk_width : (s + 1) * chunk_width] for s in uncond_slots])
-            tpc = _tokens_per_chunk(model, chunk_width, height, wide)
-            items = len(uncond_slots)
-            out_u = model(
-                uncond_x, t0[0, uncond_slots].reshape(items, 1), null_caps[uncond_slots], null_mask[uncond_slots],
-                [[b * tpc, (b + 1) * tpc] for b in range(items)], [True] * items,
-                slice_point=0, chunk_width=chunk_width, dt=dt, kv_cache=None,
-            )
-            v_uncond = {slot: out_u[i : i + 1] for i, slot in enumerate(uncond_slots)}
-
-        pieces = [x0[:, :, : slots[0] * chunk_width]]  # the extra clean chunk's slot keeps its input
-        for slot, (ps, ts) in zip(slots, scales):
-            a, b = slot * chunk_width, (slot + 1) * chunk_width
-            # the reference's weighted-sum form and order (fp32), less the terms that are exactly zero
-            v = (ps - ts) * v_ctx[:, :, a:b]
-            if slot in v_uncond:
-                v = (1 - ps) * v_uncond[slot] + v
-            if ts != 0.0:
-                v = v + ts * v_text[:, :, a:b]
-            pieces.append(v)
-        out = torch.cat(pieces, dim=2)
-    elif cfg_number == 1:
-        if nearly_clean:
-            first = 1 if extra_clean_chunk else 0  # the first denoising chunk, never the clean chunk
-            a, b = first * chunk_width, (first + 1) * chunk_width
-            height, wide = x0.shape[3], x0.shape[4]
-            tpc = _tokens_per_chunk(model, chunk_width, height, wide)
-            end = int(kv.max())
-            # the copy attends only to itself, placed after every other key of the call
-            cat_kv = kv.tolist() + [[end, end + tpc]]
-            cat_out = model(
-                torch.cat([x0, x0[:, :, a:b]], dim=2),
-                torch.cat([t0, t0[:, first : first + 1]], dim=1),
-                torch.cat([cond_caps, cond_caps[first : first + 1]], dim=0),
-                torch.cat([cond_mask, cond_mask[first : first + 1]], dim=0),
-                cat_kv, [False], kv_cache=kv_cache, write_cache=True, skip_cache_write_chunks=1,
-                max_cache_write_chunks=max_cache_write_chunks, **common,
-            )
-            scale = float(prev_chunks_scale)
-            out = cat_out[:, :, :frames].clone()
-            out[:, :, a:b] = cat_out[:, :, a:b] * scale + cat_out[:, :, frames:] * (1 - scale)
-        else:
-            out = model(
-                x0, t0, cond_caps, cond_mask, kv, [False], kv_cache=kv_cache, write_cache=True,
-                max_cache_write_chunks=max_cache_write_chunks, **common,
-            )
-            if extra_clean_chunk:
-                out = torch.cat([x0[:, :, :chunk_width], out[:, :, chunk_width:]], dim=2)
-    else:
-        raise ValueError(f"cfg_number must be 1 or 3, got {cfg_number}")
+    captions = torch.as_tensor(captions)
+    if captions.dim() == 4:
+        captions = captions.squeeze(1)
+    caption_mask = torch.as_tensor(caption_mask).reshape(captions.shape[0], -1)
+    if captions.shape[0] != 2 * chunks or caption_mask.shape[0] != 2 * chunks:
+        raise ValueError(f"captions and caption_mask must have 2·chunks = {2 * chunks} rows [cond..., null...]")
+    out = guided_velocity_batch(
+        model, x[0:1], t[0:1], captions[:chunks], caption_mask[:chunks], captions[chunks:], caption_mask[chunks:],
+        kv_range, cfg_number=cfg_number, slice_point=slice_point, chunk_width=chunk_width,
+        extra_clean_chunk=extra_clean_chunk, nearly_clean=nearly_clean, dt=dt,
+        kv_caches=None if kv_cache is None else [kv_cache], scales=scales,
+        max_cache_write_chunks=max_cache_write_chunks,
+    )
     return torch.cat([out, out], dim=0)
-
-
-def _tokens_per_chunk(model, chunk_width: int, height: int, width: int) -> int:
-    cfg = model.config
-    return (chunk_width // cfg.t_patch_size) * (height // cfg.patch_size) * (width // cfg.patch_size)

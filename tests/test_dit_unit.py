@@ -187,7 +187,7 @@ def test_batched_elements_use_batch_flattened_ranges() -> None:
 def test_forward_rejects_bad_calls() -> None:
     model = tiny_model()
     x, t, caps, mask = inputs(1, batch=2)
-    with pytest.raises(ValueError, match="batch size 1"):
+    with pytest.raises(ValueError, match="one KV cache per batch element"):
         model(x, t, caps, mask, [[0, TPC], [TPC, 2 * TPC]], [False, False], chunk_width=CW,
               kv_cache=KVCache(2, torch.float32))
     with pytest.raises(ValueError, match="outside"):

@@ -301,22 +301,35 @@ class _CallContext:
     k_ranges: list[tuple[int, int]]
     xk_ranges: list[tuple[int, int]]
     backend: str
-    cache: KVCache | None = None
-    read_first: int = 0
+    caption_tokens: list[int] | None = None  # valid caption tokens of each batch element
+    caches: list[KVCache] | None = None  # one per batch element
+    read_first: list[int] | None = None  # per element: first cached chunk read
     read_end: int = 0
     write_first: int = 0
     write_chunks: int = 0
 
+    def per_request_rows(self, fn, rows: torch.Tensor) -> torch.Tensor:
+        """fn applied to each batch element's caption tokens separately (batch invariance, see VideoDiT.forward)."""
+        if self.caption_tokens is None or len(self.caption_tokens) == 1:
+            return fn(rows)
+        return torch.cat([fn(part) for part in rows.split(self.caption_tokens)])
+
     def merge_cache(self, layer: int, kv: torch.Tensor) -> torch.Tensor:
-        """[cached chunks read_first..read_end ; current rows], writing the current rows first when asked."""
-        if self.cache is None:
+        """Per element: [cached chunks read_first..read_end ; current rows], writing the current rows first when
+        asked. ``kv`` is (N·S, groups, 2·head_dim), batch-major."""
+        if self.caches is None:
             return kv
-        if self.write_chunks:
-            self.cache.write(layer, self.write_first, kv[: self.write_chunks * self.tokens_per_chunk])
-        if self.read_end <= self.read_first:
-            return kv
-        past = self.cache.read(layer, self.read_first, self.read_end).to(device=kv.device, dtype=kv.dtype)
-        return torch.cat([past, kv], dim=0)
+        per_element = kv.shape[0] // len(self.caches)
+        pieces = []
+        for b, cache in enumerate(self.caches):
+            current = kv[b * per_element : (b + 1) * per_element]
+            if self.write_chunks:
+                cache.write(layer, self.write_first, current[: self.write_chunks * self.tokens_per_chunk])
+            if self.read_end > self.read_first[b]:
+                past = cache.read(layer, self.read_first[b], self.read_end).to(device=kv.device, dtype=kv.dtype)
+                pieces.append(past)
+            pieces.append(current)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
 
 
 class QKVProjections(nn.Module):
@@ -373,7 +386,7 @@ class ParallelAttention(nn.Module):
 
         # cross-attention: norms in the compute dtype, no RoPE; linear_kv_xattn rows are per group [k | v]
         qx = self.q_layernorm_xattn(self.linear_qkv.qx(a).to(dt).view(n * s, nh, hd))
-        kvx = self.linear_kv_xattn(ctx.captions).to(dt).view(-1, ng, 2 * hd)
+        kvx = ctx.per_request_rows(self.linear_kv_xattn, ctx.captions).to(dt).view(-1, ng, 2 * hd)
         kx = self.k_layernorm_xattn(kvx[..., :hd]).contiguous()
         vx = kvx[..., hd:].contiguous()
         cross = range_attention(qx, kx, vx, ctx.q_ranges, ctx.xk_ranges, backend=ctx.backend)
@@ -438,7 +451,8 @@ class TransformerLayer(nn.Module):
         proj = self.self_attention.linear_proj(z).float().view(chunked)
 
         # softcap with cap 1: tanh in fp32, rounded to the compute dtype, then used in fp32
-        gates = torch.tanh(self.ada_modulate_layer(ctx.condition).float()).to(dt).float()
+        ada = torch.cat([self.ada_modulate_layer(ctx.condition[b : b + 1]) for b in range(n)])
+        gates = torch.tanh(ada.float()).to(dt).float()
         gate_attn, gate_mlp = gates[:, :, None, :d], gates[:, :, None, d:]
 
         h1 = (h.float().view(chunked) + self.self_attn_post_norm(proj * gate_attn)).to(dt).view(n, s, d)
@@ -528,7 +542,7 @@ class VideoDiT(nn.Module):
         slice_point: int = 0,
         chunk_width: int = 6,
         dt: float | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | Sequence[KVCache] | None = None,
         write_cache: bool = False,
         skip_cache_write_chunks: int = 0,
         max_cache_write_chunks: int | None = None,
@@ -573,10 +587,14 @@ class VideoDiT(nn.Module):
             raise ValueError(f"slice_point must be >= 0, got {slice_point}")
         if not 0 <= skip_cache_write_chunks <= chunks:
             raise ValueError(f"skip_cache_write_chunks must be in [0, {chunks}], got {skip_cache_write_chunks}")
-        if kv_cache is not None and n != 1:
-            raise ValueError(f"a KV cache needs batch size 1, got {n}")
-        if kv_cache is not None and kv_cache.num_layers != cfg.num_layers:
-            raise ValueError(f"KV cache has {kv_cache.num_layers} layers, the model {cfg.num_layers}")
+        caches = None
+        if kv_cache is not None:
+            caches = [kv_cache] if isinstance(kv_cache, KVCache) else list(kv_cache)
+            if len(caches) != n:
+                raise ValueError(f"need one KV cache per batch element ({n}), got {len(caches)}")
+            for cache in caches:
+                if cache.num_layers != cfg.num_layers:
+                    raise ValueError(f"KV cache has {cache.num_layers} layers, the model {cfg.num_layers}")
 
         rows = n * chunks
         captions = torch.as_tensor(captions)
@@ -601,7 +619,11 @@ class VideoDiT(nn.Module):
         xs = (x.to(device) * cfg.x_rescale_factor).to(torch.float32)
         if cfg.half_channel_vae:
             xs = torch.cat([xs, xs], dim=1)
-        tokens = F.conv3d(xs, self.x_embedder.weight.float(), stride=(pt, p, p))  # (N, h, Tp, Hp, Wp)
+        # Batch invariance: a request's numbers must not depend on what it is batched with, and BLAS / oneDNN pick
+        # different kernels for different small row counts. So the small per-request products (patch embedding,
+        # embedders, gates, caption projections) run one request at a time; the big token GEMMs stay batched.
+        weight = self.x_embedder.weight.float()
+        tokens = torch.cat([F.conv3d(xs[b : b + 1], weight, stride=(pt, p, p)) for b in range(n)])
         tp, hp, wp = tokens.shape[2:]
         tokens = tokens.flatten(2).transpose(1, 2)  # (N, S, h), frame-major token order
         seq = tp * hp * wp
@@ -612,13 +634,17 @@ class VideoDiT(nn.Module):
         sin, cos = rope.tensor_split(2, dim=-1)
 
         t_flat = t.flatten()
-        t_emb = self.t_embedder(t_flat, cdt)
-        if dt is not None:
-            t_emb = t_emb + self.t_embedder(torch.ones_like(t_flat) * dt, cdt)
-        condition = t_emb.reshape(n, chunks, -1) + self.y_embedder.adaln(dropout)[:, None, :]
+        conditions = []
+        for b in range(n):
+            t_emb = self.t_embedder(t[b], cdt)
+            if dt is not None:
+                t_emb = t_emb + self.t_embedder(torch.full_like(t[b], dt), cdt)
+            conditions.append(t_emb + self.y_embedder.adaln(dropout[b : b + 1]))
+        condition = torch.stack(conditions)
 
         valid = captions.to(device=device, dtype=torch.float32)[mask]  # (valid tokens, C), row-major over chunks
-        y_flat = self.y_embedder.y_proj_xattn(valid)
+        per_request_tokens = mask.reshape(n, -1).sum(dim=1).tolist()
+        y_flat = torch.cat([self.y_embedder.y_proj_xattn(rows) for rows in valid.split(per_request_tokens)])
         counts = mask.sum(dim=1).tolist()
 
         if intermediates is not None:
@@ -640,35 +666,44 @@ class VideoDiT(nn.Module):
         ctx = _CallContext(
             dtype=cdt, chunks=chunks, tokens_per_chunk=tpc, cos=cos, sin=sin,
             condition=condition.to(cdt), captions=y_flat.to(cdt), q_ranges=q_ranges, k_ranges=ranges,
-            xk_ranges=xk_ranges, backend=self.attention_backend,
+            xk_ranges=xk_ranges, backend=self.attention_backend, caption_tokens=per_request_tokens,
         )
         key_len = n * seq
-        if kv_cache is not None and (slice_point > 0 or write_cache):
-            kv_cache.bind_tokens_per_chunk(tpc)
-            # read only the chunks some range reaches: attention is range-based, so shifting every range by the
-            # unread prefix gives the same result while bounding memory to the window
-            lo = min(min(s for s, _ in ranges) // tpc, slice_point)
-            lo = max(lo, 0)
-            # fail before any layer writes, so a bad call leaves the cache as it was
-            for c in range(lo, slice_point):
-                if not kv_cache.has(c):
-                    raise KeyError(
-                        f"KV cache lacks chunk {c}, which kv_range {ranges} reads (retained: {kv_cache.chunks()})"
-                    )
-            shift = lo * tpc
-            ctx.k_ranges = [(s - shift, e - shift) for s, e in ranges]
-            ctx.cache = kv_cache
-            ctx.read_first, ctx.read_end = lo, slice_point
+        if caches is not None and (slice_point > 0 or write_cache):
+            for cache in caches:
+                cache.bind_tokens_per_chunk(tpc)
+            # Ranges come in the reference layout: element b's keys (its whole cache prefix, then its current rows)
+            # at [b·S_k, (b+1)·S_k). Each element reads only the chunks some of its ranges reach: attention is
+            # range-based, so shifting its ranges by the unread prefix gives the same result while bounding memory
+            # to the window.
+            full = slice_point * tpc + seq
+            firsts, shifted, base = [], [], 0
+            for b in range(n):
+                own = ranges[b * chunks : (b + 1) * chunks]
+                lo = max(0, min(min((s - b * full) // tpc for s, _ in own), slice_point))
+                # fail before any layer writes, so a bad call leaves every cache as it was
+                for c in range(lo, slice_point):
+                    if not caches[b].has(c):
+                        raise KeyError(
+                            f"KV cache lacks chunk {c}, which kv_range {own} reads (retained: {caches[b].chunks()})"
+                        )
+                offset = base - b * full - lo * tpc
+                shifted += [(s + offset, e + offset) for s, e in own]
+                firsts.append(lo)
+                base += (slice_point - lo) * tpc + seq
+            ctx.k_ranges = shifted
+            ctx.caches = caches
+            ctx.read_first, ctx.read_end = firsts, slice_point
             ctx.write_first = slice_point
             ctx.write_chunks = chunks - skip_cache_write_chunks if write_cache else 0
             if max_cache_write_chunks is not None:
                 ctx.write_chunks = min(ctx.write_chunks, max(0, int(max_cache_write_chunks)))
-            key_len += (slice_point - lo) * tpc
+            key_len = base
         for s, e in ctx.k_ranges:
             if not 0 <= s <= e <= key_len:
                 raise ValueError(
                     f"kv_range {list(ranges)} reaches outside the {key_len} keys of this call "
-                    f"(slice_point={slice_point}, cache {'used' if ctx.cache is not None else 'not used'})"
+                    f"(slice_point={slice_point}, cache {'used' if ctx.caches is not None else 'not used'})"
                 )
 
         # ---------------------------------------------------------------- transformer
