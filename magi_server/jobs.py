@@ -1,0 +1,510 @@
+"""Job records and their durable store: the `Job` dataclass, the status machine, and `JobStore` on SQLite.
+
+This module owns every job row. The rule everything else rests on (reliability spec 2.3): a job is committed to
+disk before its id leaves the server, so a 2xx submit survives `kill -9` and, with the default
+`synchronous=FULL`, a power loss too. Delivery is at-least-once: a job that was RUNNING when the process died is
+put back to QUEUED at the next start, up to a bounded number of attempts, then FAILED with error_code
+"interrupted", never silently dropped. The handler that runs jobs must therefore be idempotent (outputs written
+to a temp file and renamed over `<id>.mp4`).
+
+Transitions are compare-and-set: each UPDATE names the statuses it may leave, so a terminal job never changes
+again whatever order the engine, the HTTP layer and the restart path call in; a refused transition returns None.
+
+Threads: one SQLite connection per store, guarded by one lock. SQLite allows one writer at a time anyway, every
+statement here is a primary-key or indexed lookup (microseconds), and one connection keeps the store free of
+per-thread state. Other processes may open the same file (WAL + busy timeout + `BEGIN IMMEDIATE`), which is
+what makes `create_idempotent` atomic across API replicas, not only across threads.
+
+Leases: one server process owns the database, so `recover_after_restart` (called once at startup, before the
+engine starts) treats every RUNNING row as orphaned. Several live workers sharing one store would need a lease
+column and a sweeper instead; that deployment is meant to use a database server (architecture.md).
+
+Torch-free and importing nothing from the package but `params`: this is the HTTP layer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+
+from magi_server.params import GenerationParams
+
+SCHEMA_VERSION = 1
+APIS = ("wavespeed", "fal", "magichour")
+MAX_IDEMPOTENCY_KEY_LEN = 255  # Stripe's limit; longer keys are a client bug, not something to hash away
+SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+BUSY_TIMEOUT_S = 10.0
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class JobStoreError(RuntimeError):
+    pass
+
+
+class DuplicateJob(JobStoreError):
+    pass
+
+
+class IdempotencyConflict(JobStoreError):
+    """The idempotency key was already used with a different request body (answer 409/422, do not retry)."""
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Job:
+    id: str
+    api: str  # wire protocol that created it: "wavespeed" | "fal" | "magichour"
+    model: str  # public model/app id the client used, echoed back in envelopes
+    status: JobStatus
+    params: GenerationParams
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress_done: int = 0
+    progress_total: int = 0
+    outputs: list[str] = field(default_factory=list)  # file names relative to the outputs folder
+    error: str = ""
+    error_code: str = ""  # "timeout", "interrupted", "invalid_input", "cancelled", "internal", ...
+    attempts: int = 0
+    inference_ms: int | None = None
+    owner: str = ""  # opaque tenant key; "" when auth is off
+    meta: dict = field(default_factory=dict)  # provider bookkeeping: webhook URL, fal app id, ...
+    idempotency_key: str | None = None
+
+    @classmethod
+    def new(cls, api: str, model: str, params: GenerationParams, *, owner: str = "", meta: dict | None = None,
+            created_at: float | None = None) -> "Job":
+        return cls(id=new_job_id(), api=api, model=model, status=JobStatus.QUEUED, params=params,
+                   created_at=time.time() if created_at is None else created_at, owner=owner,
+                   meta=dict(meta or {}))
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+_SCHEMA = f"""
+CREATE TABLE jobs (
+    id              TEXT PRIMARY KEY,
+    api             TEXT NOT NULL,
+    model           TEXT NOT NULL,
+    status          TEXT NOT NULL CHECK (status IN ({", ".join(repr(s.value) for s in JobStatus)})),
+    params          TEXT NOT NULL,               -- GenerationParams.to_json()
+    created_at      REAL NOT NULL,
+    started_at      REAL,
+    finished_at     REAL,
+    progress_done   INTEGER NOT NULL DEFAULT 0,
+    progress_total  INTEGER NOT NULL DEFAULT 0,
+    outputs         TEXT NOT NULL DEFAULT '[]',  -- JSON list of file names
+    error           TEXT NOT NULL DEFAULT '',
+    error_code      TEXT NOT NULL DEFAULT '',
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    inference_ms    INTEGER,
+    owner           TEXT NOT NULL DEFAULT '',
+    meta            TEXT NOT NULL DEFAULT '{{}}',  -- JSON object
+    idempotency_key TEXT,
+    idempotency_fingerprint TEXT
+);
+CREATE INDEX jobs_status_created ON jobs (status, created_at);
+CREATE INDEX jobs_owner_created ON jobs (owner, created_at);
+CREATE INDEX jobs_created ON jobs (created_at);
+CREATE UNIQUE INDEX jobs_idempotency ON jobs (owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
+"""
+
+_COLUMNS = ("id", "api", "model", "status", "params", "created_at", "started_at", "finished_at", "progress_done",
+            "progress_total", "outputs", "error", "error_code", "attempts", "inference_ms", "owner", "meta",
+            "idempotency_key")
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
+_ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+def _text(value: str) -> str:
+    # sqlite3 encodes str as strict UTF-8, so a lone surrogate (legal in a Python str, e.g. from a JSON "\ud800"
+    # escape) would raise inside a write and take a request down with it. Escape it instead: deterministic, so
+    # lookups by the same owner/key still match.
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _json(value) -> str:
+    # ensure_ascii keeps lone surrogates as \\udXXX escapes, which round-trip exactly through json.loads.
+    return json.dumps(value, ensure_ascii=True, sort_keys=True)
+
+
+def _params_json(params: GenerationParams) -> str:
+    # GenerationParams.to_json already escapes non-ASCII; re-dumping guards against a future change there.
+    return _json(json.loads(params.to_json()))
+
+
+def _in(statuses: Iterable[JobStatus]) -> tuple[str, list[str]]:
+    values = [JobStatus(s).value for s in statuses]
+    return ", ".join("?" * len(values)), values
+
+
+@contextmanager
+def _operational_errors() -> Iterator[None]:
+    # "database is locked" past the busy timeout, disk full, I/O errors: the server answers these with a 503,
+    # so they surface as the store's own error type. IntegrityError is left alone: callers map it to a meaning.
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        raise JobStoreError(f"job store unavailable: {exc}") from exc
+
+
+class JobStore:
+    """Durable job table in one SQLite file. Every write has committed (and, with FULL, fsynced) on return.
+
+    `synchronous`: FULL (default) survives power loss; NORMAL survives only a process crash, one fsync cheaper
+    per write. `clock`: the time source for started_at/finished_at, prune and key expiry (tests pass a fake).
+    Strings in plain text columns (owner, error, ...) that hold lone surrogates come back with them escaped as
+    `\\udXXX`; params and meta are JSON and come back exactly.
+    """
+
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL", clock: Callable[[], float] = time.time):
+        mode = synchronous.upper()
+        if mode not in SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous must be one of {SYNCHRONOUS_MODES}, got {synchronous!r}")
+        self._synchronous = mode
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.path = path if str(path) == ":memory:" else Path(path)
+        if isinstance(self.path, Path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Prompts and tenant keys live here: create the file owner-only before SQLite creates it with the
+            # umask (SQLite gives the -wal and -shm files the same permissions as the main file).
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write lock is taken before the first
+        # read of a read-modify-write, which is what makes check-then-insert atomic across processes.
+        self._conn: sqlite3.Connection | None = sqlite3.connect(
+            str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        try:
+            with _operational_errors():
+                self._configure()
+            self._migrate()
+        except BaseException:
+            self._conn.close()
+            self._conn = None
+            raise
+
+    # -- setup ----------------------------------------------------------------------------------------------
+
+    def _configure(self) -> None:
+        conn = self._conn
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        journal = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower()
+        if journal != "wal" and self.path != ":memory:":
+            # WAL is what lets pollers read while the engine writes; falling back silently to a rollback journal
+            # (e.g. on a network file system) would turn every poll into a lock wait.
+            raise JobStoreError(f"could not put {self.path} in WAL mode (got {journal!r}); use a local disk")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+
+    def _migrate(self) -> None:
+        with self._write() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise JobStoreError(f"{self.path} has schema version {version}, newer than this server's "
+                                    f"{SCHEMA_VERSION}; upgrade magi-server or point it at another database")
+            if version == 0:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # Later versions add steps here: `if version < 2: ...` then bump user_version, inside this transaction.
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, _operational_errors():
+            if self._conn is None:
+                raise JobStoreError("job store is closed")
+            yield self._conn
+
+    @contextmanager
+    def _write(self, *, fsync: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction holding SQLite's write lock from its first statement; committed on normal exit.
+
+        fsync=False commits without waiting for the disk. In WAL mode such a commit is still atomic and ordered
+        (the WAL is append-only), and the next fsynced commit makes it durable along with itself.
+        """
+        relax = not fsync and self._synchronous in ("FULL", "EXTRA")
+        with self._read() as conn:
+            if relax:
+                conn.execute("PRAGMA synchronous = NORMAL")  # per connection, and only between transactions
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:  # a failed COMMIT (disk full, I/O error) leaves it open
+                        conn.execute("ROLLBACK")
+                    raise
+            finally:
+                if relax:
+                    conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> "JobStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- rows <-> records -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _row_to_job(row: tuple) -> Job:
+        data = dict(zip(_COLUMNS, row))
+        data["status"] = JobStatus(data["status"])
+        data["params"] = GenerationParams.from_json(data["params"])
+        data["outputs"] = json.loads(data["outputs"])
+        data["meta"] = json.loads(data["meta"])
+        return Job(**data)
+
+    @staticmethod
+    def _job_to_row(job: Job, fingerprint: str | None) -> dict:
+        return {
+            "id": _text(job.id), "api": _text(job.api), "model": _text(job.model),
+            "status": JobStatus(job.status).value, "params": _params_json(job.params),
+            "created_at": float(job.created_at), "started_at": job.started_at, "finished_at": job.finished_at,
+            "progress_done": int(job.progress_done), "progress_total": int(job.progress_total),
+            "outputs": _json([str(o) for o in job.outputs]), "error": _text(job.error),
+            "error_code": _text(job.error_code), "attempts": int(job.attempts), "inference_ms": job.inference_ms,
+            "owner": _text(job.owner), "meta": _json(job.meta),
+            "idempotency_key": None if job.idempotency_key is None else _text(job.idempotency_key),
+            "idempotency_fingerprint": fingerprint,
+        }
+
+    def _fetch(self, conn: sqlite3.Connection, job_id: str) -> Job | None:
+        row = conn.execute(f"{_SELECT} WHERE id = ?", (_text(job_id),)).fetchone()
+        return None if row is None else self._row_to_job(row)
+
+    def _insert(self, conn: sqlite3.Connection, job: Job, fingerprint: str | None) -> Job:
+        row = self._job_to_row(job, fingerprint)
+        if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (row["id"],)).fetchone() is not None:
+            raise DuplicateJob(f"job {job.id!r} already exists")
+        names = ", ".join(row)
+        conn.execute(f"INSERT INTO jobs ({names}) VALUES ({', '.join(':' + n for n in row)})", row)
+        return self._fetch(conn, row["id"])
+
+    @staticmethod
+    def _check_new(job: Job) -> None:
+        if job.api not in APIS:
+            raise ValueError(f"job.api must be one of {APIS}, got {job.api!r}")
+        if not job.id:
+            raise ValueError("job.id must not be empty")
+
+    # -- creation -------------------------------------------------------------------------------------------
+
+    def create(self, job: Job) -> Job:
+        """Insert `job`; durable on return. Raises DuplicateJob when the id exists."""
+        self._check_new(job)
+        if job.idempotency_key is not None:
+            raise ValueError("a job with an idempotency key must be created with create_idempotent()")
+        try:
+            with self._write() as conn:
+                return self._insert(conn, job, None)
+        except sqlite3.IntegrityError as exc:  # backstop for the primary key; the check above runs under the lock
+            raise DuplicateJob(f"job {job.id!r} already exists") from exc
+
+    def create_idempotent(self, job: Job, key: str, fingerprint: str, *,
+                          ttl_s: float | None = None) -> tuple[Job, bool]:
+        """Stripe-style submit: (existing job, False) for a replay of `key` by the same owner with the same body
+        fingerprint, IdempotencyConflict for a different body, else (`job` stored with the key, True).
+
+        `ttl_s`: a key older than this is forgotten (Stripe keeps keys at least 24 h) and the call creates a new
+        job; the old job itself is untouched apart from losing its key.
+        """
+        self._check_new(job)
+        if not key or len(key) > MAX_IDEMPOTENCY_KEY_LEN:
+            raise ValueError(f"idempotency key must be 1..{MAX_IDEMPOTENCY_KEY_LEN} characters")
+        if not fingerprint:
+            raise ValueError("fingerprint must not be empty")
+        safe_key, safe_fp, owner = _text(key), _text(fingerprint), _text(job.owner)
+        # BEGIN IMMEDIATE takes SQLite's write lock before the lookup, so two replicas cannot both miss and both
+        # insert; the unique index is the backstop if someone writes the table without this method.
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT id, idempotency_fingerprint, created_at FROM jobs WHERE owner = ? AND idempotency_key = ?",
+                (owner, safe_key)).fetchone()
+            if row is not None:
+                existing_id, stored_fp, created_at = row
+                if ttl_s is not None and created_at < self._clock() - ttl_s:
+                    conn.execute("UPDATE jobs SET idempotency_key = NULL, idempotency_fingerprint = NULL "
+                                 "WHERE id = ?", (existing_id,))
+                elif stored_fp == safe_fp:
+                    return self._fetch(conn, existing_id), False
+                else:
+                    raise IdempotencyConflict("idempotency key was already used with a different request body")
+            return self._insert(conn, replace(job, idempotency_key=key), safe_fp), True
+
+    # -- reads ----------------------------------------------------------------------------------------------
+
+    def get(self, job_id: str, owner: str | None = None) -> Job | None:
+        """The job, or None when unknown or (with `owner`) owned by someone else: both look the same to a client."""
+        with self._read() as conn:
+            job = self._fetch(conn, job_id)
+        if job is None or (owner is not None and job.owner != _text(owner)):
+            return None
+        return job
+
+    def list(self, statuses: Iterable[JobStatus] | None = None, limit: int = 100,
+             owner: str | None = None) -> list[Job]:
+        """Newest first."""
+        where, args = [], []
+        if statuses is not None:
+            marks, values = _in(statuses)
+            if not values:
+                return []
+            where.append(f"status IN ({marks})")
+            args += values
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(_text(owner))
+        if limit <= 0:
+            return []
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        sql = f"{_SELECT} {clause} ORDER BY created_at DESC, rowid DESC LIMIT ?"
+        with self._read() as conn:
+            rows = conn.execute(sql, (*args, int(limit))).fetchall()
+        return [self._row_to_job(r) for r in rows]
+
+    def queued_in_order(self) -> list[Job]:
+        """Every QUEUED job, oldest first: the order the restart path resubmits them in."""
+        # rowid breaks created_at ties (and survives a clock step backwards within one second) in insert order.
+        with self._read() as conn:
+            rows = conn.execute(f"{_SELECT} WHERE status = ? ORDER BY created_at, rowid",
+                                (JobStatus.QUEUED.value,)).fetchall()
+        return [self._row_to_job(r) for r in rows]
+
+    def count_by_status(self) -> dict[JobStatus, int]:
+        counts = {s: 0 for s in JobStatus}
+        with self._read() as conn:
+            for status, n in conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status"):
+                counts[JobStatus(status)] = n
+        return counts
+
+    def queue_depth(self) -> int:
+        with self._read() as conn:
+            return conn.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (JobStatus.QUEUED.value,)).fetchone()[0]
+
+    # -- transitions ----------------------------------------------------------------------------------------
+
+    def _transition(self, job_id: str, allowed: Iterable[JobStatus], sets: str, args: tuple = (), *,
+                    fsync: bool = True) -> Job | None:
+        marks, values = _in(allowed)
+        with self._write(fsync=fsync) as conn:
+            cur = conn.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND status IN ({marks})",
+                               (*args, _text(job_id), *values))
+            return self._fetch(conn, job_id) if cur.rowcount == 1 else None
+
+    def mark_running(self, job_id: str) -> Job | None:
+        """QUEUED -> RUNNING; counts an attempt."""
+        return self._transition(
+            job_id, [JobStatus.QUEUED],
+            "status = 'running', started_at = ?, attempts = attempts + 1, progress_done = 0",
+            (self._clock(),))
+
+    def update_progress(self, job_id: str, done: int, total: int) -> Job | None:
+        """Progress of a RUNNING job. Not fsynced on its own, so it is cheap to call every step: losing the last
+        tick in a power cut is harmless, and the next status change fsyncs it anyway."""
+        return self._transition(job_id, [JobStatus.RUNNING], "progress_done = ?, progress_total = ?",
+                                (max(0, int(done)), max(0, int(total))), fsync=False)
+
+    def complete(self, job_id: str, outputs: Iterable[str], inference_ms: int | None) -> Job | None:
+        """RUNNING -> COMPLETED."""
+        return self._transition(
+            job_id, [JobStatus.RUNNING],
+            "status = 'completed', finished_at = ?, outputs = ?, inference_ms = ?, error = '', error_code = ''",
+            (self._clock(), _json([str(o) for o in outputs]), None if inference_ms is None else int(inference_ms)))
+
+    def fail(self, job_id: str, error: str, error_code: str) -> Job | None:
+        """QUEUED or RUNNING -> FAILED (a queued job can fail too: timeout in queue, input gone)."""
+        return self._transition(job_id, _ACTIVE, "status = 'failed', finished_at = ?, error = ?, error_code = ?",
+                                (self._clock(), _text(error), _text(error_code)))
+
+    def cancel(self, job_id: str) -> Job | None:
+        """QUEUED or RUNNING -> CANCELLED. The engine still has to stop a running job; the row is final now."""
+        return self._transition(
+            job_id, _ACTIVE, "status = 'cancelled', finished_at = ?, error = 'cancelled', error_code = 'cancelled'",
+            (self._clock(),))
+
+    def requeue(self, job_id: str, *, refund_attempt: bool = True) -> Job | None:
+        """RUNNING -> QUEUED for a graceful drain.
+
+        `refund_attempt`: a drain is not the job's fault, so by default the attempt does not count towards
+        `recover_after_restart`'s max_attempts (which exists to stop jobs that keep killing the worker).
+        """
+        attempts = "MAX(attempts - 1, 0)" if refund_attempt else "attempts"
+        return self._transition(
+            job_id, [JobStatus.RUNNING],
+            f"status = 'queued', started_at = NULL, progress_done = 0, attempts = {attempts}")
+
+    def recover_after_restart(self, max_attempts: int = 2) -> tuple[list[str], list[str]]:
+        """Resolve jobs a dead process left RUNNING: back to QUEUED while attempts < max_attempts, else FAILED
+        with error_code "interrupted". Returns (requeued ids, failed ids). Call once, before the engine starts."""
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        requeued, failed = [], []
+        with self._write() as conn:
+            now = self._clock()
+            rows = conn.execute("SELECT id, attempts FROM jobs WHERE status = ? ORDER BY created_at, rowid",
+                                (JobStatus.RUNNING.value,)).fetchall()
+            for job_id, attempts in rows:
+                if attempts < max_attempts:
+                    conn.execute("UPDATE jobs SET status = 'queued', started_at = NULL, progress_done = 0 "
+                                 "WHERE id = ?", (job_id,))
+                    requeued.append(job_id)
+                else:
+                    message = (f"interrupted: the server stopped while this job was running, "
+                               f"{attempts} of {max_attempts} attempts used")
+                    conn.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error = ?, "
+                                 "error_code = 'interrupted' WHERE id = ?", (now, message, job_id))
+                    failed.append(job_id)
+        return requeued, failed
+
+    # -- retention ------------------------------------------------------------------------------------------
+
+    def prune_jobs(self, older_than_s: float) -> list[Job]:
+        """Delete terminal jobs finished more than `older_than_s` ago and return them, so the caller can delete
+        their output and input files (after this returns: a crash in between leaves orphan files, never rows
+        that point at missing files)."""
+        marks, values = _in(TERMINAL)
+        with self._write() as conn:
+            where = f"status IN ({marks}) AND finished_at < ?"
+            args = (*values, self._clock() - older_than_s)
+            rows = conn.execute(f"{_SELECT} WHERE {where}", args).fetchall()
+            conn.execute(f"DELETE FROM jobs WHERE {where}", args)
+        return [self._row_to_job(r) for r in rows]
+
+    def prune(self, older_than_s: float) -> int:
+        """Like prune_jobs, returning only how many rows went."""
+        return len(self.prune_jobs(older_than_s))

@@ -1,0 +1,455 @@
+"""JobStore: round trips, the status machine, tenant isolation, idempotency under concurrency, and durability
+across a real `kill -9` of a process that was writing to the store."""
+from __future__ import annotations
+
+import ast
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from magi_server.jobs import (
+    TERMINAL,
+    DuplicateJob,
+    IdempotencyConflict,
+    Job,
+    JobStatus,
+    JobStore,
+    JobStoreError,
+    new_job_id,
+)
+from magi_server.params import GenerationParams
+from tests.golden_utils import REPO_ROOT
+
+
+class FakeClock:
+    def __init__(self, start: float = 1_000_000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_params(prompt: str = "a cat surfing", **kw) -> GenerationParams:
+    base = dict(prompts=(prompt,), width=720, height=720, num_frames=96, steps=16, seed=1234)
+    base.update(kw)
+    return GenerationParams(**base)
+
+
+def make_job(created_at: float = 100.0, owner: str = "", prompt: str = "a cat surfing", **kw) -> Job:
+    return Job(id=new_job_id(), api="wavespeed", model="wavespeed-ai/magi-1-24b", status=JobStatus.QUEUED,
+               params=make_params(prompt), created_at=created_at, owner=owner, **kw)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(tmp_path, clock):
+    with JobStore(tmp_path / "db" / "jobs.sqlite3", clock=clock) as s:
+        yield s
+
+
+# -- records ------------------------------------------------------------------------------------------------
+
+
+def test_every_field_round_trips(tmp_path, store):
+    params = GenerationParams(prompts=("first scene ☃", "second \"scene\"\n"), width=1280, height=720,
+                              num_frames=121, steps=32, seed=2**31 - 1, model="magi-1-4.5b-distill",
+                              image_path="/inputs/abc.png", trim_to_frames=True, window_size=4,
+                              extra={"provider": {"nested": [1, 2.5, None, "é"]}})
+    job = Job(id=new_job_id(), api="magichour", model="image-to-video", status=JobStatus.COMPLETED, params=params,
+              created_at=1.25, started_at=2.5, finished_at=3.75, progress_done=7, progress_total=9,
+              outputs=["x.mp4", "x.jpg"], error="boom ✗", error_code="internal", attempts=2, inference_ms=12345,
+              owner="sha256:abcd", meta={"webhook": "https://example.com/h?x=1", "name": "清明"},
+              idempotency_key=None)
+    stored = store.create(job)
+    assert stored == job
+    again = store.get(job.id)
+    assert again == job
+    assert isinstance(again.params.prompts, tuple) and again.status is JobStatus.COMPLETED
+    assert again.is_terminal and not make_job().is_terminal
+    assert TERMINAL == {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}
+    assert JobStatus("queued") is JobStatus.QUEUED and JobStatus.RUNNING == "running"
+
+
+def test_new_job_id_is_uuid4_hex():
+    ids = {new_job_id() for _ in range(100)}
+    assert len(ids) == 100
+    assert all(len(i) == 32 and set(i) <= set("0123456789abcdef") and i[12] == "4" for i in ids)
+    job = Job.new("fal", "fal-ai/magi", make_params(), owner="o", meta={"a": 1})
+    assert job.status is JobStatus.QUEUED and len(job.id) == 32 and job.attempts == 0
+
+
+def test_lone_surrogates_never_make_a_write_raise(store):
+    bad = "evil \ud800 prompt \udfff"
+    job = make_job(prompt=bad, owner="tenant\udc80", meta={"note": bad})
+    store.create(job)
+    got = store.get(job.id)
+    # JSON columns (params, meta) keep the exact string; plain text columns escape the surrogate deterministically.
+    assert got.params.prompts == (bad,) and got.meta == {"note": bad}
+    assert store.get(job.id, owner="tenant\udc80") == got
+    assert store.list(owner="tenant\udc80") == [got]
+    assert store.mark_running(job.id)
+    failed = store.fail(job.id, f"bad input: {bad}", "invalid_input")
+    assert failed.status is JobStatus.FAILED and "evil" in failed.error
+    assert store.get("\ud800" * 32) is None
+    store.create_idempotent(make_job(), "key\udc00", "fp\ud800")
+    assert store.create_idempotent(make_job(), "key\udc00", "fp\ud800")[1] is False
+
+
+def test_create_rejects_duplicates_and_bad_records(store):
+    job = store.create(make_job())
+    with pytest.raises(DuplicateJob):
+        store.create(Job(**{**job.__dict__, "model": "another"}))
+    with pytest.raises(ValueError):
+        store.create(Job(**{**make_job().__dict__, "api": "replicate"}))
+    with pytest.raises(ValueError):
+        store.create(Job(**{**make_job().__dict__, "idempotency_key": "k"}))
+    assert store.count_by_status()[JobStatus.QUEUED] == 1
+    assert isinstance(DuplicateJob("x"), JobStoreError) and isinstance(JobStoreError("x"), RuntimeError)
+
+
+# -- status machine -----------------------------------------------------------------------------------------
+
+
+def test_happy_path_transitions(store, clock):
+    job = store.create(make_job())
+    clock.now = 10.0
+    running = store.mark_running(job.id)
+    assert running.status is JobStatus.RUNNING and running.started_at == 10.0 and running.attempts == 1
+    progressed = store.update_progress(job.id, 3, 16)
+    assert (progressed.progress_done, progressed.progress_total) == (3, 16)
+    clock.now = 20.0
+    done = store.complete(job.id, [f"{job.id}.mp4"], 9876)
+    assert done.status is JobStatus.COMPLETED and done.finished_at == 20.0
+    assert done.outputs == [f"{job.id}.mp4"] and done.inference_ms == 9876 and done.is_terminal
+    assert store.get(job.id) == done
+
+
+@pytest.mark.parametrize("end", ["complete", "fail", "cancel"])
+def test_terminal_jobs_never_change_again(store, end):
+    job = store.create(make_job())
+    store.mark_running(job.id)
+    final = {"complete": lambda: store.complete(job.id, ["o.mp4"], 1),
+             "fail": lambda: store.fail(job.id, "oom", "oom"),
+             "cancel": lambda: store.cancel(job.id)}[end]()
+    assert final.is_terminal
+    assert store.mark_running(job.id) is None
+    assert store.update_progress(job.id, 5, 6) is None
+    assert store.complete(job.id, ["other.mp4"], 2) is None
+    assert store.fail(job.id, "late", "timeout") is None
+    assert store.cancel(job.id) is None
+    assert store.requeue(job.id) is None
+    assert store.recover_after_restart() == ([], [])
+    assert store.get(job.id) == final
+
+
+def test_forbidden_transitions_from_queued_and_running(store):
+    job = store.create(make_job())
+    assert store.complete(job.id, ["x.mp4"], 1) is None  # never ran
+    assert store.update_progress(job.id, 1, 2) is None
+    assert store.requeue(job.id) is None
+    assert store.mark_running(job.id).status is JobStatus.RUNNING
+    assert store.mark_running(job.id) is None  # no double claim
+    assert store.get(job.id).attempts == 1
+    assert store.mark_running("nope") is None and store.cancel("nope") is None
+
+
+def test_cancel_and_fail_from_queued_and_running(store):
+    queued, running = store.create(make_job()), store.create(make_job())
+    store.mark_running(running.id)
+    c1, c2 = store.cancel(queued.id), store.cancel(running.id)
+    assert c1.status is c2.status is JobStatus.CANCELLED and c1.error_code == "cancelled" and c1.finished_at
+    failed = store.fail(store.create(make_job()).id, "waited too long", "timeout")
+    assert failed.status is JobStatus.FAILED and (failed.error, failed.error_code) == ("waited too long", "timeout")
+
+
+def test_requeue_for_a_graceful_drain(store):
+    job = store.create(make_job())
+    store.mark_running(job.id)
+    store.update_progress(job.id, 4, 8)
+    back = store.requeue(job.id)
+    assert back.status is JobStatus.QUEUED and back.started_at is None and back.progress_done == 0
+    assert back.attempts == 0  # a drain is refunded: it is not the job's fault
+    store.mark_running(job.id)
+    assert store.requeue(job.id, refund_attempt=False).attempts == 1
+
+
+def test_recover_after_restart_requeues_then_fails(store):
+    a, b, c = (store.create(make_job(created_at=t)) for t in (1.0, 2.0, 3.0))
+    store.mark_running(a.id)
+    store.mark_running(b.id)
+    assert store.recover_after_restart(max_attempts=2) == ([a.id, b.id], [])
+    assert [j.id for j in store.queued_in_order()] == [a.id, b.id, c.id]
+    store.mark_running(a.id)
+    assert store.get(a.id).attempts == 2
+    assert store.recover_after_restart(max_attempts=2) == ([], [a.id])
+    failed = store.get(a.id)
+    assert failed.status is JobStatus.FAILED and failed.error_code == "interrupted" and "2 of 2" in failed.error
+    with pytest.raises(ValueError):
+        store.recover_after_restart(max_attempts=0)
+
+
+# -- reads ----------------------------------------------------------------------------------------------------
+
+
+def test_owner_isolation(store):
+    mine, theirs = store.create(make_job(owner="alice")), store.create(make_job(owner="bob"))
+    assert store.get(mine.id, owner="alice") == mine
+    assert store.get(theirs.id, owner="alice") is None  # same answer as an unknown id: no existence oracle
+    assert store.get(new_job_id(), owner="alice") is None
+    assert store.get(theirs.id) == theirs  # owner=None: auth off / admin
+    assert [j.id for j in store.list(owner="alice")] == [mine.id]
+    assert store.list(owner="carol") == []
+
+
+def test_ordering_and_filters(store):
+    jobs = [store.create(make_job(created_at=t)) for t in (5.0, 1.0, 3.0, 3.0)]
+    by_time = [jobs[1], jobs[2], jobs[3], jobs[0]]  # equal created_at: insertion order
+    assert [j.id for j in store.queued_in_order()] == [j.id for j in by_time]
+    assert [j.id for j in store.list()] == [j.id for j in reversed(by_time)]
+    assert [j.id for j in store.list(limit=2)] == [jobs[0].id, jobs[3].id]
+    store.mark_running(jobs[2].id)
+    assert [j.id for j in store.list([JobStatus.RUNNING])] == [jobs[2].id]
+    assert len(store.list([JobStatus.RUNNING, JobStatus.QUEUED])) == 4
+    assert store.list([]) == [] and store.list(limit=0) == []
+    assert jobs[2].id not in [j.id for j in store.queued_in_order()]
+
+
+def test_counts_and_queue_depth(store):
+    ids = [store.create(make_job()).id for _ in range(6)]
+    store.mark_running(ids[0])
+    store.mark_running(ids[1])
+    store.complete(ids[1], ["x.mp4"], 1)
+    store.fail(ids[2], "x", "internal")
+    store.cancel(ids[3])
+    counts = store.count_by_status()
+    assert counts == {JobStatus.QUEUED: 2, JobStatus.RUNNING: 1, JobStatus.COMPLETED: 1, JobStatus.FAILED: 1,
+                      JobStatus.CANCELLED: 1}
+    assert store.queue_depth() == 2
+
+
+def test_prune_deletes_only_old_terminal_jobs(store, clock):
+    clock.now = 100.0
+    old_done, old_failed, old_queued, old_running = (store.create(make_job()) for _ in range(4))
+    store.mark_running(old_done.id)
+    store.complete(old_done.id, ["a.mp4"], 1)
+    store.fail(old_failed.id, "x", "internal")
+    store.mark_running(old_running.id)
+    clock.now = 200.0
+    recent = store.create(make_job())
+    store.cancel(recent.id)
+    clock.now = 250.0
+    assert store.prune(older_than_s=1000) == 0
+    pruned = store.prune_jobs(older_than_s=100)  # cutoff 150: only the two finished at t=100
+    assert {j.id for j in pruned} == {old_done.id, old_failed.id}
+    assert [j.outputs for j in pruned if j.id == old_done.id] == [["a.mp4"]]
+    assert store.get(old_done.id) is None and store.get(old_failed.id) is None
+    assert store.get(old_queued.id) and store.get(old_running.id) and store.get(recent.id)
+    assert store.prune(older_than_s=0) == 1
+
+
+# -- idempotency ----------------------------------------------------------------------------------------------
+
+
+def test_idempotent_create_from_20_threads_makes_one_job(tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    # Two stores on one file stand in for two API replicas: the guard must hold across connections too.
+    stores = [JobStore(path), JobStore(path)]
+    barrier = threading.Barrier(20)
+    results, errors = [], []
+
+    def submit(i: int) -> None:
+        try:
+            barrier.wait()
+            results.append(stores[i % 2].create_idempotent(make_job(owner="alice"), "key-1", "fp-A"))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len({job.id for job, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    assert stores[0].count_by_status()[JobStatus.QUEUED] == 1
+    job = stores[1].get(results[0][0].id)
+    assert job.idempotency_key == "key-1"
+
+    with pytest.raises(IdempotencyConflict):
+        stores[0].create_idempotent(make_job(owner="alice"), "key-1", "fp-B")
+    other, created = stores[0].create_idempotent(make_job(owner="bob"), "key-1", "fp-B")
+    assert created and other.id != job.id  # keys are scoped per tenant
+    for s in stores:
+        s.close()
+
+
+def test_idempotency_key_expires_after_ttl(store, clock):
+    clock.now = 1000.0
+    first, created = store.create_idempotent(make_job(created_at=1000.0), "k", "fp")
+    assert created
+    clock.now = 1000.0 + 3600
+    assert store.create_idempotent(make_job(), "k", "fp", ttl_s=86400)[0].id == first.id
+    clock.now = 1000.0 + 86401
+    second, created = store.create_idempotent(make_job(created_at=clock.now), "k", "other-body", ttl_s=86400)
+    assert created and second.id != first.id
+    assert store.get(first.id).idempotency_key is None  # the old job lives on, without the key
+    with pytest.raises(ValueError):
+        store.create_idempotent(make_job(), "k" * 256, "fp")
+    with pytest.raises(ValueError):
+        store.create_idempotent(make_job(), "k2", "")
+
+
+# -- SQLite settings, schema, lifecycle --------------------------------------------------------------------------
+
+
+def test_wal_and_synchronous_full_are_set(tmp_path):
+    with JobStore(tmp_path / "a.db") as s:
+        conn = s._conn
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+        job = s.create(make_job())
+        s.mark_running(job.id)
+        s.update_progress(job.id, 1, 2)  # commits without fsync, then must restore FULL
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    with JobStore(tmp_path / "b.db", synchronous="normal") as s:
+        assert s._conn.execute("PRAGMA synchronous").fetchone()[0] == 1
+    with pytest.raises(ValueError):
+        JobStore(tmp_path / "c.db", synchronous="sometimes")
+    # What another process sees: the file itself is in WAL mode and versioned.
+    conn = sqlite3.connect(tmp_path / "a.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("SELECT progress_done FROM jobs").fetchone()[0] == 1
+    conn.close()
+    assert (tmp_path / "a.db").stat().st_mode & 0o077 == 0  # prompts and tenant keys: owner-only
+
+
+def test_reopen_keeps_data_and_refuses_newer_schema(tmp_path):
+    path = tmp_path / "nested" / "dir" / "jobs.db"
+    with JobStore(path) as s:
+        job = s.create(make_job())
+    with JobStore(path) as s:
+        assert s.get(job.id) == job
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.commit()
+    conn.close()
+    with pytest.raises(JobStoreError, match="schema version 99"):
+        JobStore(path)
+
+
+def test_closed_store_raises(tmp_path):
+    s = JobStore(tmp_path / "j.db")
+    s.close()
+    s.close()
+    with pytest.raises(JobStoreError):
+        s.get("x")
+    with pytest.raises(JobStoreError):
+        s.create(make_job())
+
+
+def test_many_threads_mixed_work(store):
+    ids = [store.create(make_job()).id for _ in range(40)]
+    errors = []
+
+    def worker(chunk: list[str]) -> None:
+        try:
+            for job_id in chunk:
+                store.mark_running(job_id)
+                store.update_progress(job_id, 1, 2)
+                store.list(limit=5)
+                store.complete(job_id, [f"{job_id}.mp4"], 1)
+        except Exception as exc:  # pragma: no cover
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(ids[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert store.count_by_status()[JobStatus.COMPLETED] == 40
+
+
+# -- durability across kill -9 -----------------------------------------------------------------------------------
+
+_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    from magi_server.jobs import Job, JobStatus, JobStore, new_job_id
+    from magi_server.params import GenerationParams
+
+    path, n, run_id = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    store = JobStore(path)
+    params = GenerationParams(prompts=("durable",), width=64, height=64, num_frames=8, steps=2, seed=1)
+    for _ in range(n):
+        job = store.create(Job(id=new_job_id(), api="fal", model="m", status=JobStatus.QUEUED, params=params,
+                               created_at=0.0))
+        print("CREATED", job.id, flush=True)  # only after create() returned: the caller may now hand it out
+    run_id = run_id if run_id != "-" else store.queued_in_order()[0].id
+    assert store.mark_running(run_id) is not None
+    print("RUNNING", run_id, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def _run_and_kill(path, n: int, run_id: str) -> tuple[list[str], str]:
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(n), run_id], capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    lines = [line.split() for line in proc.stdout.splitlines()]
+    created = [i for tag, i in lines if tag == "CREATED"]
+    running = [i for tag, i in lines if tag == "RUNNING"]
+    assert len(created) == n and len(running) == 1
+    return created, running[0]
+
+
+def test_jobs_survive_kill_9_and_interrupted_job_is_bounded(tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    created1, victim = _run_and_kill(path, 20, "-")
+    with JobStore(path) as s:
+        assert all(s.get(i) is not None for i in created1)
+        assert s.get(victim).status is JobStatus.RUNNING
+        assert s.recover_after_restart(max_attempts=2) == ([victim], [])
+        assert s.get(victim).status is JobStatus.QUEUED and s.get(victim).attempts == 1
+
+    created2, again = _run_and_kill(path, 20, victim)  # the same job crashes the process a second time
+    assert again == victim
+    with JobStore(path) as s:
+        assert all(s.get(i) is not None for i in created1 + created2)
+        assert s.recover_after_restart(max_attempts=2) == ([], [victim])
+        dead = s.get(victim)
+        assert dead.status is JobStatus.FAILED and dead.error_code == "interrupted" and dead.attempts == 2
+        assert s.queue_depth() == 39  # every other job is still waiting to run
+
+
+# -- layering ----------------------------------------------------------------------------------------------------
+
+
+def test_jobs_module_is_torch_free_and_imports_only_params():
+    source = (REPO_ROOT / "magi_server" / "jobs.py").read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+    assert {m for m in imported if m.startswith("magi_server")} == {"magi_server.params"}
+    probe = "import sys, magi_server.jobs; print(json.dumps(sorted(m for m in sys.modules if m.startswith('torch'))))"
+    proc = subprocess.run([sys.executable, "-c", "import json; " + probe], capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
