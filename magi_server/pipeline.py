@@ -27,7 +27,14 @@ from magi_server.loading import (
 from magi_server.models.attention import select_backend
 from magi_server.models.text_encoder import CaptionTokenOptions, SpecialTokens, build_chunk_captions
 from magi_server.models.vae import TileConfig, decode_to_frames, encode_video_uint8
-from magi_server.runner import LatentChunk, SamplerSettings, plan_request, sampler_step, start_sampler
+from magi_server.runner import (
+    LatentChunk,
+    SamplerSettings,
+    SamplerState,
+    plan_request,
+    sampler_step,
+    start_sampler,
+)
 from magi_server.video import InputError, Mp4Writer, load_image, load_video, resize_image
 
 log = logging.getLogger("magi_server.pipeline")
@@ -284,6 +291,46 @@ class MagiPipeline:
             prompt_embeds=prompt_embeds, prompt_attention_mask=prompt_attention_mask, output_type=output_type,
         )
         s = self.config.sampling
+        state = self.prepare(inputs, prompt_embeds=prompt_embeds, prompt_attention_mask=prompt_attention_mask,
+                             latents=latents)
+
+        # 4. run; decode and hand out each chunk as it becomes final
+        writer = None
+        if inputs.output_type == "mp4":
+            path = Path(output_path) if output_path is not None else Path(f"magi-{inputs.seed}.mp4")
+            writer = Mp4Writer(path, inputs.width, inputs.height, fps=s.fps)
+        latents_out, frames_out, frames_done = [], [], 0
+        try:
+            for chunk in self._chunks(state, callback_on_step):
+                frames = None if inputs.output_type == "latent" else self.decode_chunk(chunk)
+                event = ChunkEvent(chunk.index, state.chunks_total, chunk.latents, frames, frames_done)
+                if frames is not None:
+                    frames_done += frames.shape[0]
+                    if writer is not None:
+                        writer.append(frames)
+                    else:
+                        frames_out.append(frames)
+                latents_out.append(chunk.latents)
+                if callback_on_chunk is not None:
+                    callback_on_chunk(event)
+            result = MagiOutput(seed=inputs.seed, latents=torch.cat(latents_out, dim=2), fps=s.fps)
+            if writer is not None:
+                result.path = str(writer.close())
+                result.num_frames = frames_done
+            elif frames_out:
+                result.frames = np.concatenate(frames_out, axis=0)
+                result.num_frames = result.frames.shape[0]
+            return result
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+
+    # ------------------------------------------------------------------------------------------------ pieces
+    @torch.no_grad()
+    def prepare(self, inputs: GenerationInputs, *, prompt_embeds=None, prompt_attention_mask=None,
+                latents: torch.Tensor | None = None) -> SamplerState:
+        """Everything before the first model call: prefix encode, plan, captions, noise. Returns the sampler state."""
         device = self.device
         dit_cfg = self.dit.config
 
@@ -320,39 +367,8 @@ class MagiPipeline:
             prefix=prefix, num_layers=dit_cfg.num_layers, cache_dtype=self.dit.compute_dtype, cache_device=device,
         )
 
-        # 4. run; decode and hand out each chunk as it becomes final
-        writer = None
-        if inputs.output_type == "mp4":
-            path = Path(output_path) if output_path is not None else Path(f"magi-{inputs.seed}.mp4")
-            writer = Mp4Writer(path, inputs.width, inputs.height, fps=s.fps)
-        latents_out, frames_out, frames_done = [], [], 0
-        try:
-            for chunk in self._chunks(state, callback_on_step):
-                frames = None if inputs.output_type == "latent" else self.decode_chunk(chunk)
-                event = ChunkEvent(chunk.index, state.chunks_total, chunk.latents, frames, frames_done)
-                if frames is not None:
-                    frames_done += frames.shape[0]
-                    if writer is not None:
-                        writer.append(frames)
-                    else:
-                        frames_out.append(frames)
-                latents_out.append(chunk.latents)
-                if callback_on_chunk is not None:
-                    callback_on_chunk(event)
-            result = MagiOutput(seed=inputs.seed, latents=torch.cat(latents_out, dim=2), fps=s.fps)
-            if writer is not None:
-                result.path = str(writer.close())
-                result.num_frames = frames_done
-            elif frames_out:
-                result.frames = np.concatenate(frames_out, axis=0)
-                result.num_frames = result.frames.shape[0]
-            return result
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            raise
+        return state
 
-    # ------------------------------------------------------------------------------------------------ pieces
     def _chunks(self, state, callback_on_step):
         while not state.done:
             chunk = sampler_step(self.dit, state)

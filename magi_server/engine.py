@@ -1,0 +1,326 @@
+"""The engine: one thread that owns the GPU, driving the scheduler and the executor in a loop.
+
+Each round is *schedule -> execute -> update* (vLLM v1): the scheduler decides which jobs to free, prefill and
+step together; the executor runs that on the device; the outcomes go back to the scheduler, and every change
+becomes an :class:`EngineEvent` handed to ``on_event`` (the HTTP layer persists it and tells streaming clients).
+Other threads only talk to the engine through :meth:`Engine.submit` / :meth:`Engine.cancel` (an inbox) and read a
+few counters; they never touch the scheduler or a tensor.
+
+Admission: :meth:`try_reserve` holds a queue slot before the HTTP layer stores a job, so a full queue is refused
+(429) before anything is written; jobs recovered from the store after a restart bypass the bound.
+Failure handling: bad input found during prefill fails that job; running out of device memory fails the jobs of
+that step and the engine goes on; any other exception fails the jobs involved, and an error that leaves the device
+unusable (a CUDA error other than out-of-memory) stops the loop so readiness turns false and a supervisor restarts
+the process.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from magi_server.params import GenerationParams
+from magi_server.scheduler import Request, Scheduler, StepPlan, estimate_request_bytes
+from magi_server.video import InputError
+
+log = logging.getLogger("magi_server.engine")
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    kind: str  # "started" | "progress" | "chunk" | "finished" | "failed" | "cancelled"
+    job_id: str
+    chunks_done: int = 0
+    chunks_total: int = 0
+    chunk_index: int | None = None
+    preview: str | None = None  # file name of the finished chunk's frames (streaming)
+    output: str | None = None
+    num_frames: int = 0
+    inference_ms: int | None = None
+    error: str = ""
+    error_code: str = ""
+
+
+class QueueFullError(Exception):
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"the queue is full; retry in {retry_after_s:.0f} s")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class _Submit:
+    job_id: str
+    params: GenerationParams
+    timeout_s: float | None
+    reserved: bool
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    job_id: str
+
+
+class Engine:
+    def __init__(
+        self,
+        executor,
+        *,
+        on_event: Callable[[EngineEvent], None],
+        max_queue: int = 64,
+        memory_budget_bytes: int = 1 << 62,
+        max_batch_size: int = 4,
+        job_timeout_s: float | None = None,
+        retry_after_s: float = 10.0,
+        idle_wait_s: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.executor = executor
+        self.on_event = on_event
+        self.max_queue = max_queue
+        self.job_timeout_s = job_timeout_s
+        self.retry_after_s = retry_after_s
+        self.idle_wait_s = idle_wait_s
+        self.clock = clock
+        # the queue bound is enforced by reservations; the scheduler itself must accept recovered jobs too
+        self._scheduler = Scheduler(
+            max_waiting=1 << 30, memory_budget_bytes=memory_budget_bytes, max_batch_size=max_batch_size, clock=clock,
+            retry_after_s=retry_after_s,
+        )
+        self._inbox: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._reserved = 0  # queue slots held by submits that are not yet admitted
+        self._waiting_reserved: set[str] = set()
+        self._positions: dict[str, int] = {}
+        self._running: set[str] = set()
+        self._params: dict[str, GenerationParams] = {}  # jobs the scheduler holds (engine thread only)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._heartbeat = clock()
+        self.dead_reason: str | None = None
+        self.steps_run = 0
+        self.last_batch_size = 0
+
+    # ------------------------------------------------------------------------------------------- other threads
+    def try_reserve(self) -> None:
+        """Hold a queue slot for a submit about to be stored; raises QueueFullError when the queue is full."""
+        with self._lock:
+            if self._reserved >= self.max_queue:
+                raise QueueFullError(self.retry_after_s)
+            self._reserved += 1
+
+    def unreserve(self) -> None:
+        with self._lock:
+            self._reserved = max(0, self._reserved - 1)
+
+    def submit(self, job_id: str, params: GenerationParams, *, reserved: bool, timeout_s: float | None = None) -> None:
+        """Hand a stored job to the engine (``reserved``: it holds a slot from :meth:`try_reserve`)."""
+        with self._lock:
+            if reserved:
+                self._waiting_reserved.add(job_id)
+            self._positions[job_id] = len(self._positions)
+        self._inbox.put(_Submit(job_id, params, timeout_s if timeout_s is not None else self.job_timeout_s, reserved))
+
+    def cancel(self, job_id: str) -> None:
+        self._inbox.put(_Cancel(job_id))
+
+    def queue_position(self, job_id: str) -> int | None:
+        """0-based place among the jobs not yet running (a snapshot refreshed every round)."""
+        with self._lock:
+            return self._positions.get(job_id)
+
+    @property
+    def queue_depth(self) -> int:
+        with self._lock:
+            return len(self._positions)
+
+    @property
+    def running_count(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    def alive(self, max_silence_s: float = 60.0) -> bool:
+        """The loop thread runs and finished a round recently (a long model call counts as activity)."""
+        if self.dead_reason is not None or self._thread is None or not self._thread.is_alive():
+            return False
+        return self.clock() - self._heartbeat < max_silence_s
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="magi-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -------------------------------------------------------------------------------------------- engine thread
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._heartbeat = self.clock()
+                self._drain_inbox(block=not self._scheduler.has_work)
+                if self._stop.is_set():
+                    break
+                plan = self._scheduler.schedule()
+                self._execute(plan)
+                self._refresh_positions()
+        except _DeviceLost as exc:
+            self.dead_reason = str(exc)
+            log.critical("engine stopped: %s", exc)
+        except Exception as exc:  # a bug in the loop itself: stop serving rather than hang silently
+            self.dead_reason = f"engine loop crashed: {exc!r}"
+            log.exception("engine loop crashed")
+
+    def _drain_inbox(self, block: bool) -> None:
+        timeout = self.idle_wait_s if block else 0.0
+        while True:
+            try:
+                item = self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            timeout = 0.0
+            if item is None:
+                return
+            if isinstance(item, _Submit):
+                self._admit(item)
+            elif isinstance(item, _Cancel):
+                self._cancel(item.job_id)
+
+    def _admit(self, item: _Submit) -> None:
+        try:
+            est = estimate_request_bytes(**self.executor.memory_facts(item.params))
+            deadline = None if item.timeout_s is None else self.clock() + item.timeout_s
+            self._scheduler.add(Request(item.job_id, item.params.shape_key(), self.clock(), deadline=deadline,
+                                        est_bytes=est))
+            self._params[item.job_id] = item.params
+        except Exception as exc:  # e.g. larger than the whole memory budget: it can never run
+            self._release_reservation(item.job_id)
+            self._forget(item.job_id)
+            self._emit(EngineEvent("failed", item.job_id, error=str(exc), error_code="invalid_input"))
+
+    def _cancel(self, job_id: str) -> None:
+        request = self._scheduler.get(job_id)
+        if request is None:
+            return
+        if self._scheduler.cancel(job_id):
+            log.info("cancel requested for job %s", job_id)
+
+    def _execute(self, plan: StepPlan) -> None:
+        for job_id, reason in plan.failed:
+            self._release_reservation(job_id)
+            self._forget(job_id)
+            if reason == "cancelled":
+                self._emit(EngineEvent("cancelled", job_id, error="cancelled by the client", error_code="cancelled"))
+            else:
+                self._emit(EngineEvent("failed", job_id, error=f"job {reason}: exceeded its time limit"
+                                       if reason == "timeout" else reason, error_code=reason))
+        for job_id in plan.release:
+            # finished, failed or cancelled jobs: every ending was reported when it happened; free the tensors
+            self.executor.release(job_id)
+            self._forget(job_id)
+        for job_id in plan.prefill:
+            self._prefill(job_id)
+        if plan.step:
+            self._step(list(plan.step))
+
+    def _prefill(self, job_id: str) -> None:
+        self._release_reservation(job_id)
+        params = self._params.get(job_id)
+        with self._lock:
+            self._running.add(job_id)
+            self._positions.pop(job_id, None)
+        self._emit(EngineEvent("started", job_id))
+        try:
+            info = self.executor.prefill(job_id, params)
+        except Exception as exc:
+            code, message = self._classify(exc)
+            self._scheduler.on_prefill_failed(job_id, code)
+            self._emit(EngineEvent("failed", job_id, error=message, error_code=code))
+            self._raise_if_fatal(exc)
+            return
+        self._scheduler.on_prefilled(job_id, info.batch_key, info.calls_total, info.chunks_total)
+        self._emit(EngineEvent("progress", job_id, chunks_done=0, chunks_total=info.chunks_total))
+
+    def _step(self, job_ids: list[str]) -> None:
+        self.last_batch_size = len(job_ids)
+        self.steps_run += 1
+        try:
+            chunks = self.executor.step(job_ids)
+        except Exception as exc:
+            code, message = self._classify(exc)
+            self._scheduler.on_step_failed(job_ids, code)
+            for job_id in job_ids:
+                self._emit(EngineEvent("failed", job_id, error=message, error_code=code))
+            if code == "oom":
+                self.executor.empty_device_cache()
+            self._raise_if_fatal(exc)
+            return
+        finished_chunks = {c.job_id: 1 for c in chunks}
+        finished = self._scheduler.on_step_done(job_ids, finished_chunks)
+        for c in chunks:
+            self._emit(EngineEvent("chunk", c.job_id, chunks_done=c.chunk_index + 1, chunks_total=c.chunks_total,
+                                   chunk_index=c.chunk_index, preview=c.preview, num_frames=c.frames_total))
+        for job_id in finished:
+            try:
+                result = self.executor.finish(job_id)
+            except Exception as exc:
+                code, message = self._classify(exc)
+                self._emit(EngineEvent("failed", job_id, error=message, error_code=code))
+                self._raise_if_fatal(exc)
+                continue
+            progress = self._scheduler.progress(job_id) or (0, 0)
+            self._emit(EngineEvent("finished", job_id, chunks_done=progress[0], chunks_total=progress[1],
+                                   output=result.output, num_frames=result.num_frames,
+                                   inference_ms=result.inference_ms))
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _classify(exc: Exception) -> tuple[str, str]:
+        if isinstance(exc, InputError):
+            return "invalid_input", str(exc)
+        name = type(exc).__name__
+        if name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+            return "oom", "the GPU ran out of memory for this job; try fewer frames, a lower resolution or fewer steps"
+        return "internal", f"internal error ({name}); see the server log"
+
+    @staticmethod
+    def _raise_if_fatal(exc: Exception) -> None:
+        text = str(exc)
+        if "CUDA error" in text and "out of memory" not in text.lower():
+            raise _DeviceLost(f"device error: {text}") from exc
+        log.exception("job failed", exc_info=exc)
+
+    def _release_reservation(self, job_id: str) -> None:
+        with self._lock:
+            if job_id in self._waiting_reserved:
+                self._waiting_reserved.discard(job_id)
+                self._reserved = max(0, self._reserved - 1)
+
+    def _forget(self, job_id: str) -> None:
+        with self._lock:
+            self._positions.pop(job_id, None)
+            self._running.discard(job_id)
+        self._params.pop(job_id, None)
+
+    def _refresh_positions(self) -> None:
+        waiting = []
+        for job_id in list(self._params):
+            position = self._scheduler.queue_position(job_id)
+            if position is not None:
+                waiting.append((position, job_id))
+        with self._lock:
+            self._positions = {job_id: i for i, (_, job_id) in enumerate(sorted(waiting))}
+
+    def _emit(self, event: EngineEvent) -> None:
+        try:
+            self.on_event(event)
+        except Exception:  # the listener is the HTTP layer; its failure must not stop the GPU loop
+            log.exception("event listener failed for %s", event)
+
+
+class _DeviceLost(RuntimeError):
+    pass
