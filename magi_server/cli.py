@@ -1,12 +1,16 @@
-"""Command-line entry point and composition root: ``magi-server download`` (more commands join as they land).
+"""Command-line entry point and composition root: ``magi-server download`` and ``magi-server generate`` (more
+commands join as they land).
 
 This is the one place that reads environment variables; everything below it takes explicit arguments.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import sys
+from pathlib import Path
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
@@ -18,6 +22,148 @@ def _cmd_download(args: argparse.Namespace) -> int:
     except DownloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+GENERATE_EPILOG = """\
+output size (width x height; every side a multiple of 16, the DiT's patch):
+  --resolution  --aspect-ratio   16:9        9:16        1:1
+  480p                           832x480     480x832     624x624
+  720p                           1280x720    720x1280    960x960
+  --aspect-ratio auto (the default) picks the nearest of the three to the --image's shape, else 16:9.
+  --width W --height H instead of --resolution sets any size; with neither, the model config's default size
+  is used (the tiny preset: 128x128, so a laptop CPU finishes in seconds).
+
+batch (--batch FILE.jsonl --out-dir DIR): one JSON object per line with
+  prompt (string or list of strings, required), image, video, frames (or num_frames), resolution,
+  aspect_ratio, width, height, steps (or num_inference_steps), seed, output (a file name in DIR, default
+  <line number as 4 digits>.mp4, e.g. 0007.mp4).
+  Relative image/video paths are read from the JSONL file's folder. --frames, --steps, --resolution,
+  --aspect-ratio, --width/--height given on the command line are defaults for lines that do not set them.
+  Lines whose output file exists are skipped (finished files are renamed into place, so they are complete):
+  rerun the same command to resume. A bad line is reported and the rest go on; DIR/batch_report.json lists
+  every line (done / skipped / failed, seed, error). Exit code 0 when no line failed, 1 otherwise.
+
+exit codes: 0 done, 1 generation failed (or a batch line failed), 2 bad input (before any model work where
+possible; stderr says "error: <parameter>: <message>").
+"""
+
+# The flags that describe one video; their argparse names are the field names a JSONL batch line uses.
+_JOB_FLAGS = ("frames", "resolution", "aspect_ratio", "width", "height", "steps")
+
+
+def _cache_dir(flag: str | None) -> Path:
+    if flag:
+        return Path(flag).expanduser()
+    env = os.environ.get("MAGI_SERVER_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "magi-server"
+
+
+def _device(flag: str | None) -> str:
+    import torch
+
+    from magi_server.video import InputError
+
+    if flag is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", flag):
+        raise InputError("device", f"must be cpu, cuda or cuda:N, got {flag!r}")
+    if flag.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device", "CUDA is not available here; use --device cpu")
+    return flag
+
+
+def _load_pipeline(args: argparse.Namespace, config, device: str):
+    from magi_server.pipeline import MagiPipeline
+
+    # config is the MagiConfig already read (and checked) from --config: passed as an object, not re-read
+    return MagiPipeline.from_pretrained(
+        args.model, config=config if args.config else None, device=device, cache_dir=_cache_dir(args.cache_dir)
+    )
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from magi_server.batch import model_config, parse_job
+    from magi_server.video import InputError
+
+    # The library logs through `logging` (the tiny-preset notice is a warning); show it as a plain line.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    flags = {name: getattr(args, name) for name in _JOB_FLAGS if getattr(args, name) is not None}
+    progress = not args.no_progress
+    job = None
+    try:
+        if args.batch is not None:
+            for flag, value in (("prompt", args.prompt), ("image", args.image), ("video", args.video),
+                                ("seed", args.seed), ("output", args.output)):
+                if value is not None:
+                    raise InputError(flag, "not with --batch: put it in the JSONL lines")
+            if args.out_dir is None:
+                raise InputError("out_dir", "required with --batch")
+            if not Path(args.batch).is_file():
+                raise InputError("batch", f"file not found: {args.batch!r}")
+        else:
+            if args.out_dir is not None:
+                raise InputError("out_dir", "only with --batch; use -o for one video")
+            fields = dict(flags, prompt=args.prompt, image=args.image, video=args.video, seed=args.seed)
+            fields = {k: v for k, v in fields.items() if v is not None}
+            if args.output is not None and (Path(args.output).is_dir() or not args.output.strip()):
+                raise InputError("output", f"must be a file path, got {args.output!r}")
+        config = model_config(args.model, args.config)
+        if args.batch is not None:
+            # the batch-wide defaults are checked once here rather than failing every line the same way
+            parse_job(dict(flags, prompt="defaults check"), config)
+        else:
+            job = parse_job(fields, config)
+        device = _device(args.device)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    def load():
+        return _load_pipeline(args, config, device)
+
+    try:
+        return _generate(args, config, flags, job, load, progress)
+    except KeyboardInterrupt:
+        # the MP4 writer has already removed its temporary file; a batch has written its report
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _generate(args: argparse.Namespace, config, flags: dict, job, load, progress: bool) -> int:
+    """The part after the cheap checks: load the model once, then one video (``job``) or the batch."""
+    from magi_server.batch import run_batch, run_job
+    from magi_server.video import InputError
+
+    if args.batch is not None:
+        try:
+            summary = run_batch(Path(args.batch), Path(args.out_dir), config, load, defaults=flags,
+                                model=args.model, progress=progress)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: model: {exc}", file=sys.stderr)
+            return 2
+        return summary.exit_code
+
+    output = Path(args.output) if args.output is not None else Path(f"magi-{job.seed}.mp4")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        pipe = load()
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: model: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = run_job(pipe, job, output, progress=progress)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - one line instead of a traceback; the cause is in the message
+        print(f"error: generation failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {result.path}: {result.num_frames} frames, {job.width}x{job.height}, {result.fps} fps, "
+          f"seed {result.seed}")
     return 0
 
 
@@ -34,6 +180,41 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--skip-t5", action="store_true", help="do not download the 19 GB T5-XXL encoder")
     dl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the hub before giving up")
     dl.set_defaults(func=_cmd_download)
+
+    gen = sub.add_parser(
+        "generate", help="generate a video (or a JSONL batch of them) offline, without the server",
+        description="Generate one video from flags, or many from a JSONL file (--batch), and write MP4s.",
+        epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    one = gen.add_argument_group("one video")
+    one.add_argument("--prompt", action="append", metavar="TEXT",
+                     help="the prompt; repeat it for chunk-wise prompts: prompt i from chunk i on, the last one for "
+                          "the rest (a chunk is 24 frames, 1 s)")
+    one.add_argument("--image", metavar="PATH|URL", help="first frame: image-to-video (PNG, JPEG or WebP)")
+    one.add_argument("--video", metavar="PATH|URL", help="prefix video: video-to-video (its first 32 frames)")
+    one.add_argument("--seed", type=int, metavar="N", help="random seed (default: random; printed at the end)")
+    one.add_argument("-o", "--output", metavar="PATH", help="MP4 to write (default: magi-<seed>.mp4)")
+    opts = gen.add_argument_group("video options (with --batch: defaults for lines that do not set them)")
+    opts.add_argument("--frames", type=int, metavar="N", help="frames at 24 fps (default: the model config's)")
+    opts.add_argument("--resolution", metavar="{480p,720p}", help="output size preset (see the table below)")
+    opts.add_argument("--aspect-ratio", metavar="{16:9,9:16,1:1,auto}", help="with --resolution (default: auto)")
+    opts.add_argument("--width", type=int, metavar="W", help="output width, a multiple of 16 (with --height)")
+    opts.add_argument("--height", type=int, metavar="H", help="output height, a multiple of 16 (with --width)")
+    opts.add_argument("--steps", type=int, metavar="N", help="sampling steps (default: the model config's)")
+    bat = gen.add_argument_group("batch")
+    bat.add_argument("--batch", metavar="FILE.jsonl", help="generate every line of a JSONL file (see below)")
+    bat.add_argument("--out-dir", metavar="DIR", help="where --batch writes its MP4s and batch_report.json")
+    mod = gen.add_argument_group("model")
+    mod.add_argument("--model", default="tiny", metavar="PRESET|DIR",
+                     help="weights folder (from magi-server download) or 'tiny' (default: tiny, random weights)")
+    mod.add_argument("--config", metavar="JSON", help="reference-style MAGI-1 config overriding the folder's")
+    mod.add_argument("--device", metavar="{cpu,cuda}",
+                     help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    mod.add_argument("--cache-dir", metavar="DIR",
+                     help="where the tiny preset's weights are kept "
+                          "(default: $MAGI_SERVER_CACHE or ~/.cache/magi-server)")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bars")
+    gen.set_defaults(func=_cmd_generate)
     return parser
 
 

@@ -538,6 +538,16 @@ def resize_image(image: np.ndarray, width: int, height: int, *, param: str = "im
     return np.frombuffer(out, dtype=np.uint8).reshape(height, width, 3).copy()
 
 
+def encode_png(image: np.ndarray, *, param: str = "image") -> bytes:
+    """PNG bytes of an (H, W, 3) uint8 RGB image (lossless: a stored input decodes to the same pixels)."""
+    image = _check_image_array(image, param)
+    h, w = image.shape[:2]
+    args = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-video_size", f"{w}x{h}", "-i", "pipe:0", "-frames:v", "1",
+            "-c:v", "png", "-pix_fmt", "rgb24", "-f", "image2pipe", "pipe:1"]
+    return _run_ffmpeg(args, stdin=np.ascontiguousarray(image).tobytes(), timeout_s=_IMAGE_DECODE_TIMEOUT_S,
+                       param=param, what="image", max_pixels=w * h)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Videos
 # --------------------------------------------------------------------------------------------------------------------

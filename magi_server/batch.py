@@ -1,0 +1,504 @@
+"""Offline generation for ``magi-server generate``: one video from command-line flags, or a JSONL batch of them.
+
+Owns:
+
+* the output-size rules (:data:`RESOLUTIONS`, :func:`resolve_size`): ``resolution`` + ``aspect_ratio``, or an
+  explicit ``width`` and ``height``, or the model config's default size;
+* turning a mapping of user fields into a checked :class:`Job` (:func:`parse_job`). The CLI flags and every JSONL
+  line go through this one function, so a batch line accepts exactly what the flags accept and fails the same way;
+* the cheap checks that need only the model config, done before any model is loaded (a typo must not cost a
+  model load): sizes, frame and step counts, seeds, prompt counts, that local input files exist;
+* running a job with a progress bar (:func:`run_job`) and running a whole batch, resumably, with a report
+  (:func:`run_batch`).
+
+Every problem with user input raises or records :class:`~magi_server.video.InputError`, whose message starts with
+the field name. Nothing here reads environment variables: the CLI (the composition root) passes everything in.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TextIO
+
+from magi_server.config import RESOLUTION_SIZES
+from magi_server.video import InputError
+
+# (width, height) per resolution and aspect ratio. Every side is a multiple of 16 (the DiT patches 16x16 pixels),
+# which is why 480p 16:9 is 832x480 rather than 848x480 (spec §11.1).
+# one size table for the CLI and the server (config.RESOLUTION_SIZES: equal pixel area within a tier)
+RESOLUTIONS: Mapping[str, Mapping[str, tuple[int, int]]] = MappingProxyType({
+    tier: MappingProxyType({aspect: RESOLUTION_SIZES[(tier, aspect)] for aspect in ("16:9", "9:16", "1:1")})
+    for tier in ("480p", "720p")
+})
+ASPECT_RATIOS = ("16:9", "9:16", "1:1", "auto")
+_ASPECT_VALUES = MappingProxyType({"16:9": 16 / 9, "9:16": 9 / 16, "1:1": 1.0})
+
+# The fields a JSONL line (or the CLI, under the same names) may carry. Unknown fields are refused: a misspelt
+# "frame" silently ignored would produce a video of the wrong length without a word.
+FIELDS = (
+    "prompt", "image", "video", "frames", "num_frames", "resolution", "aspect_ratio", "width", "height", "steps",
+    "num_inference_steps", "seed", "output",
+)
+SIZE_FIELDS = ("resolution", "aspect_ratio", "width", "height")
+# A line that sets any field of a group replaces the batch-wide defaults of the whole group (a line giving
+# width/height must not be combined with a default --resolution into a conflict the line's author never wrote).
+_DEFAULT_GROUPS = (SIZE_FIELDS, ("frames", "num_frames"), ("steps", "num_inference_steps"))
+
+REPORT_NAME = "batch_report.json"
+RANDOM_SEED_BOUND = 2**31  # the pipeline draws random seeds below this too
+
+
+@dataclass(frozen=True)
+class Job:
+    """One checked request: everything the pipeline needs, nothing loaded yet."""
+
+    prompts: tuple[str, ...]
+    image: str | None
+    video: str | None
+    num_frames: int
+    width: int
+    height: int
+    steps: int
+    seed: int  # drawn here when the user gave none, so that it can be reported even if the run fails
+
+
+@dataclass
+class LineResult:
+    """What happened to one batch line (one entry of the report)."""
+
+    line: int
+    status: str  # "done", "skipped" or "failed"
+    output: str | None = None
+    seed: int | None = None
+    frames: int | None = None
+    width: int | None = None
+    height: int | None = None
+    seconds: float | None = None
+    param: str | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    done: int
+    skipped: int
+    failed: int
+    report: Path
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+# ------------------------------------------------------------------------------------------------------- models
+
+
+def model_config(model: str, config: str | os.PathLike | None = None):
+    """The MagiConfig ``MagiPipeline.from_pretrained(model, config)`` will use, read without loading any weights.
+
+    Raises InputError("model" / "config", ...) for what from_pretrained would refuse, so that the CLI can stop
+    before the slow part.
+    """
+    from magi_server.config import PRESET_NAMES, MagiConfig, canonical_preset_name, preset
+    from magi_server.loading import CheckpointError, resolve_model_folder
+
+    loaded = None
+    if config is not None:
+        if not Path(config).is_file():
+            raise InputError("config", f"file not found: {str(config)!r}")
+        try:
+            loaded = MagiConfig.from_json(config)
+        except (ValueError, TypeError, KeyError, OSError) as exc:
+            raise InputError("config", str(exc)) from None
+    folder = Path(model)
+    if folder.exists():
+        try:
+            return resolve_model_folder(folder, loaded)
+        except (CheckpointError, ValueError, OSError) as exc:
+            raise InputError("model", str(exc)) from None
+    name = canonical_preset_name(model)
+    if name == "tiny":
+        return loaded if loaded is not None else preset("tiny")
+    if name is not None:
+        raise InputError(
+            "model",
+            f"weights for {name} not found at {model!r}: run `magi-server download {name}` and pass the folder it "
+            f"prints (e.g. --model weights/{name.replace('-', '_')})",
+        )
+    raise InputError("model", f"{model!r} is neither a weights folder nor a preset ({', '.join(PRESET_NAMES)})")
+
+
+# ------------------------------------------------------------------------------------------------------- sizes
+
+
+def nearest_aspect(width: int, height: int) -> str:
+    """The one of 16:9, 9:16, 1:1 closest to width:height (compared as ratios on a log scale)."""
+    ratio = width / height
+    return min(_ASPECT_VALUES, key=lambda name: abs(math.log(ratio / _ASPECT_VALUES[name])))
+
+
+def resolve_size(
+    fields: Mapping[str, Any], default: tuple[int, int], image_size: Callable[[], tuple[int, int]] | None = None
+) -> tuple[int, int]:
+    """(width, height) from the size fields.
+
+    ``width`` + ``height`` (both, multiples of 16) win; else ``resolution`` (480p / 720p) with ``aspect_ratio``
+    (default auto: the image's nearest aspect when ``image_size`` is given, else 16:9) looks up
+    :data:`RESOLUTIONS`; else ``default`` (the model config's size). ``image_size`` returns the input image's
+    (width, height) and is only called for aspect "auto", since it may decode or download the image.
+    """
+    from magi_server.pipeline import MAX_SIDE
+
+    resolution, aspect = fields.get("resolution"), fields.get("aspect_ratio")
+    width, height = fields.get("width"), fields.get("height")
+    if width is not None or height is not None:
+        if resolution is not None:
+            raise InputError("resolution", "give either resolution (with aspect_ratio) or width and height, not both")
+        if aspect is not None:
+            raise InputError("aspect_ratio", "only applies with resolution; width and height already fix the shape")
+        if width is None or height is None:
+            raise InputError("height" if height is None else "width", "give both width and height")
+        size = []
+        for name, value in (("width", width), ("height", height)):
+            value = _int(name, value, 16, MAX_SIDE)
+            if value % 16:
+                raise InputError(name, f"must be a multiple of 16 (the DiT patches 16x16 pixels), got {value}")
+            size.append(value)
+        return size[0], size[1]
+    if resolution is None:
+        if aspect is not None:
+            raise InputError("aspect_ratio", f"only applies with resolution ({', '.join(RESOLUTIONS)})")
+        return default
+    key = resolution.lower() if isinstance(resolution, str) else resolution
+    if key not in RESOLUTIONS:
+        raise InputError("resolution", f"must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
+    aspect = "auto" if aspect is None else aspect
+    if aspect not in ASPECT_RATIOS:
+        raise InputError("aspect_ratio", f"must be one of {', '.join(ASPECT_RATIOS)}, got {aspect!r}")
+    if aspect == "auto":
+        aspect = nearest_aspect(*image_size()) if image_size is not None else "16:9"
+    return RESOLUTIONS[key][aspect]
+
+
+# --------------------------------------------------------------------------------------------------------- jobs
+
+
+def parse_job(fields: Mapping[str, Any], config, *, base_dir: Path | None = None) -> Job:
+    """Check one request's fields against ``config`` (a MagiConfig) and return the Job; raises InputError.
+
+    ``base_dir``: relative image / video paths are taken from there (a batch's own folder) instead of the
+    working directory. URLs and data: URIs are not fetched here, only by the pipeline (except for
+    aspect_ratio "auto", which needs the image's size).
+    """
+    from magi_server.chunking import chunk_layout
+    from magi_server.pipeline import MAX_FRAMES, MAX_SEED
+    from magi_server.runner import SamplerSettings
+
+    unknown = [k for k in fields if k not in FIELDS]
+    if unknown:
+        raise InputError(str(unknown[0]), f"unknown field; a request may have {', '.join(FIELDS)}")
+    s = config.sampling
+
+    prompts = _prompts(fields.get("prompt"))
+    image = _source("image", fields.get("image"), base_dir)
+    video = _source("video", fields.get("video"), base_dir)
+    if image is not None and video is not None:
+        raise InputError("video", "give either image (image-to-video) or video (video-to-video), not both")
+
+    frames_key = _alias(fields, "frames", "num_frames")
+    frames = _int(frames_key, fields.get(frames_key, s.num_frames), 1, MAX_FRAMES)
+    if image is None and video is None and frames < s.temporal_downsample_factor:
+        raise InputError(frames_key, f"must be at least {s.temporal_downsample_factor} for text-to-video, got {frames}")
+
+    steps_key = _alias(fields, "steps", "num_inference_steps")
+    steps = _int(steps_key, fields.get(steps_key, s.num_steps), 1, 1000)
+    problem = SamplerSettings.from_config(config, num_steps=steps).step_problem()
+    if problem:
+        raise InputError(steps_key, f"{steps} {problem}")
+
+    width, height = resolve_size(
+        fields, (s.video_size_w, s.video_size_h), (lambda: _image_size(image)) if image is not None else None
+    )
+
+    # The pipeline checks this only after encoding the image; for t2v and i2v the chunk count is known now. (For
+    # v2v it depends on the decoded video's length, so the pipeline is left to judge.)
+    if video is None and len(prompts) > 1:
+        layout = chunk_layout(frames, 1 if image is not None else 0, s.chunk_width, s.temporal_downsample_factor)
+        if len(prompts) > layout.num_denoised_chunks:
+            raise InputError(
+                "prompt",
+                f"{len(prompts)} prompts for a video of {layout.num_denoised_chunks} chunks "
+                f"({s.chunk_width * s.temporal_downsample_factor} frames each); give at most one per chunk",
+            )
+
+    seed = fields.get("seed")
+    random_seed = seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed == -1)
+    seed = secrets.randbelow(RANDOM_SEED_BOUND) if random_seed else _int("seed", seed, 0, MAX_SEED, random=True)
+    return Job(prompts, image, video, frames, width, height, steps, seed)
+
+
+def run_job(pipe, job: Job, output: Path, *, progress: bool = True, position: int = 0, leave: bool = True,
+            desc: str = "sampling"):
+    """Generate ``job`` into ``output`` (an MP4), with a tqdm bar over the sampler's model calls."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit="call", desc=desc, position=position, leave=leave, disable=not progress,
+               dynamic_ncols=True)
+
+    def on_step(done: int, total: int) -> None:
+        # The call count depends on the chunk plan, which only the pipeline computes; take it from the first call.
+        if bar.total != total:
+            bar.total = total
+            bar.refresh()
+        bar.update(done - bar.n)
+
+    prompt = job.prompts[0] if len(job.prompts) == 1 else list(job.prompts)
+    try:
+        return pipe(
+            prompt, image=job.image, video=job.video, num_frames=job.num_frames, height=job.height, width=job.width,
+            num_inference_steps=job.steps, seed=job.seed, output_type="mp4", output_path=output,
+            callback_on_step=on_step,
+        )
+    finally:
+        bar.close()
+
+
+# -------------------------------------------------------------------------------------------------------- batch
+
+
+def run_batch(
+    batch_file: Path,
+    out_dir: Path,
+    config,
+    load_pipeline: Callable[[], Any],
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    model: str | None = None,
+    progress: bool = True,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> BatchSummary:
+    """Run every line of a JSONL file into ``out_dir``; returns the counts (the report is written to out_dir).
+
+    Each non-blank line is a JSON object with the :data:`FIELDS` (``output``: a file name inside ``out_dir``,
+    default ``<line number, 4 digits>.mp4``). A line whose output already exists is skipped: the pipeline's writer
+    renames a finished file into place, so an existing output is complete and a rerun resumes an interrupted
+    batch. A bad line is reported with its number and the run goes on. ``defaults`` (the CLI's size / frames /
+    steps flags) apply to lines that do not set that group themselves. ``load_pipeline`` is called once, and
+    only if some line needs generating. Raises InputError for a batch file that cannot be read at all.
+    """
+    from tqdm import tqdm
+
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    defaults = dict(defaults or {})
+    lines = _read_batch(batch_file)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report_path = out_dir / REPORT_NAME
+    previous_seeds = _previous_seeds(report_path)
+
+    results: list[LineResult] = []
+    pending: list[tuple[int, Job, str]] = []
+    claimed: dict[str, int] = {}
+
+    def fail(number: int, exc: Exception, output: str | None = None, seed: int | None = None) -> None:
+        param = getattr(exc, "param", None)
+        message = str(exc) if isinstance(exc, (InputError, _LineError)) else f"{type(exc).__name__}: {exc}"
+        results.append(LineResult(number, "failed", output=output, seed=seed, param=param, error=message))
+        tqdm.write(f"line {number}: {message}", file=stderr)
+
+    # Pass 1: parse and check every line, no model needed. A batch that is already complete loads nothing.
+    for number, text in lines:
+        if isinstance(text, str) and not text.strip():
+            continue
+        name = None
+        try:
+            if isinstance(text, UnicodeDecodeError):
+                raise _LineError(f"not UTF-8 text ({text.reason} at byte {text.start})")
+            try:
+                fields = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise _LineError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(fields, dict):
+                raise _LineError(f"must be a JSON object, got {type(fields).__name__}")
+            name = _output_name(fields.get("output"), number)
+            if name in claimed:
+                raise InputError("output", f"{name} is also the output of line {claimed[name]}")
+            claimed[name] = number
+            if (out_dir / name).exists():
+                results.append(LineResult(number, "skipped", output=name, seed=previous_seeds.get(name)))
+                continue
+            request = _with_defaults(defaults, {k: v for k, v in fields.items() if k != "output"})
+            pending.append((number, parse_job(request, config, base_dir=batch_file.parent), name))
+        except (InputError, _LineError) as exc:
+            fail(number, exc, output=name)
+
+    total = len(results) + len(pending)
+    bar = tqdm(total=total, initial=len(results), unit="video", desc="batch", position=0, disable=not progress,
+               dynamic_ncols=True)
+    try:
+        if pending:
+            pipe = load_pipeline()
+        for number, job, name in pending:
+            started = time.monotonic()
+            try:
+                out = run_job(pipe, job, out_dir / name, progress=progress, position=1, leave=False,
+                              desc=f"line {number}")
+            except InputError as exc:
+                fail(number, exc, output=name, seed=job.seed)
+            except Exception as exc:  # noqa: BLE001 - one line's crash (OOM, encoder failure) must not end the batch
+                fail(number, exc, output=name, seed=job.seed)
+            else:
+                results.append(LineResult(
+                    number, "done", output=name, seed=out.seed, frames=out.num_frames, width=job.width,
+                    height=job.height, seconds=round(time.monotonic() - started, 3),
+                ))
+            bar.update(1)
+    finally:
+        # Also on Ctrl-C: what finished so far is recorded, and a rerun skips it.
+        bar.close()
+        summary = _write_report(report_path, results, batch_file=batch_file, out_dir=out_dir, model=model)
+    print(f"batch: {summary.done} done, {summary.skipped} skipped, {summary.failed} failed; report: {report_path}",
+          file=stdout)
+    return summary
+
+
+class _LineError(Exception):
+    """A batch line that is not a JSON object at all (no field to blame)."""
+
+
+def _read_batch(path: Path) -> list[tuple[int, str | UnicodeDecodeError]]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError("batch", f"cannot read {str(path)!r} ({exc.strerror or exc})") from None
+    lines: list[tuple[int, str | UnicodeDecodeError]] = []
+    for number, raw in enumerate(data.splitlines(), start=1):
+        try:
+            # utf-8-sig on line 1: editors on Windows like to start a file with a byte-order mark
+            lines.append((number, raw.decode("utf-8-sig" if number == 1 else "utf-8")))
+        except UnicodeDecodeError as exc:
+            lines.append((number, exc))
+    return lines
+
+
+def _output_name(value: Any, number: int) -> str:
+    if value is None:
+        return f"{number:04d}.mp4"
+    if (
+        not isinstance(value, str) or not value.lower().endswith(".mp4") or value.startswith(".")
+        or "/" in value or "\\" in value or value.strip() != value or len(value) > 255
+    ):
+        raise InputError("output", f"must be a plain file name ending in .mp4 (written inside the out dir), "
+                                   f"got {value!r}")
+    return value
+
+
+def _with_defaults(defaults: Mapping[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(defaults)
+    for group in _DEFAULT_GROUPS:
+        if any(k in fields for k in group):
+            for k in group:
+                merged.pop(k, None)
+    merged.update(fields)
+    return merged
+
+
+def _previous_seeds(report: Path) -> dict[str, int]:
+    """Seeds of earlier runs by output name, so that a resumed batch's report still says how each video was made."""
+    try:
+        entries = json.loads(report.read_text(encoding="utf-8")).get("lines", [])
+        return {e["output"]: e["seed"] for e in entries
+                if isinstance(e.get("output"), str) and isinstance(e.get("seed"), int)}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def _write_report(path: Path, results: list[LineResult], *, batch_file: Path, out_dir: Path,
+                  model: str | None) -> BatchSummary:
+    results = sorted(results, key=lambda r: r.line)
+    counts = {status: sum(r.status == status for r in results) for status in ("done", "skipped", "failed")}
+    report = {
+        "batch": str(batch_file.resolve()),
+        "out_dir": str(out_dir.resolve()),
+        "model": model,
+        **counts,
+        "lines": [r.to_json() for r in results],
+    }
+    # Same trick as the MP4s: write beside, then rename, so a reader never sees half a report.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    try:
+        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return BatchSummary(counts["done"], counts["skipped"], counts["failed"], path)
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+
+def _int(name: str, value: Any, low: int, high: int, *, random: bool = False) -> int:
+    allowed = f"an integer in [{low}, {high}]" + (" or -1 for random" if random else "")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(name, f"must be {allowed}, got {value!r}")
+    if not low <= value <= high:
+        raise InputError(name, f"must be {allowed}, got {value}")
+    return value
+
+
+def _alias(fields: Mapping[str, Any], short: str, long: str) -> str:
+    """Which of two names for one field the request used (the short one if neither); both is an error."""
+    if short in fields and long in fields:
+        raise InputError(long, f"give either {short} or {long}, not both")
+    return long if long in fields else short
+
+
+def _prompts(value: Any) -> tuple[str, ...]:
+    if value is None:
+        raise InputError("prompt", "required: a string, or a list of strings (one per chunk, the last one repeats)")
+    prompts = (value,) if isinstance(value, str) else value
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InputError("prompt", "must be a string or a non-empty list of strings")
+    if any(not p.strip() for p in prompts):
+        raise InputError("prompt", "must not be empty")
+    return tuple(prompts)
+
+
+def _is_remote(source: str) -> bool:
+    return source.lower().startswith(("http://", "https://", "data:"))
+
+
+def _source(name: str, value: Any, base_dir: Path | None) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise InputError(name, f"must be a file path or URL, got {value!r}")
+    if _is_remote(value):
+        return value
+    path = Path(value).expanduser()
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    if not path.is_file():
+        raise InputError(name, f"file not found: {str(path)!r}")
+    return str(path)
+
+
+def _image_size(source: str) -> tuple[int, int]:
+    from magi_server.video import load_image
+
+    array = load_image(source)
+    return array.shape[1], array.shape[0]
