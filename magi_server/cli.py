@@ -167,6 +167,41 @@ def _generate(args: argparse.Namespace, config, flags: dict, job, load, progress
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from magi_server.config import ServerSettings
+    from magi_server.server import serve
+    from magi_server.video import InputError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("magi_server")
+    try:
+        device = _device(args.device)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    keys = list(args.api_key or [])
+    env_keys = os.environ.get("MAGI_SERVER_API_KEYS", "")
+    keys += [k.strip() for k in env_keys.split(",") if k.strip()]
+    tiny = str(args.model).lower() == "tiny"
+    if tiny:
+        from magi_server.tiny import TINY_NOTICE
+
+        log.warning("%s", TINY_NOTICE)
+    scale = args.resolution_scale if args.resolution_scale is not None else (0.125 if tiny else 1.0)
+    settings = ServerSettings(
+        model=args.model, host=args.host, port=args.port, db_path=args.db, outputs_dir=args.outputs,
+        public_base_url=args.public_url, api_keys=tuple(keys), device=device, max_queue=args.max_queue,
+        max_batch_size=args.max_batch, job_timeout_s=args.job_timeout or None, sync_timeout_s=args.sync_timeout,
+        resolution_scale=scale, fal_queue_port=args.fal_queue_port, fal_run_port=args.fal_run_port,
+        tls_certfile=args.tls_cert, tls_keyfile=args.tls_key, cache_dir=str(_cache_dir(args.cache_dir)),
+        max_body_bytes=args.max_body_mb * 1024 * 1024,
+    )
+    serve(settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from magi_server.download import variant_names
 
@@ -215,6 +250,29 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: $MAGI_SERVER_CACHE or ~/.cache/magi-server)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bars")
     gen.set_defaults(func=_cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve the WaveSpeed, fal and Magic Hour APIs over the loaded model")
+    srv.add_argument("--model", default="tiny", help="preset name or weights folder (default: tiny, random weights)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--db", default="magi-server.db", help="SQLite job store (default: magi-server.db)")
+    srv.add_argument("--outputs", default="outputs", help="folder for MP4s and uploads (default: outputs)")
+    srv.add_argument("--public-url", default=None, help="base URL clients use to reach this server")
+    srv.add_argument("--api-key", action="append", help="accepted API key (repeatable; also $MAGI_SERVER_API_KEYS)")
+    srv.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    srv.add_argument("--max-queue", type=int, default=64, help="jobs waiting before submits get 429")
+    srv.add_argument("--max-batch", type=int, default=4, help="requests sharing one batched model call")
+    srv.add_argument("--job-timeout", type=float, default=3600.0, help="seconds a job may run (0 = no limit)")
+    srv.add_argument("--sync-timeout", type=float, default=600.0, help="seconds a sync-mode request may wait")
+    srv.add_argument("--max-body-mb", type=int, default=25, help="largest request body accepted")
+    srv.add_argument("--resolution-scale", type=float, default=None,
+                     help="render every size smaller (default: 1/8 for the tiny preset, 1 otherwise)")
+    srv.add_argument("--fal-queue-port", type=int, default=None, help="TLS port for fal-client's queue calls")
+    srv.add_argument("--fal-run-port", type=int, default=None, help="TLS port for fal-client's sync calls")
+    srv.add_argument("--tls-cert", default=None, help="certificate (PEM) for the fal listeners")
+    srv.add_argument("--tls-key", default=None, help="private key (PEM) for the fal listeners")
+    srv.add_argument("--cache-dir", default=None, help="where the tiny preset keeps its generated weights")
+    srv.set_defaults(func=_cmd_serve)
     return parser
 
 

@@ -1,0 +1,298 @@
+"""The FastAPI app factory and the server's lifecycle.
+
+Owns: building the context (model, executor, job store, engine) from :class:`ServerSettings`; the bridge from
+engine events to the durable job store, the SSE event hub and the metrics; the routes every API shares (health,
+metrics, output files); the middleware for body size limits and request counting; restart recovery (jobs a dead
+process left behind are re-queued before the engine starts); and running uvicorn, with the optional TLS listeners
+fal-client needs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+
+from magi_server.api.common import ServerContext, resolve_upload
+from magi_server.config import ServerSettings
+from magi_server.engine import Engine, EngineEvent
+from magi_server.jobs import JobStatus, JobStore
+from magi_server.metrics import Metrics
+
+log = logging.getLogger("magi_server.server")
+
+OUTPUT_NAME = re.compile(r"^[0-9a-f]{32}(\.chunk\d{1,5})?\.mp4$")
+
+
+# ---------------------------------------------------------------------------------------------------- context
+
+
+def build_context(settings: ServerSettings, *, pipeline=None) -> ServerContext:
+    """Load the model, open the job store, recover what a dead process left, start the engine."""
+    from magi_server.executor import PipelineExecutor
+    from magi_server.pipeline import MagiPipeline
+
+    notice = ""
+    if pipeline is None:
+        pipeline = MagiPipeline.from_pretrained(settings.model, device=settings.device, cache_dir=settings.cache_dir)
+    if str(settings.model).lower() == "tiny":
+        from magi_server.tiny import TINY_NOTICE
+
+        notice = TINY_NOTICE
+    executor = PipelineExecutor(pipeline, settings.outputs_dir)
+    store = JobStore(settings.db_path)
+    holder: dict[str, ServerContext] = {}
+    engine = Engine(
+        executor, on_event=lambda event: on_engine_event(holder["ctx"], event), max_queue=settings.max_queue,
+        memory_budget_bytes=settings.memory_budget_bytes, max_batch_size=settings.max_batch_size,
+        job_timeout_s=settings.job_timeout_s,
+    )
+    metrics = Metrics()
+    ctx = ServerContext(settings=settings, store=store, engine=engine, executor=executor,
+                        model_name=str(settings.model), notice=notice, metrics=metrics)
+    holder["ctx"] = ctx
+    _describe_metrics(ctx)
+
+    requeued, failed = store.recover_after_restart(settings.max_attempts)
+    if requeued or failed:
+        log.warning("recovered after restart: %d job(s) re-queued, %d failed as interrupted", len(requeued), len(failed))
+    for job in store.queued_in_order():
+        engine.submit(job.id, job.params, reserved=False)
+    engine.start()
+    return ctx
+
+
+def on_engine_event(ctx: ServerContext, event: EngineEvent) -> None:
+    """Engine thread -> durable job record, SSE hub and metrics (the engine never touches the store itself)."""
+    store, hub, metrics = ctx.store, ctx.hub, ctx.metrics
+    job_id = event.job_id
+    if event.kind == "started":
+        store.mark_running(job_id)
+        hub.publish(job_id, {"event": "status", "status": "processing"})
+    elif event.kind == "progress":
+        store.update_progress(job_id, event.chunks_done, event.chunks_total)
+        hub.publish(job_id, {"event": "progress", "chunks_done": event.chunks_done, "chunks_total": event.chunks_total})
+    elif event.kind == "chunk":
+        store.update_progress(job_id, event.chunks_done, event.chunks_total)
+        payload = {"event": "chunk", "index": event.chunk_index, "chunks_done": event.chunks_done,
+                   "chunks_total": event.chunks_total, "frames": event.num_frames}
+        if event.preview:
+            payload["url"] = ctx.file_url(event.preview)
+        hub.publish(job_id, {"event": "progress", "chunks_done": event.chunks_done, "chunks_total": event.chunks_total})
+        hub.publish(job_id, payload)
+    elif event.kind == "finished":
+        job = store.complete(job_id, [event.output], event.inference_ms)
+        if job is not None and metrics is not None:
+            metrics.inc("magi_jobs_finished_total", {"outcome": "completed"})
+            metrics.observe("magi_generation_seconds", (event.inference_ms or 0) / 1000.0)
+    elif event.kind in ("failed", "cancelled"):
+        if event.kind == "cancelled":
+            job = store.cancel(job_id)
+        else:
+            job = store.fail(job_id, event.error, event.error_code)
+        if job is not None and metrics is not None:
+            metrics.inc("magi_jobs_finished_total", {"outcome": event.kind if event.kind == "cancelled" else "failed"})
+
+
+def _describe_metrics(ctx: ServerContext) -> None:
+    m = ctx.metrics
+    m.describe("magi_http_requests_total", "HTTP requests by route and status code")
+    m.describe("magi_jobs_submitted_total", "jobs accepted, by API")
+    m.describe("magi_jobs_rejected_total", "submits refused before anything was stored, by reason")
+    m.describe("magi_jobs_finished_total", "jobs that reached a terminal state, by outcome")
+    m.describe("magi_generation_seconds", "time from prefill to the finished MP4")
+    m.describe("magi_queue_depth", "jobs waiting for the GPU")
+    m.describe("magi_jobs", "jobs in the store, by status")
+    m.describe("magi_gpu_memory_used_bytes", "device memory allocated by the model and jobs")
+    m.describe("magi_engine_alive", "1 when the GPU loop is running")
+    m.gauge("magi_queue_depth", lambda: ctx.engine.queue_depth)
+    m.gauge("magi_jobs", lambda: {(("status", s.value),): n for s, n in ctx.store.count_by_status().items()})
+    m.gauge("magi_gpu_memory_used_bytes", lambda: ctx.executor.device_memory_bytes())
+    m.gauge("magi_engine_alive", lambda: 1.0 if ctx.engine.alive() else 0.0)
+
+
+# -------------------------------------------------------------------------------------------------- middleware
+
+
+class BodyLimit:
+    """413 for bodies over the limit, by Content-Length up front and by counting streamed bytes (chunked bodies)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.max_bytes
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    return await self._reject(send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send) -> None:
+        body = (b'{"code": 413, "message": "request body larger than %d bytes", "data": null, "detail": '
+                b'"request body too large"}' % self.max_bytes)
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------- app
+
+
+def create_app(ctx: ServerContext, role: str = "main") -> FastAPI:
+    """The ASGI app. ``role``: "main" (WaveSpeed, Magic Hour, files, ops), "fal_queue" or "fal_run" (fal-client
+    tells sync from queue calls only by host/port, so each gets its own listener)."""
+    app = FastAPI(title="magi-server", docs_url="/docs" if role == "main" else None, redoc_url=None)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        if ctx.metrics is not None:
+            ctx.metrics.inc("magi_http_requests_total",
+                            {"route": path, "method": request.method, "code": str(response.status_code)})
+        return response
+
+    if role == "main":
+        from magi_server.api import wavespeed
+
+        app.include_router(wavespeed.build_router(ctx))
+        try:
+            from magi_server.api import magichour
+        except ImportError:
+            magichour = None
+        if magichour is not None:
+            app.include_router(magichour.build_router(ctx))
+        _add_common_routes(app, ctx)
+    else:
+        from magi_server.api import fal
+
+        app.include_router(fal.build_router(ctx, sync=(role == "fal_run")))
+        _add_file_routes(app, ctx)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):  # a bug must still answer, and be logged
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"code": 500, "message": "internal error; see the server log", "data": None},
+                            status_code=500)
+
+    return BodyLimitApp(app, ctx.settings.max_body_bytes)
+
+
+def BodyLimitApp(app: FastAPI, max_bytes: int):
+    wrapped = BodyLimit(app, max_bytes)
+    wrapped.fastapi = app  # tests reach routes through it
+    return wrapped
+
+
+def _add_common_routes(app: FastAPI, ctx: ServerContext) -> None:
+    @app.get("/health/live")
+    async def live():
+        return {"status": "alive"}
+
+    @app.get("/health/ready")
+    async def ready():
+        body = {"model": ctx.model_name, "engine_alive": ctx.engine.alive(), "queue_depth": ctx.engine.queue_depth}
+        if ctx.notice:
+            body["notice"] = ctx.notice
+        if not body["engine_alive"]:
+            body["status"] = "not ready"
+            body["reason"] = ctx.engine.dead_reason or "the GPU loop is not running"
+            return JSONResponse(body, status_code=503)
+        body["status"] = "ready"
+        return body
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(ctx.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    _add_file_routes(app, ctx)
+
+
+def _add_file_routes(app: FastAPI, ctx: ServerContext) -> None:
+    @app.get("/files/uploads/{name}")
+    async def upload_file(name: str):
+        path = resolve_upload(ctx, f"{ctx.settings.base_url()}/files/uploads/{name}")
+        if path is None:
+            return JSONResponse({"detail": "not found"}, status_code=404)
+        return FileResponse(path)
+
+    @app.get("/files/{name}")
+    async def output_file(name: str):
+        # names come from job ids we generated: never join a client string into a path without this check
+        if not OUTPUT_NAME.fullmatch(name):
+            return JSONResponse({"detail": "not found"}, status_code=404)
+        path = ctx.outputs_dir / name
+        if not path.is_file():
+            return JSONResponse({"detail": "not found"}, status_code=404)
+        return FileResponse(path, media_type="video/mp4", filename=name)
+
+
+# --------------------------------------------------------------------------------------------------- running
+
+
+def shutdown(ctx: ServerContext) -> None:
+    """Graceful stop: the running job goes back to the queue (its attempt refunded), queued jobs stay stored."""
+    ctx.engine.stop()
+    for job in ctx.store.list([JobStatus.RUNNING], limit=10_000):
+        ctx.store.requeue(job.id)
+    ctx.store.close()
+
+
+def serve(settings: ServerSettings, *, log_ready: bool = True) -> None:
+    import uvicorn
+
+    if not settings.api_keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        raise SystemExit(f"refusing to listen on {settings.host} without --api-key (anyone could use the GPU)")
+    started = time.monotonic()
+    ctx = build_context(settings)
+    servers = [uvicorn.Server(uvicorn.Config(create_app(ctx), host=settings.host, port=settings.port,
+                                             log_level="info", timeout_keep_alive=5))]
+    for role, port in (("fal_queue", settings.fal_queue_port), ("fal_run", settings.fal_run_port)):
+        if port:
+            if not (settings.tls_certfile and settings.tls_keyfile):
+                raise SystemExit("fal listeners need --tls-cert and --tls-key (fal-client only speaks https)")
+            servers.append(uvicorn.Server(uvicorn.Config(
+                create_app(ctx, role), host=settings.host, port=port, log_level="info",
+                ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile,
+            )))
+    if log_ready:
+        log.info("model %s loaded in %.1f s; serving on %s", settings.model, time.monotonic() - started,
+                 settings.base_url())
+
+    async def run_all():
+        await asyncio.gather(*(server.serve() for server in servers))
+
+    try:
+        asyncio.run(run_all())
+    finally:
+        shutdown(ctx)
