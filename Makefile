@@ -19,5 +19,10 @@ install: $(BIN)/magi-server
 test: install
 	$(BIN)/python -m pytest -q
 
+# With no weights this serves the tiny random preset (noise-like video) on http://127.0.0.1:8000
+MODEL ?= tiny
+serve: install
+	$(BIN)/magi-server serve --model $(MODEL)
+
 clean:
 	rm -rf $(VENV) .pytest_cache

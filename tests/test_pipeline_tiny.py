@@ -138,3 +138,14 @@ def test_long_video_cache_is_bounded_by_the_window(pipe):
     # a clean chunk is kept exactly while the next window reads it: at most one at a time with the shipped ranges
     assert max(len(r) for r in retained) == 1
     assert retained[-1] == []
+
+
+def test_lossless_continuation_from_latents(pipe):
+    """A later call continues from the latents of an earlier one (no VAE round trip)."""
+    first = pipe("a fox", num_frames=48, seed=4, output_type="latent", **SIZE)
+    assert first.latents.shape == (1, 16, 12, 8, 8)
+    more = pipe("the fox keeps running", video_latents=first.latents[:, :, -8:], num_frames=48, seed=5,
+                output_type="np", **SIZE)
+    # P = 8 prefix latents, 48 // 4 = 12 new ones: ceil(20 / 6) = 4 chunks; chunk 0 is the prefix, chunk 1 emits
+    # canvas frames 8..11 (decoded as 3 + 1 latents -> 13 frames), chunks 2 and 3 24 frames each
+    assert more.frames.shape == (13 + 24 + 24, 64, 64, 3)
