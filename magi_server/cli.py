@@ -6,6 +6,7 @@ This is the one place that reads environment variables; everything below it take
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -202,6 +203,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import httpx
+
+    from magi_server import bench
+
+    try:
+        workload = bench.Workload.load(args.workload)
+    except (OSError, ValueError) as exc:
+        print(f"error: workload: {exc}", file=sys.stderr)
+        return 2
+    key = args.api_key or os.environ.get("WAVESPEED_API_KEY")
+    with httpx.Client(base_url=args.endpoint.rstrip("/"), timeout=httpx.Timeout(60.0, connect=10.0)) as client:
+        report = bench.run(client, workload, api_key=key, gpu_dollars_per_hour=args.gpu_dollars_per_hour,
+                           poll_s=args.poll, timeout_s=args.timeout, stream=not args.no_stream)
+    report["endpoint"] = args.endpoint
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    table = bench.markdown(report)
+    Path(args.markdown or out.with_suffix(".md")).write_text(table)
+    print(table)
+    return 0 if report["failed"] == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from magi_server.download import variant_names
 
@@ -273,6 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--tls-key", default=None, help="private key (PEM) for the fal listeners")
     srv.add_argument("--cache-dir", default=None, help="where the tiny preset keeps its generated weights")
     srv.set_defaults(func=_cmd_serve)
+
+    bn = sub.add_parser("bench", help="benchmark a WaveSpeed-compatible endpoint (this server or the hosted one)")
+    bn.add_argument("--endpoint", default="http://127.0.0.1:8000",
+                    help="base URL (e.g. https://api.wavespeed.ai for the hosted API)")
+    bn.add_argument("--workload", required=True, help="workload JSON (see benchmarks/workloads/)")
+    bn.add_argument("--api-key", default=None, help="Bearer key (default: $WAVESPEED_API_KEY)")
+    bn.add_argument("--gpu-dollars-per-hour", type=float, default=None, help="your GPU's price, for self-hosted cost")
+    bn.add_argument("--out", default="bench-result.json", help="JSON result (the Markdown table goes beside it)")
+    bn.add_argument("--markdown", default=None, help="Markdown table path (default: --out with .md)")
+    bn.add_argument("--poll", type=float, default=0.5, help="seconds between result polls")
+    bn.add_argument("--timeout", type=float, default=3600.0, help="seconds one request may take")
+    bn.add_argument("--no-stream", action="store_true", help="do not open the event stream (time to first chunk)")
+    bn.set_defaults(func=_cmd_bench)
     return parser
 
 
