@@ -193,6 +193,9 @@ def create_app(ctx: ServerContext, role: str = "main") -> FastAPI:
         if magichour is not None:
             app.include_router(magichour.build_router(ctx))
         _add_common_routes(app, ctx)
+        from magi_server.playground import add_playground
+
+        add_playground(app)
     else:
         from magi_server.api import fal
 
