@@ -169,3 +169,13 @@ def test_body_limit(tmp_path, pipeline):
     with running_server(tiny_settings(tmp_path, tmp_path / "cache", max_body_bytes=1000), pipeline=pipeline) as (_, client):
         r = client.post(MODEL, content=json.dumps({"prompt": "x" * 5000}), headers={"content-type": "application/json"})
         assert r.status_code == 413
+
+
+def test_upload_names_are_not_patterns(server):
+    _, client = server
+    png = encode_png(np.full((8, 8, 3), 1, dtype=np.uint8))
+    client.post("/api/v3/media/upload/binary", files={"file": ("x.png", png, "image/png")})
+    for name in ("*.png", "*", "..%2f..%2fetc", "[a-z]*.png"):
+        assert client.get(f"/files/uploads/{name}").status_code == 404, name
+    r = client.post(MODEL, json={"prompt": "x", "image": "http://testserver/files/uploads/*.png", "num_frames": 24})
+    assert r.status_code == 400 and r.json()["message"].startswith("image:")

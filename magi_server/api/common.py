@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import hmac
 import math
+import re
 import secrets
 import threading
 import time
@@ -52,6 +53,15 @@ class Overloaded(Exception):
     def __init__(self, retry_after_s: float) -> None:
         super().__init__("the server is at capacity; retry later")
         self.retry_after_s = retry_after_s
+
+
+class Unavailable(Overloaded):
+    """The GPU loop is dead or stopping: a job accepted now would sit queued until a restart (answer 503 with
+    Retry-After; nothing is stored). A subclass so adapters that only know Overloaded still refuse it safely."""
+
+    def __init__(self, retry_after_s: float, reason: str) -> None:
+        super().__init__(retry_after_s)
+        self.reason = reason
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -295,7 +305,9 @@ def resolve_upload(ctx: ServerContext, value: str) -> Path | None:
             token = value[len(prefix):].split("?", 1)[0]
     if token is None:
         return None
-    if not token or "/" in token or "\\" in token or token.startswith("."):
+    # the token becomes a glob pattern below: only the characters our tokens and file names use may reach it
+    # ("*" would otherwise match any stored upload, another tenant's included)
+    if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9]{1,8})?", token):
         return None
     for path in ctx.uploads_dir.glob(f"{token.split('.')[0]}.*"):
         if path.is_file() and not path.name.startswith("."):
@@ -321,15 +333,22 @@ def image_params(ctx: ServerContext, image: np.ndarray | None, resolution: str, 
 
 def submit_job(ctx: ServerContext, *, api: str, model: str, params: GenerationParams, owner: str,
                meta: dict | None = None) -> Job:
-    """Reserve a queue slot (Overloaded when full: nothing stored), store the job durably, hand it to the engine."""
+    """Reserve a queue slot (Overloaded when full, Unavailable when the engine is dead: nothing stored either
+    way), store the job durably, hand it to the engine."""
     try:
+        if not ctx.engine.accepting():
+            # reliability goal 11: no job is accepted into a dead GPU loop (readiness is already 503)
+            raise Unavailable(ctx.engine.retry_after_s, ctx.engine.dead_reason or "the GPU loop is not running")
         ctx.engine.try_reserve()
-    except QueueFullError as exc:
+    except (QueueFullError, Unavailable) as exc:
         if params.image_path:
             Path(params.image_path).unlink(missing_ok=True)
+        full = isinstance(exc, QueueFullError)
         if ctx.metrics is not None:
-            ctx.metrics.inc("magi_jobs_rejected_total", {"reason": "queue_full"})
-        raise Overloaded(exc.retry_after_s) from None
+            ctx.metrics.inc("magi_jobs_rejected_total", {"reason": "queue_full" if full else "engine_dead"})
+        if full:
+            raise Overloaded(exc.retry_after_s) from None
+        raise
     try:
         job = ctx.store.create(Job.new(api, model, params, owner=owner, meta=meta or {}))
     except BaseException:
