@@ -101,7 +101,8 @@ def opt_int(body: dict, name: str, *, low: int, high: int, default: int | None =
         return default
     if isinstance(value, bool):
         raise FieldError(name, f"must be an integer in [{low}, {high}], got a boolean", "type_error")
-    if isinstance(value, str) and allow_numeric_string and value.strip().lstrip("-").isdigit():
+    # ASCII digits only: str.isdigit() also accepts "²", which int() then rejects
+    if isinstance(value, str) and allow_numeric_string and re.fullmatch(r"-?[0-9]{1,30}", value.strip()):
         value = int(value.strip())
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -177,7 +178,7 @@ class EventHub:
         with self._lock:
             if job_id not in self._events and len(self._events) >= self._max_jobs:
                 self._events.pop(next(iter(self._events)))  # forget the oldest job's stream
-            self._events.setdefault(job_id, deque(maxlen=self._max_events)).append(event)
+            self._events.setdefault(job_id, deque(maxlen=self._max_events)).append({**event, "ts": time.time()})
 
     def since(self, job_id: str, index: int) -> list[dict]:
         with self._lock:
