@@ -44,6 +44,9 @@ class EngineEvent:
     error_code: str = ""
 
 
+UNKNOWN_MEMORY_BUDGET = 1 << 62  # ServerSettings' default: no budget configured
+
+
 class QueueFullError(Exception):
     def __init__(self, retry_after_s: float) -> None:
         super().__init__(f"the queue is full; retry in {retry_after_s:.0f} s")
@@ -70,7 +73,7 @@ class Engine:
         *,
         on_event: Callable[[EngineEvent], None],
         max_queue: int = 64,
-        memory_budget_bytes: int = 1 << 62,
+        memory_budget_bytes: int = UNKNOWN_MEMORY_BUDGET,
         max_batch_size: int = 4,
         job_timeout_s: float | None = None,
         retry_after_s: float = 10.0,
@@ -84,10 +87,16 @@ class Engine:
         self.retry_after_s = retry_after_s
         self.idle_wait_s = idle_wait_s
         self.clock = clock
+        # With no device memory budget configured (the default, 2^62 = "unknown") the scheduler's only admission
+        # rule would let every waiting job in at once: all of them prefilled and holding state, all reported
+        # "processing", each burning a restart attempt on kill -9, and reservations released at prefill so the
+        # queue bound (429) could never be reached. Admit by count instead: every job costs one unit of a budget
+        # of max_batch_size units, so at most max_batch_size jobs run and the rest wait in order.
+        self._count_admission = memory_budget_bytes >= UNKNOWN_MEMORY_BUDGET
         # the queue bound is enforced by reservations; the scheduler itself must accept recovered jobs too
         self._scheduler = Scheduler(
-            max_waiting=1 << 30, memory_budget_bytes=memory_budget_bytes, max_batch_size=max_batch_size, clock=clock,
-            retry_after_s=retry_after_s,
+            max_waiting=1 << 30, max_batch_size=max_batch_size, clock=clock, retry_after_s=retry_after_s,
+            memory_budget_bytes=max_batch_size if self._count_admission else memory_budget_bytes,
         )
         self._inbox: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
@@ -96,6 +105,7 @@ class Engine:
         self._positions: dict[str, int] = {}
         self._running: set[str] = set()
         self._params: dict[str, GenerationParams] = {}  # jobs the scheduler holds (engine thread only)
+        self._timeouts: dict[str, float] = {}  # run-time limits of jobs not yet started (engine thread only)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._heartbeat = clock()
@@ -147,6 +157,12 @@ class Engine:
             return False
         return self.clock() - self._heartbeat < max_silence_s
 
+    def accepting(self) -> bool:
+        """The loop runs and has not given up, so a job handed over now will be run. Unlike :meth:`alive`, a long
+        model call does not count against it: only a dead or stopped loop refuses work."""
+        return (self.dead_reason is None and not self._stop.is_set() and self._thread is not None
+                and self._thread.is_alive())
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="magi-engine", daemon=True)
         self._thread.start()
@@ -193,8 +209,13 @@ class Engine:
     def _admit(self, item: _Submit) -> None:
         try:
             est = estimate_request_bytes(**self.executor.memory_facts(item.params))
-            deadline = None if item.timeout_s is None else self.clock() + item.timeout_s
-            self._scheduler.add(Request(item.job_id, item.params.shape_key(), self.clock(), deadline=deadline,
+            if self._count_admission:
+                est = 1
+            # the limit is on running time (--job-timeout "seconds a job may run"): its clock starts at prefill,
+            # so a job that waited behind others is not failed as "exceeded its time limit" before it ever ran
+            if item.timeout_s is not None:
+                self._timeouts[item.job_id] = item.timeout_s
+            self._scheduler.add(Request(item.job_id, item.params.shape_key(), self.clock(), deadline=None,
                                         est_bytes=est))
             self._params[item.job_id] = item.params
         except Exception as exc:  # e.g. larger than the whole memory budget: it can never run
@@ -229,6 +250,10 @@ class Engine:
 
     def _prefill(self, job_id: str) -> None:
         self._release_reservation(job_id)
+        timeout_s = self._timeouts.pop(job_id, None)
+        request = self._scheduler.get(job_id)
+        if timeout_s is not None and request is not None:
+            request.deadline = self.clock() + timeout_s  # reaped by the scheduler at the next safe point
         params = self._params.get(job_id)
         with self._lock:
             self._running.add(job_id)
@@ -305,6 +330,7 @@ class Engine:
             self._positions.pop(job_id, None)
             self._running.discard(job_id)
         self._params.pop(job_id, None)
+        self._timeouts.pop(job_id, None)
 
     def _refresh_positions(self) -> None:
         waiting = []

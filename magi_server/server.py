@@ -12,6 +12,7 @@ import asyncio
 import logging
 import re
 import time
+import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -60,10 +61,25 @@ def build_context(settings: ServerSettings, *, pipeline=None) -> ServerContext:
     requeued, failed = store.recover_after_restart(settings.max_attempts)
     if requeued or failed:
         log.warning("recovered after restart: %d job(s) re-queued, %d failed as interrupted", len(requeued), len(failed))
+    _remove_partial_files(Path(settings.outputs_dir))
     for job in store.queued_in_order():
         engine.submit(job.id, job.params, reserved=False)
     engine.start()
     return ctx
+
+
+def _remove_partial_files(outputs_dir: Path) -> None:
+    """Delete the temp files (``.<name>.part``) a killed process left: its encoder's half MP4s and half uploads.
+
+    Nothing else writes them (one server owns the store and its folders, jobs.py) and no job runs yet, so every
+    one of them is an orphan; without this each kill -9 mid-job leaks a partial video for good.
+    """
+    for folder in (outputs_dir, outputs_dir / "uploads"):
+        for path in folder.glob(".*.part"):
+            try:
+                path.unlink()
+            except OSError as exc:
+                log.warning("could not remove the partial file %s: %s", path, exc)
 
 
 def on_engine_event(ctx: ServerContext, event: EngineEvent) -> None:
@@ -84,18 +100,25 @@ def on_engine_event(ctx: ServerContext, event: EngineEvent) -> None:
             payload["url"] = ctx.file_url(event.preview)
         hub.publish(job_id, {"event": "progress", "chunks_done": event.chunks_done, "chunks_total": event.chunks_total})
         hub.publish(job_id, payload)
-    elif event.kind == "finished":
-        job = store.complete(job_id, [event.output], event.inference_ms)
-        if job is not None and metrics is not None:
-            metrics.inc("magi_jobs_finished_total", {"outcome": "completed"})
-            metrics.observe("magi_generation_seconds", (event.inference_ms or 0) / 1000.0)
-    elif event.kind in ("failed", "cancelled"):
-        if event.kind == "cancelled":
+    elif event.kind in ("finished", "failed", "cancelled"):
+        # The engine reports every job's end exactly once; the row may already be final because an API cancel
+        # wrote it first (the engine stops such a job at its next safe point, or it had just finished). Count the
+        # ending the row holds, so a cancel made through an API is counted too, once.
+        if event.kind == "finished":
+            job = store.complete(job_id, [event.output], event.inference_ms)
+            if job is not None and metrics is not None:
+                metrics.observe("magi_generation_seconds", (event.inference_ms or 0) / 1000.0)
+        elif event.kind == "cancelled":
             job = store.cancel(job_id)
         else:
             job = store.fail(job_id, event.error, event.error_code)
-        if job is not None and metrics is not None:
-            metrics.inc("magi_jobs_finished_total", {"outcome": event.kind if event.kind == "cancelled" else "failed"})
+        if job is None:
+            job = store.get(job_id)
+            if job is not None and job.status is JobStatus.CANCELLED and event.output:
+                # cancelled while its last call ran: the client was told "cancelled", so no output may appear
+                (ctx.outputs_dir / event.output).unlink(missing_ok=True)
+        if job is not None and job.is_terminal and metrics is not None:
+            metrics.inc("magi_jobs_finished_total", {"outcome": job.status.value})
 
 
 def _describe_metrics(ctx: ServerContext) -> None:
@@ -137,20 +160,29 @@ class BodyLimit:
                 if too_big:
                     return await self._reject(send)
         received = 0
+        started = rejected = False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, rejected
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _BodyTooLarge()
+                    if not started and not rejected:
+                        rejected = True
+                        await self._reject(send)
+                    # the app sees a client that went away (ClientDisconnect), not an exception it turns into a 500
+                    return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await self._reject(send)
+        async def guarded_send(message):
+            nonlocal started
+            if rejected:  # the 413 already went out; whatever the app answers after it is dropped
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
 
     async def _reject(self, send) -> None:
         body = (b'{"code": 413, "message": "request body larger than %d bytes", "data": null, "detail": '
@@ -158,10 +190,6 @@ class BodyLimit:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------------------- app
@@ -180,6 +208,9 @@ def create_app(ctx: ServerContext, role: str = "main") -> FastAPI:
         if ctx.metrics is not None:
             ctx.metrics.inc("magi_http_requests_total",
                             {"route": path, "method": request.method, "code": str(response.status_code)})
+        if role != "main" and "x-fal-request-id" not in response.headers:
+            # fal-client replays 5xx answers without this header as ingress errors: mark every answer as ours
+            response.headers["x-fal-request-id"] = uuid.uuid4().hex
         return response
 
     if role == "main":

@@ -23,6 +23,7 @@ from magi_server.api.common import (
     FieldError,
     Overloaded,
     ServerContext,
+    Unavailable,
     check_body,
     image_params,
     iso_time,
@@ -177,6 +178,10 @@ def build_router(ctx: ServerContext) -> APIRouter:
                                               owner=owner, meta=meta)
             except FieldError as exc:
                 return error(400, str(exc))
+            except Unavailable as exc:
+                # the reason (a device error text) stays in /health/ready and the log, not in client answers
+                return error(503, "the server cannot run jobs now: the GPU loop is not running; retry later",
+                             headers={"Retry-After": str(max(1, int(exc.retry_after_s)))})
             except Overloaded as exc:
                 return error(429, "the queue is full; retry later",
                              headers={"Retry-After": str(max(1, int(exc.retry_after_s)))})

@@ -1,0 +1,73 @@
+"""The official WaveSpeed SDK (``wavespeed`` 2.0.5), unchanged, against a real ``magi-server serve`` subprocess.
+
+Only the constructor's ``base_url`` points it here (api-compat.md §2). It is a plain HTTP client, so it runs in
+the test process; the server runs in its own. Every SDK call passes ``timeout`` so a server that never reaches a
+terminal status fails the test instead of hanging it (the SDK's own default waits forever).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from magi_server.video import probe_video
+from tests.procs import ServerProcess
+
+wavespeed = pytest.importorskip(
+    "wavespeed", reason="the WaveSpeed SDK is not installed: add wavespeed==2.0.5 to the test extra")
+
+MODEL = "wavespeed-ai/magi-1-24b"
+SDK_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sdk")
+    srv = ServerProcess(db=tmp / "jobs.db", outputs=tmp / "outputs", cache=tmp / "cache", log=tmp / "server.log")
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.close()
+
+
+@pytest.fixture
+def client(server):
+    # one connection retry instead of five with 1..5 s backoff: a dead server fails the test in seconds
+    return wavespeed.Client(api_key="test", base_url=server.url, max_connection_retries=1)
+
+
+def _download_and_probe(url: str, tmp_path: Path, server: ServerProcess):
+    assert url.startswith(server.url + "/files/") and url.endswith(".mp4"), url
+    r = httpx.get(url, timeout=30)  # no auth header: the SDK leaves downloading to the caller
+    assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
+    path = tmp_path / Path(url).name
+    path.write_bytes(r.content)
+    return probe_video(path)
+
+
+BODY = {"prompt": "a lighthouse at dusk", "seed": 42, "num_frames": 96, "resolution": "480p",
+        "num_inference_steps": 8}
+
+
+def test_run_returns_outputs(client, server, tmp_path):
+    # poll_interval 0.2 instead of the 1 s default only keeps the suite short; the protocol is the same
+    result = client.run(MODEL, dict(BODY), timeout=SDK_TIMEOUT_S, poll_interval=0.2)
+    assert list(result) == ["outputs"] and len(result["outputs"]) == 1, result
+    info = _download_and_probe(result["outputs"][0], tmp_path, server)
+    assert (info.frames, info.width, info.height) == (96, 96, 64)  # 480p 16:9 at the tiny preset's 1/8 scale
+
+
+def test_run_sync_mode(client, server, tmp_path):
+    result = client.run(MODEL, dict(BODY, seed=43), timeout=SDK_TIMEOUT_S, enable_sync_mode=True)
+    assert len(result["outputs"]) == 1, result
+    info = _download_and_probe(result["outputs"][0], tmp_path, server)
+    assert (info.frames, info.width, info.height) == (96, 96, 64)
+
+
+def test_run_no_throw_reports_a_bad_request(client):
+    result = client.run_no_throw(MODEL, {}, timeout=SDK_TIMEOUT_S, poll_interval=0.2)
+    # the submit itself was refused, so the SDK has no task id and no outputs
+    assert result["status"] == "failed" and not result["outputs"] and result["task_id"] == "unknown", result
+    assert "HTTP 400" in result["error"] and "prompt: field required" in result["error"], result["error"]
