@@ -39,6 +39,7 @@ from magi_server.api.common import (
     ASPECT_CHOICES,
     FieldError,
     Overloaded,
+    Unavailable,
     ServerContext,
     image_params,
     iso_time,
@@ -388,6 +389,9 @@ def build_router(ctx: ServerContext, *, sync: bool) -> APIRouter:
             return await asyncio.to_thread(parse_and_submit)
         except InvalidInput as exc:
             return invalid(exc.errors)
+        except Unavailable as exc:  # the GPU loop is down: not a full queue, and not worth a blind retry
+            return fal_json({"detail": "the server is not ready (GPU loop down); retry later"}, 503,
+                            headers={"Retry-After": str(max(1, int(exc.retry_after_s)))})
         except Overloaded as exc:
             return fal_json({"detail": "the queue is full; retry later"}, 429,
                             headers={"Retry-After": str(max(1, int(exc.retry_after_s)))})
