@@ -16,7 +16,8 @@ import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.requests import ClientDisconnect
 
 from magi_server.api.common import ServerContext, resolve_upload
 from magi_server.config import ServerSettings
@@ -232,6 +233,11 @@ def create_app(ctx: ServerContext, role: str = "main") -> FastAPI:
 
         app.include_router(fal.build_router(ctx, sync=(role == "fal_run")))
         _add_file_routes(app, ctx)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect):
+        # the client left, or BodyLimit cut an oversized body (and already answered 413): nothing to say
+        return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):  # a bug must still answer, and be logged

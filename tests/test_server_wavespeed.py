@@ -170,6 +170,14 @@ def test_body_limit(tmp_path, pipeline):
         r = client.post(MODEL, content=json.dumps({"prompt": "x" * 5000}), headers={"content-type": "application/json"})
         assert r.status_code == 413
 
+        def chunked():  # no Content-Length: the limit must count the bytes as they arrive
+            for _ in range(10):
+                yield b" " * 500
+
+        r = client.post(MODEL, content=chunked(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert client.get("/health/live").status_code == 200
+
 
 def test_upload_names_are_not_patterns(server):
     _, client = server
