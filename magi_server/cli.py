@@ -175,7 +175,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from magi_server.server import serve
     from magi_server.video import InputError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    if args.log_format == "json":
+        from magi_server.server import JsonLogFormatter
+
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     log = logging.getLogger("magi_server")
     try:
         device = _device(args.device)
@@ -297,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--tls-cert", default=None, help="certificate (PEM) for the fal listeners")
     srv.add_argument("--tls-key", default=None, help="private key (PEM) for the fal listeners")
     srv.add_argument("--cache-dir", default=None, help="where the tiny preset keeps its generated weights")
+    srv.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="json: one object per line with the job id as a field")
     srv.set_defaults(func=_cmd_serve)
 
     bn = sub.add_parser("bench", help="benchmark a WaveSpeed-compatible endpoint (this server or the hosted one)")

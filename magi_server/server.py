@@ -9,6 +9,7 @@ fal-client needs.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -83,10 +84,33 @@ def _remove_partial_files(outputs_dir: Path) -> None:
                 log.warning("could not remove the partial file %s: %s", path, exc)
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line (``--log-format json``): control characters in messages are escaped, so a prompt
+    can never forge a log line, and the job id is a field of its own."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {
+            "ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in ("job_id", "event", "error_code"):
+            value = getattr(record, key, None)
+            if value is not None:
+                payload[key] = value
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        return json.dumps(payload, ensure_ascii=True)
+
+
 def on_engine_event(ctx: ServerContext, event: EngineEvent) -> None:
     """Engine thread -> durable job record, SSE hub and metrics (the engine never touches the store itself)."""
     store, hub, metrics = ctx.store, ctx.hub, ctx.metrics
     job_id = event.job_id
+    if event.kind != "progress":
+        level = logging.WARNING if event.kind == "failed" else logging.INFO
+        detail = f" ({event.error_code}: {event.error[:200]})" if event.error else ""
+        log.log(level, "job %s %s%s", job_id, event.kind, detail,
+                extra={"job_id": job_id, "event": event.kind, "error_code": event.error_code or None})
     if event.kind == "started":
         store.mark_running(job_id)
         hub.publish(job_id, {"event": "status", "status": "processing"})

@@ -37,7 +37,7 @@ def test_readme_names_the_ci_test_command():
     commands = readme_commands()
     assert set(commands) == {"serve", "test"}
     ci = (REPO_ROOT / ".ci" / "run").read_text()
-    assert f"exec {commands['test']}" in ci  # CI runs exactly the README's test command
+    assert f"\n{commands['test']}\n" in ci  # CI runs exactly the README's test command
 
 
 def _port_free(port: int) -> bool:

@@ -350,3 +350,19 @@ def test_readiness_follows_the_engine(tmp_path, pipeline):
         assert r.json()["data"] is None and "HTTP 5" not in r.json()["message"]
         assert ctx.store.count_by_status() == before
         assert ctx.metrics.value("magi_jobs_rejected_total", {"reason": "engine_dead"}) == 1
+
+
+def test_json_logs_carry_the_job_id_and_escape_control_characters():
+    import json as _json
+    import logging
+
+    from magi_server.server import JsonLogFormatter
+
+    record = logging.LogRecord("magi_server.server", logging.INFO, __file__, 1, "job %s finished: %s",
+                               ("abc123", "line1\r\nFORGED 2026-01-01 INFO admin"), None)
+    record.job_id = "abc123"
+    record.event = "finished"
+    line = JsonLogFormatter().format(record)
+    assert "\n" not in line and "\r" not in line
+    payload = _json.loads(line)
+    assert payload["job_id"] == "abc123" and payload["event"] == "finished" and "FORGED" in payload["msg"]
