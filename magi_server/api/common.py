@@ -227,6 +227,22 @@ class ServerContext:
         return any(matches)
 
 
+def bearer_token(headers) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (scheme case-insensitive), else None."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def authorize_bearer(ctx: "ServerContext", headers) -> tuple[bool, str]:
+    """(allowed, tenant) for a Bearer-authenticated API (WaveSpeed, Magic Hour)."""
+    token = bearer_token(headers)
+    if ctx.settings.api_keys and not ctx.key_is_valid(token):
+        return False, ""
+    return True, ctx.owner_of(token)
+
+
 # ---------------------------------------------------------------------------------------------- image intake
 
 

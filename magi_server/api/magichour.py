@@ -44,6 +44,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from magi_server.api.common import (
+    authorize_bearer,
     FieldError,
     Overloaded,
     ServerContext,
@@ -136,18 +137,6 @@ def _store_unavailable() -> JSONResponse:
     return _error(503, "the job store is unavailable; retry later", headers={"Retry-After": "5"})
 
 
-def _bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
-
-
-def _authorized(ctx: ServerContext, request: Request) -> tuple[bool, str]:
-    token = _bearer(request)
-    if ctx.settings.api_keys and not ctx.key_is_valid(token):
-        return False, ""
-    return True, ctx.owner_of(token)
 
 
 async def _json_body(request: Request):
@@ -389,7 +378,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
     @router.post("/v1/image-to-video")
     async def create(request: Request):
-        ok, owner = _authorized(ctx, request)
+        ok, owner = authorize_bearer(ctx, request.headers)
         if not ok:
             return _unauthorized()
         params = None
@@ -415,7 +404,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
     @router.get("/v1/video-projects/{job_id}")
     async def get_project(job_id: str, request: Request):
-        ok, owner = _authorized(ctx, request)
+        ok, owner = authorize_bearer(ctx, request.headers)
         if not ok:
             return _unauthorized()
         try:
@@ -428,7 +417,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
     @router.delete("/v1/video-projects/{job_id}")
     async def delete_project(job_id: str, request: Request):
-        ok, owner = _authorized(ctx, request)
+        ok, owner = authorize_bearer(ctx, request.headers)
         if not ok:
             return _unauthorized()
         try:
@@ -448,7 +437,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
     # ------------------------------------------------------------------------------------------------ uploads
     @router.post("/v1/files/upload-urls")
     async def upload_urls(request: Request):
-        ok, _ = _authorized(ctx, request)
+        ok, _ = authorize_bearer(ctx, request.headers)
         if not ok:
             return _unauthorized()
         try:

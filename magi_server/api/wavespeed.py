@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from magi_server.api.common import (
+    authorize_bearer,
     ASPECT_CHOICES,
     FieldError,
     Overloaded,
@@ -77,19 +78,6 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
     return envelope(None, code=status, message=message, headers=headers)
 
 
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
-
-
-def _authorized(ctx: ServerContext, request: Request) -> tuple[bool, str]:
-    token = _bearer(request)
-    if ctx.settings.api_keys and not ctx.key_is_valid(token):
-        return False, ""
-    return True, ctx.owner_of(token)
 
 
 def _unauthorized() -> JSONResponse:
@@ -159,7 +147,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
     def _submit_handler(model_id: str):
         async def submit(request: Request):
-            ok, owner = _authorized(ctx, request)
+            ok, owner = authorize_bearer(ctx, request.headers)
             if not ok:
                 return _unauthorized()
             try:
@@ -195,28 +183,32 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
         return submit
 
+    def _own_job(request: Request, job_id: str) -> Job | JSONResponse:
+        """The caller's WaveSpeed job, or the 401/404 answer (another tenant's job is a 404: no existence oracle)."""
+        ok, owner = authorize_bearer(ctx, request.headers)
+        if not ok:
+            return _unauthorized()
+        job = ctx.store.get(job_id, owner=owner if ctx.settings.api_keys else None)
+        if job is None or job.api != "wavespeed":
+            return error(404, f"prediction {job_id} not found")
+        return job
+
     for model_id in WAVESPEED_MODELS:
         router.add_api_route(f"/api/v3/{model_id}", _submit_handler(model_id), methods=["POST"])
 
     @router.get("/api/v3/predictions/{job_id}/result")
     @router.get("/api/v3/predictions/{job_id}")
     async def result(job_id: str, request: Request):
-        ok, owner = _authorized(ctx, request)
-        if not ok:
-            return _unauthorized()
-        job = ctx.store.get(job_id, owner=owner if ctx.settings.api_keys else None)
-        if job is None or job.api != "wavespeed":
-            return error(404, f"prediction {job_id} not found")
+        job = _own_job(request, job_id)
+        if isinstance(job, JSONResponse):
+            return job
         return envelope(prediction_data(ctx, job))
 
     @router.post("/api/v3/predictions/{job_id}/cancel")
     async def cancel(job_id: str, request: Request):
-        ok, owner = _authorized(ctx, request)
-        if not ok:
-            return _unauthorized()
-        job = ctx.store.get(job_id, owner=owner if ctx.settings.api_keys else None)
-        if job is None or job.api != "wavespeed":
-            return error(404, f"prediction {job_id} not found")
+        job = _own_job(request, job_id)
+        if isinstance(job, JSONResponse):
+            return job
         if job.is_terminal:
             return error(400, f"prediction {job_id} already {STATUS[job.status]}")
         cancelled = ctx.store.cancel(job.id)
@@ -225,19 +217,16 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
     @router.get("/api/v3/predictions/{job_id}/events")
     async def events(job_id: str, request: Request):
-        ok, owner = _authorized(ctx, request)
-        if not ok:
-            return _unauthorized()
-        job = ctx.store.get(job_id, owner=owner if ctx.settings.api_keys else None)
-        if job is None or job.api != "wavespeed":
-            return error(404, f"prediction {job_id} not found")
+        job = _own_job(request, job_id)
+        if isinstance(job, JSONResponse):
+            return job
         return StreamingResponse(_event_stream(ctx, job.id, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ------------------------------------------------------------------------------------------------ uploads
     @router.post("/api/v3/media/uploads")
     async def upload_ticket(request: Request):
-        ok, _ = _authorized(ctx, request)
+        ok, _ = authorize_bearer(ctx, request.headers)
         if not ok:
             return _unauthorized()
         try:
@@ -279,7 +268,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
     @router.post("/api/v3/media/upload/binary")
     async def upload_binary(request: Request):
-        ok, _ = _authorized(ctx, request)
+        ok, _ = authorize_bearer(ctx, request.headers)
         if not ok:
             return _unauthorized()
         try:
@@ -301,7 +290,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
     @router.get("/api/v3/webhook/secret")
     async def webhook_secret(request: Request):
-        ok, _ = _authorized(ctx, request)
+        ok, _ = authorize_bearer(ctx, request.headers)
         if not ok:
             return _unauthorized()
         return envelope({"secret": ctx.webhook_secret})
