@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ import torch
 from magi_server.chunking import tokens_per_chunk
 from magi_server.params import GenerationParams
 from magi_server.pipeline import MagiPipeline
-from magi_server.runner import LatentChunk, SamplerState, plan_request, sampler_step_batch, start_sampler
+from magi_server.runner import LatentChunk, SamplerState, sampler_step_batch
 from magi_server.video import Mp4Writer
 
 log = logging.getLogger("magi_server.executor")
@@ -181,6 +181,3 @@ class PipelineExecutor:
             return torch.cuda.memory_allocated(self.pipe.device)
         return None
 
-
-def with_seed(params: GenerationParams, seed: int) -> GenerationParams:
-    return replace(params, seed=seed)

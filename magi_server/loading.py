@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from magi_server.config import DiTConfig, VAEConfig, weight_subfolder
+from magi_server.config import DiTConfig, MagiConfig, VAEConfig, canonical_preset_name, preset, weight_subfolder
 from magi_server.models.fp8 import FP8_DTYPE, install_fp8_linears, is_fp8_scale_name
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -308,7 +308,7 @@ def _first_existing(*candidates: Path) -> Path | None:
     return None
 
 
-def resolve_model_folder(path: str | Path, config: "str | Path | MagiConfig | None" = None) -> "MagiConfig":
+def resolve_model_folder(path: str | Path, config: str | Path | MagiConfig | None = None) -> MagiConfig:
     """The MagiConfig of a weights folder, with every path filled in.
 
     ``path`` is a model folder as ``magi-server download`` writes it (``weights/4.5B_distill``) or any folder that
@@ -317,8 +317,6 @@ def resolve_model_folder(path: str | Path, config: "str | Path | MagiConfig | No
     (``4.5B_distill`` -> 4.5B-distill). The VAE, T5 and special tokens are taken from the config when it names
     them, else from the folder or its parent (``vae/``, ``t5/``, ``special_tokens.npz``).
     """
-    from magi_server.config import MagiConfig, canonical_preset_name, preset
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model folder not found: {path}")

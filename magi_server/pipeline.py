@@ -224,7 +224,7 @@ class MagiPipeline:
 
         given = [n for n, v in (("image", image), ("video", video), ("video_latents", video_latents)) if v is not None]
         if len(given) > 1:
-            raise InputError(given[1], f"give only one of image, video, video_latents")
+            raise InputError(given[1], "give only one of image, video, video_latents")
 
         prompts = None
         if prompt_embeds is None:

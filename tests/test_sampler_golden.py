@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from magi_server.pipeline import MagiPipeline
-from tests.golden_utils import GOLDEN_DIR, assert_close_fp32, load_golden
+from tests.golden_utils import assert_close_fp32, load_golden
 
 LATENT_CASES = [
     "sampler_A_t2v",

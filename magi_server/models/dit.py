@@ -633,7 +633,6 @@ class VideoDiT(nn.Module):
         rope = self.rope.table(t_total, tp, hp, wp)
         sin, cos = rope.tensor_split(2, dim=-1)
 
-        t_flat = t.flatten()
         conditions = []
         for b in range(n):
             t_emb = self.t_embedder(t[b], cdt)
