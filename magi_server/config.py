@@ -11,6 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -380,7 +381,7 @@ class ServerSettings:
         return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")
 
 
-RESOLUTION_SIZES = {
+RESOLUTION_SIZES = MappingProxyType({
     # (tier, aspect) -> (width, height): same pixel area within a tier, sides multiples of 16 (api-compat.md §5)
     ("720p", "16:9"): (1280, 720),
     ("720p", "9:16"): (720, 1280),
@@ -388,7 +389,7 @@ RESOLUTION_SIZES = {
     ("480p", "16:9"): (832, 480),
     ("480p", "9:16"): (480, 832),
     ("480p", "1:1"): (624, 624),
-}
+})
 
 
 def output_size(resolution: str, aspect_ratio: str, scale: float = 1.0) -> tuple[int, int]:

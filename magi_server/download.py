@@ -20,6 +20,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from types import MappingProxyType
 
 HF_REPO = "sand-ai/MAGI-1"
 HF_ENDPOINT = "https://huggingface.co"
@@ -29,7 +30,7 @@ SPECIAL_TOKENS_URL = (
 )
 SPECIAL_TOKENS_SHA256 = "b54bc664d5f4a722dfd8bb22201c025df61f22acddc07c0a2529d7b5cd6be5a7"
 
-_VARIANTS = {
+_VARIANTS = MappingProxyType({
     # preset name: (subfolder in the repo and under --dir, DiT weight folder, approx. download size in GB)
     "24B-base": ("24B_base", "inference_weight", 48),
     "24B-distill": ("24B_distill", "inference_weight.distill", 48),
@@ -37,7 +38,7 @@ _VARIANTS = {
     "4.5B-base": ("4.5B_base", "inference_weight", 9),
     "4.5B-distill": ("4.5B_distill", "inference_weight.distill", 9),
     "4.5B-distill-quant": ("4.5B_distill_quant", "inference_weight.fp8.distill", 5),
-}
+})
 
 
 def manifest() -> dict:

@@ -17,11 +17,19 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from torch import nn
 
-from magi_server.config import DiTConfig, MagiConfig, VAEConfig, canonical_preset_name, preset, weight_subfolder
+from magi_server.config import (
+    DiTConfig,
+    MagiConfig,
+    VAEConfig,
+    canonical_preset_name,
+    preset,
+    weight_subfolder,
+)
 from magi_server.models.fp8 import FP8_DTYPE, install_fp8_linears, is_fp8_scale_name
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -41,7 +49,7 @@ class TensorInfo:
     dtype: torch.dtype
 
 
-_SAFETENSORS_DTYPES = {
+_SAFETENSORS_DTYPES = MappingProxyType({
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -54,7 +62,7 @@ _SAFETENSORS_DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
-}
+})
 
 
 def _read_safetensors_header(path: Path) -> dict[str, TensorInfo]:

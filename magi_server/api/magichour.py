@@ -39,16 +39,17 @@ import math
 import re
 import time
 from pathlib import Path
+from types import MappingProxyType
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from magi_server.api.common import (
-    authorize_bearer,
     FieldError,
     Overloaded,
     ServerContext,
     Unavailable,
+    authorize_bearer,
     check_body,
     image_params,
     iso_time,
@@ -69,13 +70,13 @@ from magi_server.params import GenerationParams
 FPS = 24
 MIN_SECONDS, MAX_SECONDS = 1.0, 60.0
 PROJECT_TYPE = "IMAGE_TO_VIDEO"
-STATUS = {
+STATUS = MappingProxyType({
     JobStatus.QUEUED: "queued",
     JobStatus.RUNNING: "rendering",
     JobStatus.COMPLETED: "complete",
     JobStatus.FAILED: "error",
     JobStatus.CANCELLED: "canceled",  # Magic Hour spells it with one "l"
-}
+})
 MAGI_MODELS = ("default", "magi-1", "magi-1-24b")
 # The SDK's closed model enum (0.90.0): named in the 422 so a client sees this is a policy, not a typo.
 HOSTED_MODELS = (
@@ -85,7 +86,7 @@ HOSTED_MODELS = (
 )
 RESOLUTIONS = ("360p", "480p", "720p", "1080p", "4k")
 # What each requested tier renders at: MAGI-1 has 480p and 720p sizes only (api-compat.md §5).
-SERVED_TIER = {"360p": "480p", "480p": "480p", "720p": "720p"}
+SERVED_TIER = MappingProxyType({"360p": "480p", "480p": "480p", "720p": "720p"})
 DEFAULT_RESOLUTION = "720p"  # Magic Hour's default on paid tiers (api-compat.md §4.2)
 # The extensions the upload-urls API documents; the image decoder itself takes PNG, JPEG and WebP only.
 UPLOAD_EXTENSIONS = frozenset(

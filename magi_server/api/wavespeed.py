@@ -14,17 +14,18 @@ import json
 import mimetypes
 import time
 from pathlib import Path
+from types import MappingProxyType
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from magi_server.api.common import (
-    authorize_bearer,
     ASPECT_CHOICES,
     FieldError,
     Overloaded,
     ServerContext,
     Unavailable,
+    authorize_bearer,
     check_body,
     image_params,
     iso_time,
@@ -49,14 +50,14 @@ WAVESPEED_MODELS = (
     "wavespeed-ai/magi-1-4.5b",
     "wavespeed-ai/magi-1-4.5b-distill",
 )
-STATUS = {
+STATUS = MappingProxyType({
     JobStatus.QUEUED: "created",
     JobStatus.RUNNING: "processing",
     JobStatus.COMPLETED: "completed",
     JobStatus.FAILED: "failed",
     JobStatus.CANCELLED: "cancelled",
-}
-ERROR_CODES = {  # WaveSpeed's documented task error codes
+})
+ERROR_CODES = MappingProxyType({  # WaveSpeed's documented task error codes
     "invalid_input": 1401,
     "media": 1402,
     "internal": 1403,
@@ -64,7 +65,7 @@ ERROR_CODES = {  # WaveSpeed's documented task error codes
     "interrupted": 1405,
     "timeout": 5004,
     "cancelled": 1405,
-}
+})
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 
 

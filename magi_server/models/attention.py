@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Sequence
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +116,9 @@ def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
 
 
 def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    from xformers.ops import memory_efficient_attention  # lazy: GPU-only optional dependency
+    from xformers.ops import (
+        memory_efficient_attention,  # lazy: GPU-only optional dependency
+    )
 
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
@@ -125,7 +128,10 @@ def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
 
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: Ranges, k_ranges: Ranges, scale: float):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # lazy: compiles on first use
+    from torch.nn.attention.flex_attention import (  # lazy: compiles on first use
+        create_block_mask,
+        flex_attention,
+    )
 
     device = q.device
     block_of_query = torch.full((q.shape[0],), -1, dtype=torch.int64, device=device)
@@ -150,4 +156,4 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: Ranges, k
     return torch.where((block_of_query >= 0)[:, None, None], out, torch.zeros((), dtype=out.dtype, device=device))
 
 
-_KERNELS = {"sdpa": _sdpa, "flash_attn": _flash_attn, "xformers": _xformers}
+_KERNELS = MappingProxyType({"sdpa": _sdpa, "flash_attn": _flash_attn, "xformers": _xformers})
