@@ -333,19 +333,28 @@ def shutdown(ctx: ServerContext) -> None:
 
 
 def serve(settings: ServerSettings, *, log_ready: bool = True) -> None:
+    import contextlib
+    import signal
+
     import uvicorn
+
+    class _Server(uvicorn.Server):
+        # uvicorn re-raises SIGTERM/SIGINT after its own shutdown, which would kill the process before the job
+        # store is drained; the signals are handled once for every listener below instead
+        def capture_signals(self):
+            return contextlib.nullcontext()
 
     if not settings.api_keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit(f"refusing to listen on {settings.host} without --api-key (anyone could use the GPU)")
     started = time.monotonic()
     ctx = build_context(settings)
-    servers = [uvicorn.Server(uvicorn.Config(create_app(ctx), host=settings.host, port=settings.port,
-                                             log_level="info", timeout_keep_alive=5))]
+    servers = [_Server(uvicorn.Config(create_app(ctx), host=settings.host, port=settings.port,
+                                      log_level="info", timeout_keep_alive=5))]
     for role, port in (("fal_queue", settings.fal_queue_port), ("fal_run", settings.fal_run_port)):
         if port:
             if not (settings.tls_certfile and settings.tls_keyfile):
                 raise SystemExit("fal listeners need --tls-cert and --tls-key (fal-client only speaks https)")
-            servers.append(uvicorn.Server(uvicorn.Config(
+            servers.append(_Server(uvicorn.Config(
                 create_app(ctx, role), host=settings.host, port=port, log_level="info",
                 ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile,
             )))
@@ -354,6 +363,15 @@ def serve(settings: ServerSettings, *, log_ready: bool = True) -> None:
                  settings.base_url())
 
     async def run_all():
+        loop = asyncio.get_running_loop()
+
+        def stop(signame: str) -> None:
+            log.info("%s: draining (the running job goes back to the queue; queued jobs stay stored)", signame)
+            for server in servers:
+                server.should_exit = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop, sig.name)
         await asyncio.gather(*(server.serve() for server in servers))
 
     try:

@@ -159,3 +159,30 @@ def test_job_killed_twice_while_running_fails_as_interrupted(server, tmp_path):
     assert (info.frames, info.width, info.height) == (120, 160, 96)
     assert _rows(tmp_path / "jobs.db") == {doomed: ("failed", 2), follower: ("completed", 1)}
     assert _leftover_parts(outputs) == []
+
+
+def test_sigterm_drains_without_losing_or_charging_anything(server):
+    """SIGTERM mid-job: exit code 0, the running job back in the queue with its attempt refunded, queued jobs
+    untouched; after a restart every job completes."""
+    import signal
+
+    server.start()
+    ids = [_submit(server, 480, 100)] + [_submit(server, 24, 101 + i) for i in range(3)]
+    _wait_processing(server, ids[0])
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(60) == 0, server.log_tail()
+    with sqlite3.connect(server.db) as con:
+        rows = dict(((row[0], row[1:]) for row in con.execute("SELECT id, status, attempts FROM jobs")))
+    assert rows == {job_id: ("queued", 0) for job_id in ids}
+    assert "draining" in server.log_tail()
+
+    server.start()
+    deadline = time.monotonic() + POLL_DEADLINE_S
+    for job_id in ids:
+        while True:
+            data = _status(server, job_id).json()["data"]
+            if data["status"] in TERMINAL:
+                break
+            assert time.monotonic() < deadline, data
+            time.sleep(0.1)
+        assert data["status"] == "completed", data
