@@ -78,13 +78,14 @@ def test_v2v_mp4(pipe, tmp_path):
     info = probe_video(out.path)
     # v2v: the first 32 frames -> 8 prefix latents; ceil((24 + 8) / 6) = 6 chunks; chunk 1 emits latents 8..11
     # (decoded as 3 + 1 latents -> 13 frames), chunks 2..5 24 frames each: 109 frames (spec §5.6)
-    assert (info.frames, info.width, info.height) == (109, 64, 64)
+    assert (info.frames, info.width, info.height, info.fps) == (109, 64, 64, 24)
 
 
 def test_chunkwise_prompts(pipe, tmp_path):
     prompts = ["a quiet lake at dawn", "a storm rolls in", "lightning over the lake"]
     out = pipe(prompts, num_frames=96, seed=5, output_path=tmp_path / "scenes.mp4", **SIZE)
-    assert probe_video(out.path).frames == 96
+    info = probe_video(out.path)
+    assert (info.frames, info.width, info.height, info.fps) == (96, 64, 64, 24)
     single = pipe(prompts[0], num_frames=96, seed=5, output_type="latent", **SIZE)
     scenes = pipe(prompts, num_frames=96, seed=5, output_type="latent", **SIZE)
     # same noise; captions differ from chunk 1 on. Chunk 0 is finished before it could see them (block-causal
