@@ -152,10 +152,6 @@ class PipelineExecutor:
         job.chunks_done += 1
         return ChunkDone(job_id, chunk.index, job.state.chunks_total, job.frames_written, preview)
 
-    def is_done(self, job_id: str) -> bool:
-        return self._jobs[job_id].state.done
-
-    # -------------------------------------------------------------------------------------------------- finish
     def finish(self, job_id: str) -> Finished:
         job = self._jobs.pop(job_id)
         job.writer.close()
@@ -167,10 +163,6 @@ class PipelineExecutor:
         job = self._jobs.pop(job_id, None)
         if job is not None:
             job.writer.abort()
-
-    def preview_files(self, job_id: str) -> list[str]:
-        job = self._jobs.get(job_id)
-        return list(job.previews) if job is not None else []
 
     def empty_device_cache(self) -> None:
         if self.pipe.device.type == "cuda":

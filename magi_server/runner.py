@@ -309,9 +309,3 @@ def sampler_step_batch(model, states: list[SamplerState]) -> list[LatentChunk | 
     return results
 
 
-def run_sampler(model, state: SamplerState):
-    """Yield each chunk as soon as it is final."""
-    while not state.done:
-        chunk = sampler_step(model, state)
-        if chunk is not None:
-            yield chunk

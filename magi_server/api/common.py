@@ -378,16 +378,6 @@ def submit_job(ctx: ServerContext, *, api: str, model: str, params: GenerationPa
     return job
 
 
-def wait_for_terminal(ctx: ServerContext, job_id: str, timeout_s: float, poll_s: float = 0.05) -> Job | None:
-    """Block until the job is terminal or the timeout passes (sync modes); returns the latest record."""
-    deadline = time.monotonic() + timeout_s
-    job = ctx.store.get(job_id)
-    while job is not None and not job.is_terminal and time.monotonic() < deadline:
-        time.sleep(poll_s)
-        job = ctx.store.get(job_id)
-    return job
-
-
 async def wait_for_terminal_async(ctx: ServerContext, job_id: str, timeout_s: float, poll_s: float = 0.05) -> Job | None:
     deadline = time.monotonic() + timeout_s
     job = ctx.store.get(job_id)
