@@ -227,6 +227,13 @@ class ServerContext:
         return any(matches)
 
 
+def find_job(ctx: "ServerContext", job_id: str, owner: str, api: str) -> Job | None:
+    """The caller's job of one API. With API keys on, another tenant's job is None (a 404, not an existence
+    oracle); a job submitted through another API is None too."""
+    job = ctx.store.get(job_id, owner=owner if ctx.settings.api_keys else None)
+    return job if job is not None and job.api == api else None
+
+
 def bearer_token(headers) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header (scheme case-insensitive), else None."""
     scheme, _, token = headers.get("authorization", "").partition(" ")

@@ -39,8 +39,9 @@ from magi_server.api.common import (
     ASPECT_CHOICES,
     FieldError,
     Overloaded,
-    Unavailable,
     ServerContext,
+    Unavailable,
+    find_job,
     image_params,
     iso_time,
     opt_bool,
@@ -397,8 +398,8 @@ def build_router(ctx: ServerContext, *, sync: bool) -> APIRouter:
                             headers={"Retry-After": str(max(1, int(exc.retry_after_s)))})
 
     def find(request_id: str, owner: str, route_app: str) -> Job | None:
-        job = ctx.store.get(request_id, owner=owner if ctx.settings.api_keys else None)
-        if job is None or job.api != "fal":
+        job = find_job(ctx, request_id, owner, "fal")
+        if job is None:
             return None
         app_id = job.meta.get("app", job.model)
         # the owner/alias form serves every app under it; the full-path form only its own app

@@ -51,6 +51,7 @@ from magi_server.api.common import (
     Unavailable,
     authorize_bearer,
     check_body,
+    find_job,
     image_params,
     iso_time,
     opt_bool,
@@ -372,10 +373,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter()
 
     def _lookup(job_id: str, owner: str) -> Job | None:
-        job = ctx.store.get(job_id, owner=owner if ctx.settings.api_keys else None)
-        if job is None or job.api != "magichour":
-            return None
-        return job
+        return find_job(ctx, job_id, owner, "magichour")
 
     @router.post("/v1/image-to-video")
     async def create(request: Request):

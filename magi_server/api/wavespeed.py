@@ -27,6 +27,7 @@ from magi_server.api.common import (
     Unavailable,
     authorize_bearer,
     check_body,
+    find_job,
     image_params,
     iso_time,
     opt_bool,
@@ -189,8 +190,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
         ok, owner = authorize_bearer(ctx, request.headers)
         if not ok:
             return _unauthorized()
-        job = ctx.store.get(job_id, owner=owner if ctx.settings.api_keys else None)
-        if job is None or job.api != "wavespeed":
+        job = find_job(ctx, job_id, owner, "wavespeed")
+        if job is None:
             return error(404, f"prediction {job_id} not found")
         return job
 
