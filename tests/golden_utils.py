@@ -14,7 +14,14 @@ def load_golden(name: str) -> dict:
     return load_file(str(GOLDEN_DIR / name))
 
 
-def assert_close_fp32(actual, expected, name: str = "tensor", rel: float = 1e-4) -> None:
+# The golden README's bounds that hold on any x86-64 CPU (§ Tolerances): the reference itself, re-run on another CPU
+# type, drifts from its own stored files by up to 4.2e-5 (DiT), 6.9e-5 (sampler) and 4.5e-4 (vae_fp32). Nothing
+# tighter may be asserted against these files; bit-exactness is a same-machine property (same seed -> same bytes).
+FP32_REL = 3e-4  # DiT forward, KV cache, dispatcher and sampler fixtures
+VAE_FP32_REL = 2e-3  # vae_fp32: its bf16-rounded attention turns last-bit differences into 2-4e-4
+
+
+def assert_close_fp32(actual, expected, name: str = "tensor", rel: float = FP32_REL) -> None:
     """The golden README's float32 bound: max|a-b| <= rel * max(1, max|ref|)."""
     import torch
 
