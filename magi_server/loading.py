@@ -236,6 +236,7 @@ def load_dit(
     model = build_dit(config, attention_backend=attention_backend)
     compute_dtype = getattr(torch, config.params_dtype)
     assign_checkpoint(model, infos, target_dtype=dit_param_dtype(model, compute_dtype), device=device, where=str(folder))
+    model.note_bf16_exact_weights()
     return model.eval().requires_grad_(False)
 
 

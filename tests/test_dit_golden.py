@@ -1,4 +1,10 @@
-"""Golden parity of the DiT (plain call, KV-cache calls) and of the guided-velocity dispatcher, models A and B."""
+"""Golden parity of the DiT (plain call, KV-cache calls) and of the guided-velocity dispatcher, models A and B.
+
+Every fixture runs under each way the DiT can execute: eagerly on the CPU kernels; with the GEMM paths taken on
+CUDA (bf16-operand GEMMs with fp32 output for linear_proj, the embedders and the final linear, the patch embedding
+as a GEMM; emulated on the CPU with the same products); with tiny token pieces (the memory-bounding split of the
+token-wise layer parts); and through torch.compile.
+"""
 from __future__ import annotations
 
 import json
@@ -32,6 +38,32 @@ def variant(request, golden: Path) -> tuple[str, VideoDiT, MagiConfig]:
     return name, load_golden_dit(golden, name), MagiConfig.from_json(golden / f"config_{name}.json")
 
 
+EXECUTIONS = ["eager", "tensor_core_gemms", "small_pieces", pytest.param("compiled", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(params=EXECUTIONS)
+def execution(request, variant, monkeypatch):
+    """Configure the module-scoped model for one execution mode and restore it afterwards."""
+    _, model, _ = variant
+    mode = request.param
+    if mode == "tensor_core_gemms":
+        from magi_server.models import dit as dit_module
+
+        monkeypatch.setattr(dit_module, "fp32_out_gemm_available", lambda device: True)
+    if mode == "small_pieces":
+        model.max_piece_tokens = 25  # 72-token chunks -> pieces of 24 tokens
+    model.set_compiled(mode == "compiled")
+    yield mode
+    model.max_piece_tokens = dit_module_default()
+    model.set_compiled(False)
+
+
+def dit_module_default() -> int:
+    from magi_server.models.dit import DEFAULT_MAX_PIECE_TOKENS
+
+    return DEFAULT_MAX_PIECE_TOKENS
+
+
 def _dt(model: VideoDiT, kwargs: dict) -> float | None:
     return distill_dt(kwargs["num_steps"], kwargs["distill_interval"]) if model.config.distill else None
 
@@ -45,7 +77,7 @@ def test_fp32_policy_matches_manifest(golden: Path, manifest: dict) -> None:
         assert got == expected
 
 
-def test_forward_plain(variant, manifest: dict) -> None:
+def test_forward_plain(variant, execution, manifest: dict) -> None:
     name, model, _ = variant
     data = load_golden(f"dit_{name}_forward_plain.safetensors")
     kwargs = manifest["files"][f"dit_{name}_forward_plain.safetensors"]["kwargs"]
@@ -64,7 +96,7 @@ def test_forward_plain(variant, manifest: dict) -> None:
         assert_close_fp32(inter[key[len("inter."):]], data[key], f"{name}.{key}")
 
 
-def test_forward_kvcache(variant, manifest: dict) -> None:
+def test_forward_kvcache(variant, execution, manifest: dict) -> None:
     name, model, _ = variant
     data = load_golden(f"dit_{name}_forward_kvcache.safetensors")
     calls = manifest["files"][f"dit_{name}_forward_kvcache.safetensors"]["kwargs"]
@@ -86,7 +118,7 @@ def test_forward_kvcache(variant, manifest: dict) -> None:
     assert cache.chunks() == [0, 1, 2, 3]
 
 
-def test_forward_dispatcher(variant, manifest: dict) -> None:
+def test_forward_dispatcher(variant, execution, manifest: dict) -> None:
     name, model, magi = variant
     data = load_golden(f"dit_{name}_forward_dispatcher.safetensors")
     kw = manifest["files"][f"dit_{name}_forward_dispatcher.safetensors"]["kwargs"]

@@ -38,6 +38,9 @@ _FP32_NORM_MODULES = frozenset(
 _PROJ_INTERLEAVE = 8
 
 _FREQ_EMBED_SIZE = 256
+# Largest token piece of the token-wise layer parts: a 24B piece's fc1 output is then 0.5 GB (bf16), and GEMMs of
+# this many rows still run at full tensor-core speed.
+DEFAULT_MAX_PIECE_TOKENS = 8192
 _TIMESTEP_RESCALE = 1000
 _ROPE_REF_AREA = 16 * 16
 
@@ -103,10 +106,14 @@ class KVCache:
         elif tuple(rows.shape[1:]) != self._row_shape:
             raise ValueError(f"rows of shape {tuple(rows.shape[1:])} do not match the cache's {self._row_shape}")
         for i in range(rows.shape[0] // tpc):
-            # copy=True: never keep a view that would pin the caller's whole K|V tensor in memory
-            piece = rows[i * tpc : (i + 1) * tpc].to(device=self.device, dtype=self.dtype, copy=True)
+            part = rows[i * tpc : (i + 1) * tpc]
             if self.pin_memory:
-                piece = piece.pin_memory()
+                # straight into page-locked memory, asynchronously: only later uploads on the same stream read it
+                piece = torch.empty(part.shape, dtype=self.dtype, pin_memory=True)
+                piece.copy_(part, non_blocking=True)
+            else:
+                # copy=True: never keep a view that would pin the caller's whole K|V tensor in memory
+                piece = part.to(device=self.device, dtype=self.dtype, copy=True)
             store[first_chunk + i] = piece
 
     def read(self, layer: int, first_chunk: int, end_chunk: int) -> torch.Tensor:
@@ -194,12 +201,74 @@ class PreLayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
+def fp32_out_gemm_available(device: torch.device) -> bool:
+    """True where a GEMM of bf16 operands can write fp32 directly (``torch.mm(..., out_dtype=float32)``): CUDA, and
+    meta, where the planner accounts the CUDA path. CPU has no such kernel and keeps true fp32 GEMMs, which is also
+    what is fastest there."""
+    return device.type in ("cuda", "meta")
+
+
+def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for bf16 operands with fp32 accumulation and fp32 output. Every product of two bf16 values is exact in
+    fp32, so this equals the fp32 GEMM of the same values up to summation order (a bf16 *output* would not)."""
+    if a.device.type == "cpu":  # the same arithmetic where the fused kernel does not exist (tests)
+        return a.float() @ b.float()
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+def split_bf16_exact(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three bf16 tensors whose fp32 sum is exactly ``x`` (fp32). bf16 keeps 8 significant bits and fp32 24: each
+    rounding leaves a remainder that is exact in fp32 with 8 fewer bits, so three pieces hold all 24."""
+    hi = x.to(torch.bfloat16)
+    rest = x - hi.float()
+    mid = rest.to(torch.bfloat16)
+    lo = (rest - mid.float()).to(torch.bfloat16)
+    return hi, mid, lo
+
+
+def linear_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                weight_bf16_exact: bool = False) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` with the products and sums of an fp32 GEMM, run on bf16 tensor cores where it can.
+
+    The reference computes these layers under fp32 autocast. Their operands are bf16 values almost everywhere:
+    linear_proj reads the bf16 attention outputs with a bf16 weight, and the promoted embedders / final linear hold
+    weights that came from bf16 checkpoints (``weight_bf16_exact``). So on CUDA (and meta, for the planner):
+    * bf16 input, bf16 weight: one bf16-operand GEMM with fp32 accumulation and output (exact products);
+    * fp32 input, bf16-exact weight: the input split into three bf16 pieces (exact), three such GEMMs summed;
+    * anything else, and every case on CPU: a true fp32 GEMM.
+    No path rounds the output, so the result is that of the fp32 GEMM up to summation order.
+    """
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    low = torch.bfloat16
+    if fp32_out_gemm_available(flat.device):
+        if flat.dtype == low and weight.dtype == low:
+            out = mm_fp32_out(flat, weight.t())
+        elif flat.dtype == torch.float32 and (weight.dtype == low or weight_bf16_exact):
+            w = weight.to(low).t()
+            hi, mid, lo = split_bf16_exact(flat)
+            out = mm_fp32_out(hi, w)
+            out += mm_fp32_out(mid, w)
+            out += mm_fp32_out(lo, w)
+        else:
+            out = flat.float() @ weight.float().t()
+    else:
+        out = flat.float() @ weight.float().t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.view(*lead, weight.shape[0])
+
+
 class FP32Linear(nn.Linear):
-    """A Linear computed in fp32 whatever the stored dtype (the reference runs these under fp32 autocast)."""
+    """A Linear computed with fp32 accumulation and output whatever the stored dtype (the reference runs these under
+    fp32 autocast); see :func:`linear_fp32`. ``weight_bf16_exact`` is set by the loader when the stored fp32 weight
+    holds bf16 values (checkpoints are bf16), and assumed on meta (the planner's stand-in for real weights)."""
+
+    weight_bf16_exact: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.float()
-        return F.linear(x.float(), self.weight.float(), bias)
+        exact = self.weight_bf16_exact or self.weight.device.type == "meta"
+        return linear_fp32(x, self.weight, self.bias, weight_bf16_exact=exact)
 
 
 class TimestepEmbedder(nn.Module):
@@ -278,12 +347,44 @@ class RotaryBands(nn.Module):
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on the first 2·R channels of each head; x (N, S, H, D), cos/sin (S, R)."""
+    """Rotate-half RoPE on the first 2·R channels of each head; x (S, H, D), cos/sin (S, R)."""
     r = cos.shape[-1]
     x1, x2, rest = x[..., :r], x[..., r : 2 * r], x[..., 2 * r :]
-    c = cos[None, :, None, :]
-    s = sin[None, :, None, :]
+    c = cos[:, None, :]
+    s = sin[:, None, :]
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, rest], dim=-1)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Rows [start, end) of the batch-flattened tokens, inside one chunk (``element``, ``chunk``); ``position`` is
+    the first row's index within its element's sequence (for the RoPE table)."""
+
+    start: int
+    end: int
+    element: int
+    chunk: int
+    position: int
+
+
+def token_pieces(elements: int, chunks: int, tokens_per_chunk: int, max_tokens: int) -> list[_Piece]:
+    """Split every chunk of every batch element into the fewest near-equal pieces of at most ``max_tokens`` rows.
+
+    The token-wise parts of a layer (projections, norms, RoPE, gates, MLP) run piece by piece, so no full-width
+    intermediate of all window tokens is ever alive (the 24B fc1 output alone is 7.1 GB for a 720p window). Pieces
+    never cross a chunk (one gate vector each) nor a batch element (a request's GEMM shapes do not depend on what it
+    is batched with), and a given resolution always gives the same piece sizes, so compiled code is reused.
+    """
+    pieces = []
+    count = max(1, -(-tokens_per_chunk // max(1, max_tokens)))
+    bounds = [tokens_per_chunk * i // count for i in range(count + 1)]
+    seq = chunks * tokens_per_chunk
+    for b in range(elements):
+        for c in range(chunks):
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                position = c * tokens_per_chunk + lo
+                pieces.append(_Piece(b * seq + position, b * seq + c * tokens_per_chunk + hi, b, c, position))
+    return pieces
 
 
 @dataclass
@@ -301,6 +402,8 @@ class _CallContext:
     k_ranges: list[tuple[int, int]]
     xk_ranges: list[tuple[int, int]]
     backend: str
+    pieces: list[_Piece]
+    run: "PieceRunner"
     caption_tokens: list[int] | None = None  # valid caption tokens of each batch element
     caches: list[KVCache] | None = None  # one per batch element
     read_first: list[int] | None = None  # per element: first cached chunk read
@@ -314,22 +417,105 @@ class _CallContext:
             return fn(rows)
         return torch.cat([fn(part) for part in rows.split(self.caption_tokens)])
 
-    def merge_cache(self, layer: int, kv: torch.Tensor) -> torch.Tensor:
-        """Per element: [cached chunks read_first..read_end ; current rows], writing the current rows first when
-        asked. ``kv`` is (N·S, groups, 2·head_dim), batch-major."""
+    def keys_and_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per element: [cached chunks read_first..read_end ; current rows] as separate key and value tensors,
+        writing the current rows' [key | value] into the cache first when asked. ``k``/``v`` are (N·S, groups, hd)."""
         if self.caches is None:
-            return kv
-        per_element = kv.shape[0] // len(self.caches)
-        pieces = []
+            return k, v
+        elements = len(self.caches)
+        per_element = k.shape[0] // elements
+        tpc = self.tokens_per_chunk
+        pasts = []
         for b, cache in enumerate(self.caches):
-            current = kv[b * per_element : (b + 1) * per_element]
+            rows = slice(b * per_element, (b + 1) * per_element)
             if self.write_chunks:
-                cache.write(layer, self.write_first, current[: self.write_chunks * self.tokens_per_chunk])
+                written = slice(rows.start, rows.start + self.write_chunks * tpc)
+                cache.write(layer, self.write_first, torch.cat([k[written], v[written]], dim=-1))
             if self.read_end > self.read_first[b]:
-                past = cache.read(layer, self.read_first[b], self.read_end).to(device=kv.device, dtype=kv.dtype)
-                pieces.append(past)
-            pieces.append(current)
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+                pasts.append(cache.read(layer, self.read_first[b], self.read_end))
+            else:
+                pasts.append(None)
+        if all(past is None for past in pasts):
+            return k, v
+        total = k.shape[0] + sum(0 if past is None else past.shape[0] for past in pasts)
+        hd = k.shape[-1]
+        key = k.new_empty((total, *k.shape[1:]))
+        value = v.new_empty((total, *v.shape[1:]))
+        at = 0
+        for b, past in enumerate(pasts):
+            if past is not None:
+                past = past.to(device=k.device, dtype=k.dtype, non_blocking=True)
+                key[at : at + past.shape[0]] = past[..., :hd]
+                value[at : at + past.shape[0]] = past[..., hd:]
+                at += past.shape[0]
+            key[at : at + per_element] = k[b * per_element : (b + 1) * per_element]
+            value[at : at + per_element] = v[b * per_element : (b + 1) * per_element]
+            at += per_element
+        return key, value
+
+
+class PieceRunner:
+    """Calls the token-wise piece functions of a layer, eagerly or through ``torch.compile``.
+
+    Compiled once per function with the token dimension dynamic, so every call of any request at any length reuses
+    the same graphs (the piece sizes depend only on the resolution). The layers' modules are passed as arguments:
+    with PyTorch's inlining of nn.Modules their parameters become graph inputs, so all layers share one graph.
+    """
+
+    def __init__(self, compiled: bool) -> None:
+        self.compiled = compiled
+        self._functions: dict = {}
+
+    def __call__(self, fn, *args):
+        if not self.compiled:
+            return fn(*args)
+        compiled = self._functions.get(fn)
+        if compiled is None:
+            compiled = self._functions[fn] = torch.compile(fn, dynamic=True)
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and arg.dim() >= 1:
+                torch._dynamo.maybe_mark_dynamic(arg, 0)  # rows; a hint, so a fixed-size dim may stay static
+        # Without duck shaping, sizes that happen to be equal on one call (a piece of 64 rows and a hidden size of
+        # 64) are not assumed equal forever, which would recompile on the next call where they differ.
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return compiled(*args)
+
+
+# ------------------------------------------------------------------------------------------------ token-wise pieces
+# Plain functions of (modules, tensors) so torch.compile can fuse each into a few kernels: the fp32 q/k norm + RoPE,
+# the gate x branch + post-norm + residual and the SwiGLU are elementwise chains around the GEMMs.
+def _self_attention_inputs(att: "ParallelAttention", h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (rows, heads, hd), k, v (rows, groups, hd) of one piece; q/k norm and RoPE in fp32 (spec §2.7 step 3)."""
+    rows = h.shape[0]
+    a = att.linear_qkv.layer_norm(h)
+    q = att.linear_qkv.q(a).to(dtype).view(rows, att.num_heads, att.head_dim)
+    q = _apply_rope(att.q_layernorm(q.float()), cos, sin).to(dtype)
+    k = att.linear_qkv.k(a).to(dtype).view(rows, att.num_groups, att.head_dim)
+    k = _apply_rope(att.k_layernorm(k.float()), cos, sin).to(dtype)
+    v = att.linear_qkv.v(a).to(dtype).view(rows, att.num_groups, att.head_dim)
+    return q, k, v
+
+
+def _cross_attention_queries(att: "ParallelAttention", h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """qx of one piece: from the same pre-norm as q/k/v, normed in the compute dtype, no RoPE."""
+    a = att.linear_qkv.layer_norm(h)
+    qx = att.linear_qkv.qx(a).to(dtype).view(h.shape[0], att.num_heads, att.head_dim)
+    return att.q_layernorm_xattn(qx)
+
+
+def _layer_output(layer: "TransformerLayer", core: torch.Tensor, cross: torch.Tensor, h: torch.Tensor,
+                  gate_attn: torch.Tensor, gate_mlp: torch.Tensor) -> torch.Tensor:
+    """Everything after attention for one piece: fixed 8-way interleave, fp32 projection, gated sandwich norms, MLP."""
+    rows, d = h.shape
+    dtype = h.dtype
+    z = torch.cat([core, cross], dim=-1)
+    z = z.view(rows, 2, _PROJ_INTERLEAVE, -1).transpose(1, 2).reshape(rows, -1)
+    # fp8 replacements return bf16; the gate/post-norm math is fp32 either way
+    proj = layer.self_attention.linear_proj(z).float()
+    h1 = (h.float() + layer.self_attn_post_norm(proj * gate_attn)).to(dtype)
+    m = layer.mlp(h1).float()
+    return (h1.float() + layer.mlp_post_norm(m * gate_mlp)).to(dtype)
 
 
 class QKVProjections(nn.Module):
@@ -359,7 +545,7 @@ class ParallelAttention(nn.Module):
         one_plus = config.apply_layernorm_1p
         self.linear_qkv = QKVProjections(config.hidden_size, q_size, kv_size, eps, dtype)
         self.linear_kv_xattn = nn.Linear(config.xattn_dim, 2 * kv_size, bias=False, dtype=dtype)
-        # stored in params_dtype, computed in fp32 (reference: fp32 autocast around this GEMM)
+        # stored in params_dtype, computed with fp32 accumulation and output (reference: fp32 autocast)
         self.linear_proj = FP32Linear(2 * q_size, config.hidden_size, bias=False, dtype=dtype)
         self.q_layernorm = ZeroCenteredLayerNorm(hd, eps, one_plus, torch.float32)
         self.k_layernorm = ZeroCenteredLayerNorm(hd, eps, one_plus, torch.float32)
@@ -367,30 +553,34 @@ class ParallelAttention(nn.Module):
         self.k_layernorm_xattn = ZeroCenteredLayerNorm(hd, eps, one_plus, dtype)
 
     def forward(self, h: torch.Tensor, ctx: _CallContext, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n, s, _ = h.shape
+        """Self- and cross-attention outputs (N·S, heads·hd) each, compute dtype; ``h`` is (N·S, hidden).
+
+        The two attentions run one after the other so that only one set of queries is alive at a time."""
+        rows = h.shape[0]
         dt = ctx.dtype
         nh, ng, hd = self.num_heads, self.num_groups, self.head_dim
-        a = self.linear_qkv.layer_norm(h)
-
-        # q/k norm and RoPE in fp32, rounded back to the compute dtype (spec §2.7 step 3)
-        q = self.linear_qkv.q(a).to(dt).view(n, s, nh, hd)
-        q = _apply_rope(self.q_layernorm(q.float()), ctx.cos, ctx.sin).to(dt).view(n * s, nh, hd)
-        k = self.linear_qkv.k(a).to(dt).view(n, s, ng, hd)
-        k = _apply_rope(self.k_layernorm(k.float()), ctx.cos, ctx.sin).to(dt).view(n * s, ng, hd)
-        v = self.linear_qkv.v(a).to(dt).view(n * s, ng, hd)
-
-        kv = ctx.merge_cache(layer, torch.cat([k, v], dim=-1))
-        key = kv[..., :hd].contiguous()
-        value = kv[..., hd:].contiguous()
+        q = h.new_empty((rows, nh, hd))
+        k = h.new_empty((rows, ng, hd))
+        v = h.new_empty((rows, ng, hd))
+        for piece in ctx.pieces:
+            at = slice(piece.start, piece.end)
+            pos = slice(piece.position, piece.position + piece.end - piece.start)
+            q[at], k[at], v[at] = ctx.run(_self_attention_inputs, self, h[at], ctx.cos[pos], ctx.sin[pos], dt)
+        key, value = ctx.keys_and_values(layer, k, v)
+        del k, v
         core = range_attention(q, key, value, ctx.q_ranges, ctx.k_ranges, backend=ctx.backend)
+        del q, key, value
 
-        # cross-attention: norms in the compute dtype, no RoPE; linear_kv_xattn rows are per group [k | v]
-        qx = self.q_layernorm_xattn(self.linear_qkv.qx(a).to(dt).view(n * s, nh, hd))
+        # cross-attention: linear_kv_xattn rows are per group [k | v]
+        qx = h.new_empty((rows, nh, hd))
+        for piece in ctx.pieces:
+            at = slice(piece.start, piece.end)
+            qx[at] = ctx.run(_cross_attention_queries, self, h[at], dt)
         kvx = ctx.per_request_rows(self.linear_kv_xattn, ctx.captions).to(dt).view(-1, ng, 2 * hd)
         kx = self.k_layernorm_xattn(kvx[..., :hd]).contiguous()
         vx = kvx[..., hd:].contiguous()
         cross = range_attention(qx, kx, vx, ctx.q_ranges, ctx.xk_ranges, backend=ctx.backend)
-        return core.reshape(n * s, nh * hd), cross.reshape(n * s, nh * hd)
+        return core.view(rows, nh * hd), cross.view(rows, nh * hd)
 
 
 class AdaModulate(nn.Module):
@@ -420,7 +610,7 @@ class FeedForward(nn.Module):
         u = self.linear_fc1(self.layer_norm(h)).to(dt)
         if self.gated:
             gate, lin = u.chunk(2, dim=-1)
-            # one rounding, like the fused silu_and_mul kernel
+            # one rounding, like the fused silu_and_mul kernel (compiled: one kernel, no fp32 temporaries)
             u = (F.silu(gate.float()) * lin.float()).to(dt)
         else:
             u = F.gelu(u)
@@ -440,25 +630,23 @@ class TransformerLayer(nn.Module):
         self.mlp_post_norm = ZeroCenteredLayerNorm(config.hidden_size, eps, one_plus, torch.float32)
 
     def forward(self, h: torch.Tensor, ctx: _CallContext, layer: int) -> torch.Tensor:
-        n, s, d = h.shape
-        dt = ctx.dtype
-        chunked = (n, ctx.chunks, ctx.tokens_per_chunk, d)
-
+        """``h`` (N·S, hidden) in the compute dtype is updated in place, piece by piece, and returned."""
+        d = h.shape[-1]
         core, cross = self.self_attention(h, ctx, layer)
-        z = torch.cat([core, cross], dim=-1)
-        z = z.view(n * s, 2, _PROJ_INTERLEAVE, -1).transpose(1, 2).reshape(n * s, -1)
-        # fp8 replacements return bf16; the gate/post-norm math is fp32 either way
-        proj = self.self_attention.linear_proj(z).float().view(chunked)
 
         # softcap with cap 1: tanh in fp32, rounded to the compute dtype, then used in fp32
+        n = ctx.condition.shape[0]
         ada = torch.cat([self.ada_modulate_layer(ctx.condition[b : b + 1]) for b in range(n)])
-        gates = torch.tanh(ada.float()).to(dt).float()
-        gate_attn, gate_mlp = gates[:, :, None, :d], gates[:, :, None, d:]
-
-        h1 = (h.float().view(chunked) + self.self_attn_post_norm(proj * gate_attn)).to(dt).view(n, s, d)
-        m = self.mlp(h1).float().view(chunked)
-        h2 = (h1.float().view(chunked) + self.mlp_post_norm(m * gate_mlp)).to(dt).view(n, s, d)
-        return h2
+        gates = torch.tanh(ada.float()).to(ctx.dtype).float()  # (N, chunks, 2·hidden)
+        # per (element, chunk) gate vectors as tensors of their own: compiled code then never sees a view whose
+        # base shape depends on the call's chunk count
+        gate_attn = {key: gates[key][:d].clone() for key in {(p.element, p.chunk) for p in ctx.pieces}}
+        gate_mlp = {key: gates[key][d:].clone() for key in gate_attn}
+        for piece in ctx.pieces:
+            at = slice(piece.start, piece.end)
+            key = (piece.element, piece.chunk)
+            h[at] = ctx.run(_layer_output, self, core[at], cross[at], h[at], gate_attn[key], gate_mlp[key])
+        return h
 
 
 class TransformerBlocks(nn.Module):
@@ -499,10 +687,13 @@ class VideoDiT(nn.Module):
     depends on parameter values) for ``load_state_dict(..., assign=True)``.
     """
 
-    def __init__(self, config: DiTConfig, attention_backend: str = "sdpa") -> None:
+    def __init__(self, config: DiTConfig, attention_backend: str = "sdpa", *,
+                 max_piece_tokens: int = DEFAULT_MAX_PIECE_TOKENS) -> None:
         super().__init__()
         self.config = config
         self.attention_backend = attention_backend
+        self.max_piece_tokens = int(max_piece_tokens)
+        self.piece_runner = PieceRunner(compiled=False)
         self.compute_dtype = getattr(torch, config.params_dtype)
         dt = self.compute_dtype
         pt, p = config.t_patch_size, config.patch_size
@@ -518,6 +709,36 @@ class VideoDiT(nn.Module):
         self.rope = RotaryBands(config.hidden_size // config.num_attention_heads)
         self.videodit_blocks = TransformerBlocks(config, dt)
         self.final_linear = FinalLinear(config.hidden_size, pt * p * p * config.out_channels)
+
+    def set_compiled(self, compiled: bool) -> None:
+        """Run the token-wise parts of every layer through ``torch.compile`` (dynamic token count) or eagerly."""
+        if compiled != self.piece_runner.compiled:
+            self.piece_runner = PieceRunner(compiled=compiled)
+
+    @torch.no_grad()
+    def note_bf16_exact_weights(self) -> None:
+        """Mark the fp32-kept GEMM weights whose values are bf16 (what a bf16 checkpoint gives after promotion), so
+        their GEMMs may run on bf16 tensor cores without changing a product (:func:`linear_fp32`)."""
+        for module in [self.x_embedder, *(m for m in self.modules() if isinstance(m, FP32Linear))]:
+            w = module.weight
+            if w.device.type != "meta":
+                module.weight_bf16_exact = bool(torch.equal(w, w.to(torch.bfloat16).to(w.dtype)))
+
+    def _patch_embed(self, xs: torch.Tensor) -> torch.Tensor:
+        """(1, C, T, H, W) fp32 latent -> (1, hidden, T', H', W') tokens, the Conv3d with kernel = stride.
+
+        Where bf16-operand GEMMs with fp32 output exist it runs as patchify + :func:`linear_fp32` (exact products
+        of the bf16-valued weight); elsewhere as the convolution."""
+        weight = self.x_embedder.weight
+        pt, p = self.config.t_patch_size, self.config.patch_size
+        if not fp32_out_gemm_available(xs.device):
+            return F.conv3d(xs, weight.float(), stride=(pt, p, p))
+        n, c, t, hh, ww = xs.shape
+        tp, hp, wp = t // pt, hh // p, ww // p
+        patches = xs.view(n, c, tp, pt, hp, p, wp, p).permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(n, tp * hp * wp, -1)
+        exact = getattr(self.x_embedder, "weight_bf16_exact", False) or weight.device.type == "meta"
+        tokens = linear_fp32(patches, weight.reshape(weight.shape[0], -1), weight_bf16_exact=exact)
+        return tokens.transpose(1, 2).reshape(n, -1, tp, hp, wp)
 
     # ------------------------------------------------------------------ precision policy
     @classmethod
@@ -622,8 +843,7 @@ class VideoDiT(nn.Module):
         # Batch invariance: a request's numbers must not depend on what it is batched with, and BLAS / oneDNN pick
         # different kernels for different small row counts. So the small per-request products (patch embedding,
         # embedders, gates, caption projections) run one request at a time; the big token GEMMs stay batched.
-        weight = self.x_embedder.weight.float()
-        tokens = torch.cat([F.conv3d(xs[b : b + 1], weight, stride=(pt, p, p)) for b in range(n)])
+        tokens = torch.cat([self._patch_embed(xs[b : b + 1]) for b in range(n)])
         tp, hp, wp = tokens.shape[2:]
         tokens = tokens.flatten(2).transpose(1, 2)  # (N, S, h), frame-major token order
         seq = tp * hp * wp
@@ -666,6 +886,7 @@ class VideoDiT(nn.Module):
             dtype=cdt, chunks=chunks, tokens_per_chunk=tpc, cos=cos, sin=sin,
             condition=condition.to(cdt), captions=y_flat.to(cdt), q_ranges=q_ranges, k_ranges=ranges,
             xk_ranges=xk_ranges, backend=self.attention_backend, caption_tokens=per_request_tokens,
+            pieces=token_pieces(n, chunks, tpc, self.max_piece_tokens), run=self.piece_runner,
         )
         key_len = n * seq
         if caches is not None and (slice_point > 0 or write_cache):
@@ -706,11 +927,14 @@ class VideoDiT(nn.Module):
                 )
 
         # ---------------------------------------------------------------- transformer
-        h = tokens.to(cdt)
+        # the residual stream (N·S, hidden) is updated in place by each layer
+        h = tokens.reshape(n * seq, -1).to(dtype=cdt, memory_format=torch.contiguous_format, copy=True)
+        del tokens, xs
         for index, layer in enumerate(self.videodit_blocks.layers):
             h = layer(h, ctx, index)
             if intermediates is not None:
-                intermediates[f"layer{index}.out"] = h.transpose(0, 1)
+                intermediates[f"layer{index}.out"] = h.view(n, seq, -1).transpose(0, 1).clone()
+        h = h.view(n, seq, -1)
 
         # ---------------------------------------------------------------- final layer and unpatchify (fp32)
         h = self.videodit_blocks.final_layernorm(h.float())
