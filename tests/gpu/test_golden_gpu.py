@@ -13,7 +13,7 @@ from magi_server.models.attention import available_backends
 from magi_server.models.vae import TileConfig, decode_to_frames, encode_video_uint8
 from tests.golden_utils import assert_close_bf16, load_golden
 
-BACKENDS = ["sdpa", "flash_attn", "xformers", "flex"]
+BACKENDS = ["sdpa", "flash_attn", "xformers"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
