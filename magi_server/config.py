@@ -357,6 +357,7 @@ class ServerSettings:
     public_base_url: str | None = None  # how clients reach us (defaults to http://host:port)
     api_keys: tuple[str, ...] = ()  # empty: auth off (only allowed on loopback)
     device: str = "cpu"
+    compile: bool | None = None  # torch.compile of the DiT layers; None: on for CUDA, off elsewhere
     max_queue: int = 64
     max_batch_size: int = 4
     memory_budget_bytes: int = 1 << 62

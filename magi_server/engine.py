@@ -6,12 +6,21 @@ becomes an :class:`EngineEvent` handed to ``on_event`` (the HTTP layer persists 
 Other threads only talk to the engine through :meth:`Engine.submit` / :meth:`Engine.cancel` (an inbox) and read a
 few counters; they never touch the scheduler or a tensor.
 
+Only model calls block this thread. A prefill (prompt encoding, image/video encoding) and a finished chunk's output
+(VAE decode, MP4 append, preview, the final close) run on the executor's worker threads while the running jobs keep
+stepping; the executor reports them through ``poll()`` at the start of a round (waking the loop through the inbox)
+and the engine turns them into scheduler updates and events then: a job joins the running set when its prefill is
+reported, a "chunk" event follows the chunk's write, "finished" the MP4's close. While a prefill is in flight, new
+submits wait here ("queued", holding their queue slot) and are admitted together once it is reported: the prefill
+worker does one group at a time, so they could not start earlier, and jobs admitted together share model calls.
+With admission by count (no memory budget), a job whose MP4 is still being closed keeps its place until then.
+
 Admission: :meth:`try_reserve` holds a queue slot before the HTTP layer stores a job, so a full queue is refused
 (429) before anything is written; jobs recovered from the store after a restart bypass the bound.
 Failure handling: bad input found during prefill fails that job; running out of device memory fails the jobs of
-that step and the engine goes on; any other exception fails the jobs involved, and an error that leaves the device
-unusable (a CUDA error other than out-of-memory) stops the loop so readiness turns false and a supervisor restarts
-the process.
+that step and the engine goes on; a chunk output that cannot be written fails that job; any other exception fails
+the jobs involved, and an error that leaves the device unusable (a CUDA error other than out-of-memory) stops the
+loop so readiness turns false and a supervisor restarts the process.
 """
 from __future__ import annotations
 
@@ -23,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from magi_server.params import GenerationParams
-from magi_server.scheduler import Request, Scheduler, StepPlan, estimate_request_bytes
+from magi_server.scheduler import Request, RequestStatus, Scheduler, StepPlan, estimate_request_bytes
 from magi_server.video import InputError
 
 log = logging.getLogger("magi_server.engine")
@@ -66,7 +75,16 @@ class _Cancel:
     job_id: str
 
 
+@dataclass(frozen=True)
+class _Wake:
+    """Put in the inbox by the executor's workers: a result is ready for ``poll()``."""
+
+
 class Engine:
+    """The loop thread and its inbox. ``executor`` is a :class:`magi_server.executor.PipelineExecutor` or anything
+    with its methods: ``memory_facts``, ``start_prefill``, ``prefilling``, ``step``, ``finish``, ``release``,
+    ``poll``, ``set_wakeup``, ``empty_device_cache`` and ``shutdown``."""
+
     def __init__(
         self,
         executor,
@@ -103,15 +121,20 @@ class Engine:
         self._reserved = 0  # queue slots held by submits that are not yet admitted
         self._waiting_reserved: set[str] = set()
         self._positions: dict[str, int] = {}
-        self._running: set[str] = set()
+        self._running: set[str] = set()  # started, ending not reported yet (a finished job's MP4 may be closing)
         self._params: dict[str, GenerationParams] = {}  # jobs the scheduler holds (engine thread only)
         self._timeouts: dict[str, float] = {}  # run-time limits of jobs not yet started (engine thread only)
+        self._held: list[_Submit] = []  # submits waiting for the prefill in flight to be reported (engine thread)
+        # jobs whose failure was reported while running (their output failed); the scheduler ends them through a
+        # cancel, whose "cancelled" ending must not be reported on top (engine thread only)
+        self._quiet_endings: set[str] = set()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._heartbeat = clock()
         self.dead_reason: str | None = None
         self.steps_run = 0
         self.last_batch_size = 0
+        executor.set_wakeup(lambda: self._inbox.put(_Wake()))
 
     # ------------------------------------------------------------------------------------------- other threads
     def try_reserve(self) -> None:
@@ -172,17 +195,27 @@ class Engine:
         self._inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                return  # still inside a model call: the executor is in use, leave its workers alone
+        self.executor.shutdown()
 
     # -------------------------------------------------------------------------------------------- engine thread
     def _loop(self) -> None:
+        idle = True
         try:
             while not self._stop.is_set():
                 self._heartbeat = self.clock()
-                self._drain_inbox(block=not self._scheduler.has_work)
+                # after a round that did nothing, wait for a submit, a cancel or a worker's result (a wake) rather
+                # than spin; idle_wait_s bounds the wait so that deadlines are still reaped
+                self._drain_inbox(block=idle)
                 if self._stop.is_set():
                     break
+                self._collect()
+                if not self.executor.prefilling:
+                    self._admit_held()
                 plan = self._scheduler.schedule()
                 self._execute(plan)
+                idle = plan.is_idle
                 self._refresh_positions()
         except _DeviceLost as exc:
             self.dead_reason = str(exc)
@@ -202,7 +235,7 @@ class Engine:
             if item is None:
                 return
             if isinstance(item, _Submit):
-                self._admit(item)
+                self._held.append(item)  # admitted at the start of the round, unless a prefill is in flight
             elif isinstance(item, _Cancel):
                 self._cancel(item.job_id)
 
@@ -223,7 +256,27 @@ class Engine:
             self._forget(item.job_id)
             self._emit(EngineEvent("failed", item.job_id, error=str(exc), error_code="invalid_input"))
 
+    def _admit_held(self) -> None:
+        """Hand the held submits to the scheduler, in arrival order."""
+        room = len(self._held)
+        if self._count_admission:
+            # Admission by count means at most max_batch_size jobs *processing*. A job whose calls are done but
+            # whose last chunks are still being written has left the scheduler, yet it is still processing (and
+            # would be re-run after a crash), so it still takes its place.
+            room = self._scheduler.max_batch_size - len(self._running) - self._scheduler.waiting_count
+        take = max(0, room)
+        admitted, self._held = self._held[:take], self._held[take:]
+        for item in admitted:
+            self._admit(item)
+
     def _cancel(self, job_id: str) -> None:
+        for item in self._held:
+            if item.job_id == job_id:  # never reached the scheduler: it ends here
+                self._held.remove(item)
+                self._release_reservation(job_id)
+                self._forget(job_id)
+                self._emit(EngineEvent("cancelled", job_id, error="cancelled by the client", error_code="cancelled"))
+                return
         request = self._scheduler.get(job_id)
         if request is None:
             return
@@ -234,7 +287,10 @@ class Engine:
         for job_id, reason in plan.failed:
             self._release_reservation(job_id)
             self._forget(job_id)
-            if reason == "cancelled":
+            self.executor.release(job_id)  # before the report: a client told "cancelled" finds no partial output
+            if job_id in self._quiet_endings:
+                self._quiet_endings.discard(job_id)
+            elif reason == "cancelled":
                 self._emit(EngineEvent("cancelled", job_id, error="cancelled by the client", error_code="cancelled"))
             else:
                 self._emit(EngineEvent("failed", job_id, error=f"job {reason}: exceeded its time limit"
@@ -243,64 +299,112 @@ class Engine:
             # finished, failed or cancelled jobs: every ending was reported when it happened; free the tensors
             self.executor.release(job_id)
             self._forget(job_id)
-        for job_id in plan.prefill:
-            self._prefill(job_id)
+        if plan.prefill:
+            self._prefill(list(plan.prefill))
         if plan.step:
             self._step(list(plan.step))
 
-    def _prefill(self, job_id: str) -> None:
-        self._release_reservation(job_id)
-        timeout_s = self._timeouts.pop(job_id, None)
-        request = self._scheduler.get(job_id)
-        if timeout_s is not None and request is not None:
-            request.deadline = self.clock() + timeout_s  # reaped by the scheduler at the next safe point
-        params = self._params.get(job_id)
-        with self._lock:
-            self._running.add(job_id)
-            self._positions.pop(job_id, None)
-        self._emit(EngineEvent("started", job_id))
+    def _prefill(self, job_ids: list[str]) -> None:
+        """Start the prefill of the jobs admitted this round, as one group on the executor's prefill worker."""
+        group = []
+        for job_id in job_ids:
+            self._release_reservation(job_id)
+            timeout_s = self._timeouts.pop(job_id, None)
+            request = self._scheduler.get(job_id)
+            if timeout_s is not None and request is not None:
+                request.deadline = self.clock() + timeout_s  # reaped by the scheduler at the next safe point
+            with self._lock:
+                self._running.add(job_id)
+                self._positions.pop(job_id, None)
+            self._emit(EngineEvent("started", job_id))
+            group.append((job_id, self._params.get(job_id)))
         try:
-            info = self.executor.prefill(job_id, params)
-        except Exception as exc:
+            self.executor.start_prefill(group)
+        except Exception as exc:  # could not even be handed over
             code, message = self._classify(exc)
-            self._scheduler.on_prefill_failed(job_id, code)
-            self._emit(EngineEvent("failed", job_id, error=message, error_code=code))
+            for job_id, _ in group:
+                self._scheduler.on_prefill_failed(job_id, code)
+                self._emit(EngineEvent("failed", job_id, error=message, error_code=code))
             self._raise_if_fatal(exc)
+
+    def _collect(self) -> None:
+        """Turn the executor's finished background work into scheduler updates and events."""
+        for record in self.executor.poll():
+            if record.kind == "prefilled":
+                self._on_prefilled(record.job_id, record.info)
+            elif record.kind == "chunk":
+                self._emit(EngineEvent("chunk", record.job_id, chunks_done=record.chunk_index + 1,
+                                       chunks_total=record.chunks_total, chunk_index=record.chunk_index,
+                                       preview=record.preview, num_frames=record.frames_total))
+            elif record.kind == "finished":
+                self._emit(EngineEvent("finished", record.job_id, chunks_done=record.chunks_total,
+                                       chunks_total=record.chunks_total, output=record.output,
+                                       num_frames=record.num_frames, inference_ms=record.inference_ms))
+            elif record.kind == "failed":
+                if record.stage == "prefill":
+                    self._on_prefill_failed(record.job_id, record.error)
+                else:
+                    self._on_output_failed(record.job_id, record.error)
+
+    def _on_prefilled(self, job_id: str, info) -> None:
+        request = self._scheduler.get(job_id)
+        if request is None or request.status is not RequestStatus.PREFILLING:
+            self.executor.release(job_id)  # it ended while being prepared; that ending was reported
             return
         self._scheduler.on_prefilled(job_id, info.batch_key, info.calls_total, info.chunks_total)
         self._emit(EngineEvent("progress", job_id, chunks_done=0, chunks_total=info.chunks_total))
+
+    def _on_prefill_failed(self, job_id: str, exc: Exception) -> None:
+        request = self._scheduler.get(job_id)
+        if request is None or request.status is not RequestStatus.PREFILLING:
+            return  # it ended while being prepared; that ending was reported
+        code, message = self._classify(exc)
+        self._scheduler.on_prefill_failed(job_id, code)
+        if not request.cancel_requested:  # otherwise the cancel wins and is reported at the next round
+            self._emit(EngineEvent("failed", job_id, error=message, error_code=code))
+        self._raise_if_fatal(exc)
+
+    def _on_output_failed(self, job_id: str, exc: Exception) -> None:
+        """A chunk's decode/encode or the final close failed: the job fails, its remaining calls are dropped."""
+        self.executor.release(job_id)
+        request = self._scheduler.get(job_id)
+        code, message = self._classify(exc)
+        if request is not None and not request.status.is_terminal:
+            if request.cancel_requested:
+                return  # the cancel wins and is reported at the next round
+            # no scheduler report ends a running job between steps but a cancel; this failure is its ending
+            self._scheduler.cancel(job_id)
+            self._quiet_endings.add(job_id)
+        self._emit(EngineEvent("failed", job_id, error=message, error_code=code))
+        self._raise_if_fatal(exc)
 
     def _step(self, job_ids: list[str]) -> None:
         self.last_batch_size = len(job_ids)
         self.steps_run += 1
         try:
-            chunks = self.executor.step(job_ids)
+            chunk_jobs = self.executor.step(job_ids)
         except Exception as exc:
             code, message = self._classify(exc)
             self._scheduler.on_step_failed(job_ids, code)
             for job_id in job_ids:
+                # released now, not at the next plan: output of its earlier chunks must not be reported after this
+                self.executor.release(job_id)
                 self._emit(EngineEvent("failed", job_id, error=message, error_code=code))
             if code == "oom":
                 self.executor.empty_device_cache()
             self._raise_if_fatal(exc)
             return
-        finished_chunks = {c.job_id: 1 for c in chunks}
+        finished_chunks = {job_id: 1 for job_id in chunk_jobs}
         finished = self._scheduler.on_step_done(job_ids, finished_chunks)
-        for c in chunks:
-            self._emit(EngineEvent("chunk", c.job_id, chunks_done=c.chunk_index + 1, chunks_total=c.chunks_total,
-                                   chunk_index=c.chunk_index, preview=c.preview, num_frames=c.frames_total))
+        # the chunks' "chunk" events come when their output is written, "finished" when the MP4 is closed
         for job_id in finished:
             try:
-                result = self.executor.finish(job_id)
+                self.executor.finish(job_id)
             except Exception as exc:
                 code, message = self._classify(exc)
+                self.executor.release(job_id)
                 self._emit(EngineEvent("failed", job_id, error=message, error_code=code))
                 self._raise_if_fatal(exc)
-                continue
-            progress = self._scheduler.progress(job_id) or (0, 0)
-            self._emit(EngineEvent("finished", job_id, chunks_done=progress[0], chunks_total=progress[1],
-                                   output=result.output, num_frames=result.num_frames,
-                                   inference_ms=result.inference_ms))
 
     # ----------------------------------------------------------------------------------------------- helpers
     @staticmethod
@@ -328,7 +432,6 @@ class Engine:
     def _forget(self, job_id: str) -> None:
         with self._lock:
             self._positions.pop(job_id, None)
-            self._running.discard(job_id)
         self._params.pop(job_id, None)
         self._timeouts.pop(job_id, None)
 
@@ -338,10 +441,15 @@ class Engine:
             position = self._scheduler.queue_position(job_id)
             if position is not None:
                 waiting.append((position, job_id))
+        # held submits arrived after every job the scheduler holds: they come last, in arrival order
+        order = [job_id for _, job_id in sorted(waiting)] + [item.job_id for item in self._held]
         with self._lock:
-            self._positions = {job_id: i for i, (_, job_id) in enumerate(sorted(waiting))}
+            self._positions = {job_id: i for i, job_id in enumerate(order)}
 
     def _emit(self, event: EngineEvent) -> None:
+        if event.kind in ("finished", "failed", "cancelled"):
+            with self._lock:
+                self._running.discard(event.job_id)
         try:
             self.on_event(event)
         except Exception:  # the listener is the HTTP layer; its failure must not stop the GPU loop

@@ -153,8 +153,12 @@ def start_sampler(
     num_layers: int,
     cache_dtype: torch.dtype,
     cache_device: torch.device | str,
+    cache_pinned: bool = False,
 ) -> SamplerState:
-    """The state of a request before its first call. ``noise`` is the initial canvas (1, C, T_lat, H, W)."""
+    """The state of a request before its first call. ``noise`` is the initial canvas (1, C, T_lat, H, W).
+
+    ``cache_device`` is where the clean chunks' K/V live between calls: the model's device, or the CPU (pinned with
+    ``cache_pinned``) to keep them off a GPU's memory; each call then uploads the rows it reads, layer by layer."""
     layout = plan.layout
     expected_frames = layout.latent_frames
     if noise.dim() != 5 or noise.shape[0] != 1 or noise.shape[2] != expected_frames:
@@ -183,7 +187,8 @@ def start_sampler(
         captions=captions.to(device=device, dtype=torch.float32),
         caption_masks=caption_masks.to(device=device),
         prefix=None if prefix is None else prefix.to(device),
-        cache=KVCache(num_layers, dtype=cache_dtype, device=cache_device, tokens_per_chunk=plan.tokens_per_chunk),
+        cache=KVCache(num_layers, dtype=cache_dtype, device=cache_device, tokens_per_chunk=plan.tokens_per_chunk,
+                      pin_memory=cache_pinned),
         schedule=init_t(settings.num_steps, settings.shortcut_mode, device=device),
         intervals=init_interval(settings.num_steps, settings.shortcut_mode),
         keep_after=keep_after,

@@ -41,7 +41,9 @@ def build_context(settings: ServerSettings, *, pipeline=None) -> ServerContext:
 
     notice = ""
     if pipeline is None:
-        pipeline = MagiPipeline.from_pretrained(settings.model, device=settings.device, cache_dir=settings.cache_dir)
+        pipeline = MagiPipeline.from_pretrained(
+            settings.model, device=settings.device, cache_dir=settings.cache_dir, compile=settings.compile
+        )
     if str(settings.model).lower() == "tiny":
         from magi_server.tiny import TINY_NOTICE
 

@@ -678,7 +678,10 @@ class Mp4Writer:
     thread count (x264 output depends on the thread count, not on the machine, so "auto" would differ between
     hosts). libx264 settings default to what the reference gets from ffmpeg's defaults (crf 23, preset medium).
 
-    Not thread-safe: one producer per writer. Use as a context manager; leaving the block on an exception aborts.
+    Not thread-safe: one producer per writer. The one exception is :meth:`abort`, which another thread may call
+    while the producer is inside :meth:`append` or :meth:`close`: it kills the encoder, so the producer's call fails
+    at once with VideoWriteError (the server's engine drops a cancelled job's output this way). Use as a context
+    manager; leaving the block on an exception aborts.
     """
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, fps: float = 24, *, crf: int = 23,

@@ -22,12 +22,20 @@ class _Info:
 
 
 @dataclass(frozen=True)
+class _Prefilled:
+    job_id: str
+    info: _Info
+    kind: str = "prefilled"
+
+
+@dataclass(frozen=True)
 class _Chunk:
     job_id: str
     chunk_index: int
     chunks_total: int
     frames_total: int
     preview: str | None = None
+    kind: str = "chunk"
 
 
 @dataclass(frozen=True)
@@ -36,10 +44,21 @@ class _Done:
     output: str
     num_frames: int
     inference_ms: int
+    chunks_total: int = 1
+    kind: str = "finished"
+
+
+@dataclass(frozen=True)
+class _Failed:
+    job_id: str
+    stage: str
+    error: Exception
+    kind: str = "failed"
 
 
 class FakeExecutor:
-    """Three calls per job, one chunk at the last; failure modes chosen by the prompt."""
+    """Three calls per job, one chunk at the last; failure modes chosen by the prompt. Background work finishes at
+    once: its records are ready for the next poll."""
 
     def __init__(self, step_delay: float = 0.0):
         self.calls: dict[str, int] = {}
@@ -48,16 +67,29 @@ class FakeExecutor:
         self.step_delay = step_delay
         self.gate = threading.Event()
         self.gate.set()
+        self.prefilling = False
+        self._records: list = []
+        self._wakeup = lambda: None
+
+    def set_wakeup(self, wakeup):
+        self._wakeup = wakeup
 
     def memory_facts(self, params):
         return dict(latent_frames=24, latent_h=8, latent_w=8, window_chunks=4, chunk_width=6, tokens_per_chunk=96,
                     hidden=64, num_layers=2, kv_groups=1, head_dim=32, bytes_per_elem=4, cfg_passes=1)
 
-    def prefill(self, job_id, params):
-        if params.prompts[0] == "bad":
-            raise InputError("image", "not a PNG, JPEG or WebP image")
-        self.calls[job_id] = 0
-        return _Info(params.shape_key(), 3, 1)
+    def start_prefill(self, jobs):
+        for job_id, params in jobs:
+            if params.prompts[0] == "bad":
+                self._records.append(_Failed(job_id, "prefill", InputError("image", "not a PNG, JPEG or WebP image")))
+                continue
+            self.calls[job_id] = 0
+            self._records.append(_Prefilled(job_id, _Info(params.shape_key(), 3, 1)))
+        self._wakeup()
+
+    def poll(self):
+        records, self._records = self._records, []
+        return records
 
     def step(self, job_ids):
         self.gate.wait(5)
@@ -71,16 +103,20 @@ class FakeExecutor:
         for job_id in job_ids:
             self.calls[job_id] += 1
             if self.calls[job_id] == 3:
-                out.append(_Chunk(job_id, 0, 1, 24))
+                out.append(job_id)
+                self._records.append(_Chunk(job_id, 0, 1, 24))
         return out
 
     def finish(self, job_id):
-        return _Done(job_id, f"{job_id}.mp4", 24, 5)
+        self._records.append(_Done(job_id, f"{job_id}.mp4", 24, 5))
 
     def release(self, job_id):
         self.released.append(job_id)
 
     def empty_device_cache(self):
+        pass
+
+    def shutdown(self):
         pass
 
 

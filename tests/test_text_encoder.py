@@ -57,17 +57,58 @@ def test_encode_shapes_and_mask(encoder):
     assert ids[0, 6].item() == 1 and ids[0, 7:].eq(0).all()
 
 
+def _padded(encoder, prompts):
+    """The encoding over all max_length tokens, as the reference computes it."""
+    ids, attn = encoder.tokenize(prompts)
+    with torch.no_grad():
+        return encoder.model(input_ids=ids, attention_mask=attn).last_hidden_state, attn
+
+
 def test_encode_matches_model_and_is_deterministic(encoder):
     prompts = ["a dog", "the cat runs on the beach."]
     first, mask = encoder.encode(prompts, clean=False)
     second, mask2 = encoder.encode(prompts, clean=False)
     assert torch.equal(first, second) and torch.equal(mask, mask2)
     assert mask.sum(-1).tolist() == [3, 8]
-    ids, attn = encoder.tokenize(prompts)
-    with torch.no_grad():
-        direct = encoder.model(input_ids=ids, attention_mask=attn).last_hidden_state
-    assert torch.equal(first, direct)
+    direct, attn = _padded(encoder, prompts)
+    assert torch.equal(mask, attn)
+    valid = attn.bool()
+    # only the valid tokens went through the model: they get the padded encoding's values up to float32
+    # summation order, the masked ones are zeros (the DiT never reads them)
+    torch.testing.assert_close(first[valid], direct[valid], rtol=1e-5, atol=1e-5)
+    assert first[~valid].eq(0).all()
     assert encoder.model.dtype == torch.float32
+
+
+def test_each_prompt_runs_alone_up_to_its_last_valid_token(encoder, monkeypatch):
+    seen = []
+    forward = encoder.model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(encoder.model, "forward", spy)
+    embeds, mask = encoder.encode(["a dog", "the cat runs on the beach."], clean=False)
+    assert seen == [(1, 3), (1, 8)] and embeds.shape == (2, 800, D_MODEL) and mask.shape == (2, 800)
+    # so a prompt's embedding does not depend on what it is encoded with
+    alone, _ = encoder.encode(["a dog"], clean=False)
+    assert torch.equal(alone[0], embeds[0])
+
+
+def test_offloaded_weights_give_the_same_encoding(encoder):
+    """offload: the weights stay in host memory and a device copy is made per encode (here the device is the CPU,
+    so the copy is the weights themselves): the same numbers as the resident encoder."""
+    offloaded = T5TextEncoder(encoder.model, encoder.tokenizer, offload=True)
+    prompts = ["a dog", "the cat runs on the beach."]
+    a, mask_a = encoder.encode(prompts, clean=False)
+    b, mask_b = offloaded.encode(prompts, clean=False)
+    assert torch.equal(a, b) and torch.equal(mask_a, mask_b)
+
+
+def test_bf16_is_refused_on_the_cpu(t5_root):
+    with pytest.raises(ValueError, match="float32 on the CPU"):
+        T5TextEncoder.from_pretrained(t5_root, dtype=torch.bfloat16)
 
 
 def test_clean_false_lowercases_and_strips(encoder):

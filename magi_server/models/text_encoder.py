@@ -2,7 +2,9 @@
 
 Owns (spec §4):
 
-* ``T5TextEncoder``: T5 v1.1 XXL encoder + tokenizer loaded from a folder, fp32, 800 tokens, prompts cleaned first;
+* ``T5TextEncoder``: T5 v1.1 XXL encoder + tokenizer loaded from a folder, prompts cleaned first, each run only over
+  its valid tokens and returned padded to 800 tokens; fp32 on the CPU, bf16 on a GPU (optionally with the weights
+  kept in host memory between encodes, so they hold no device memory while the DiT runs);
 * ``SpecialTokens``: the learned extra caption tokens of ``special_tokens.npz`` (rounded to float16 like the
   reference), loaded by an explicit ``SpecialTokens.load(path)``;
 * ``CaptionTokenOptions``: which special tokens a request prepends (the reference's PAD_* / NEG_PROMPT environment
@@ -362,31 +364,65 @@ def _dtype_kwarg() -> str:
 
 
 class T5TextEncoder:
-    """T5 encoder + tokenizer, always float32, encoding cleaned prompts to ``max_length`` tokens (spec §4.1-4.3)."""
+    """T5 encoder + tokenizer encoding cleaned prompts to ``max_length`` tokens (spec §4.1-4.3).
 
-    def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device | str = "cpu", max_length: int = 800):
+    Only a prompt's valid tokens go through the model: T5's attention mask gives them the same values either way
+    (padding keys get zero weight; relative position biases depend on distances only; float32 summation order
+    aside), and the DiT reads nothing but the valid tokens (it selects them by the mask), so the 800-token padding
+    only cost time. The result is padded back to ``max_length`` with zeros, the shape every caller expects.
+
+    Where it runs: ``device`` computes; the weights' dtype is the compute dtype (fp32 on the CPU, as the reference;
+    bf16 is allowed on a GPU). ``offload``: the weights stay in (pinned) host memory and are copied onto ``device``
+    for each :meth:`encode`, freed when it returns, so the encoder holds no device memory between prompts.
+    Thread-safe for concurrent :meth:`encode` calls (nothing is mutated); the server runs it off the engine thread.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device | str = "cpu", max_length: int = 800,
+                 *, offload: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.max_length = max_length
+        self.offload = offload
+        # one stream for every encode, not one per call: the caching allocator reuses memory per stream, so the
+        # (offloaded) weights' device copy of one encode is reused by the next instead of piling up
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        dtype = next(model.parameters()).dtype
+        if self.device.type == "cpu" and dtype != torch.float32:
+            # CPU bf16 GEMMs are slower than fp32 ones here, and fp32 is what the reference ran
+            raise ValueError(f"the T5 encoder runs in float32 on the CPU, got {dtype}")
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, device: torch.device | str = "cpu", max_length: int = 800
+        cls, folder: str | Path, device: torch.device | str = "cpu", max_length: int = 800, *,
+        dtype: torch.dtype | None = None, offload: bool = False,
     ) -> "T5TextEncoder":
-        """Load from ``<folder>/t5-v1_1-xxl`` (the reference's ``t5_pretrained`` layout) or from ``folder`` itself."""
+        """Load from ``<folder>/t5-v1_1-xxl`` (the reference's ``t5_pretrained`` layout) or from ``folder`` itself.
+
+        ``dtype``: float32 (the default; the only choice on the CPU) or bfloat16 on a GPU. ``offload``: keep the
+        weights in host memory and copy them onto ``device`` for each encode (see the class docstring).
+        """
         from transformers import AutoTokenizer, T5EncoderModel
 
+        device = torch.device(device)
+        dtype = dtype or torch.float32
+        if device.type == "cpu" and dtype != torch.float32:
+            raise ValueError(f"the T5 encoder runs in float32 on the CPU, got {dtype}")  # before loading 19 GB
         path = resolve_t5_folder(folder)
         _check_t5_files(path)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        kwargs = {_dtype_kwarg(): torch.float32}
-        if torch.device(device).type != "cpu" and importlib.util.find_spec("accelerate") is not None:
+        home = torch.device("cpu") if offload else device
+        kwargs = {_dtype_kwarg(): dtype}
+        if home.type != "cpu" and importlib.util.find_spec("accelerate") is not None:
             # the XXL encoder is 19 GB in fp32: place it directly instead of staging a copy in host memory
-            kwargs["device_map"] = {"": str(device)}
+            kwargs["device_map"] = {"": str(home)}
         model = T5EncoderModel.from_pretrained(str(path), **kwargs)
-        model = model.to(device=device, dtype=torch.float32).eval()
-        return cls(model, tokenizer, device=device, max_length=max_length)
+        model = model.to(device=home, dtype=dtype).eval().requires_grad_(False)
+        if offload and device.type == "cuda":
+            # pinned pages copy to the GPU at full bus speed, asynchronously on the encoding stream
+            for tensor in [*model.parameters(), *model.buffers()]:
+                tensor.data = tensor.data.pin_memory()
+        return cls(model, tokenizer, device=device, max_length=max_length, offload=offload)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask (B, max_length) int64: EOS appended, padded with id 0, truncated."""
@@ -406,7 +442,8 @@ class T5TextEncoder:
         """Embeddings (B, max_length, D) float32 and mask (B, max_length) int64, on the encoder's device.
 
         Each prompt is cleaned first (``preprocess_prompt``: the training-time caption cleaner, applied twice);
-        ``clean=False`` only lower-cases and strips, as the reference does with preprocessing off.
+        ``clean=False`` only lower-cases and strips, as the reference does with preprocessing off. Positions where
+        the mask is 0 hold zeros (the DiT never reads them).
         """
         if isinstance(prompts, str):
             raise TypeError("encode takes a list of prompts")
@@ -417,6 +454,40 @@ class T5TextEncoder:
         else:
             texts = [p.lower().strip() for p in prompts]
         ids, mask = self.tokenize(texts)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        hidden = self.model(input_ids=ids, attention_mask=mask)["last_hidden_state"]
-        return hidden.float(), mask
+        if self.device.type != "cuda":
+            return self._encode(ids, mask)
+        # On a GPU, a stream of its own: the weight copy and the encode overlap the DiT's calls queued on the
+        # default stream by the engine thread, instead of waiting behind them (this runs on a prefill thread).
+        stream = self._stream
+        with torch.cuda.stream(stream):
+            out, mask = self._encode(ids, mask)
+        stream.synchronize()  # this thread waits; the callers' stream never does
+        caller = torch.cuda.current_stream(self.device)
+        for tensor in (out, mask):  # their memory must not be reused while the caller's stream may still read it
+            tensor.record_stream(caller)
+        return out, mask
+
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = None
+        if self.offload:
+            # the device copy lives only in this call: freed when it returns, not when the caller drops `out`
+            weights = {name: t.to(self.device, non_blocking=True)
+                       for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]}
+        out = torch.zeros(*ids.shape, self.model.config.d_model, dtype=torch.float32, device=self.device)
+        # One prompt at a time, each up to its own last valid token: a prompt's embedding is then the same numbers
+        # whatever else is encoded with it (the other prompts of a request, chunk-wise prompts), as the DiT's
+        # results do not depend on the batch either. The tokenizer pads on the right, so the valid tokens come first.
+        for row in range(ids.shape[0]):
+            length = max(1, int(mask[row].sum())) if self.tokenizer.padding_side == "right" else ids.shape[1]
+            row_mask = mask[row : row + 1, :length].to(self.device)
+            hidden = self._forward(weights, input_ids=ids[row : row + 1, :length].to(self.device),
+                                   attention_mask=row_mask)
+            out[row : row + 1, :length] = hidden.float().masked_fill(row_mask[..., None] == 0, 0.0)
+        return out, mask.to(self.device)
+
+    def _forward(self, weights: dict[str, torch.Tensor] | None, **inputs) -> torch.Tensor:
+        if weights is None:
+            return self.model(**inputs)["last_hidden_state"]
+        from torch.func import functional_call
+
+        return functional_call(self.model, weights, args=(), kwargs=inputs)["last_hidden_state"]
