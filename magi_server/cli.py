@@ -79,7 +79,8 @@ def _load_pipeline(args: argparse.Namespace, config, device: str):
 
     # config is the MagiConfig already read (and checked) from --config: passed as an object, not re-read
     return MagiPipeline.from_pretrained(
-        args.model, config=config if args.config else None, device=device, cache_dir=_cache_dir(args.cache_dir)
+        args.model, config=config if args.config else None, device=device, cache_dir=_cache_dir(args.cache_dir),
+        compile=args.compile,
     )
 
 
@@ -198,16 +199,45 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         log.warning("%s", TINY_NOTICE)
     scale = args.resolution_scale if args.resolution_scale is not None else (0.125 if tiny else 1.0)
+    try:
+        budget = _serving_memory_budget(args.model, device, args.device_memory)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     settings = ServerSettings(
         model=args.model, host=args.host, port=args.port, db_path=args.db, outputs_dir=args.outputs,
         public_base_url=args.public_url, api_keys=tuple(keys), device=device, max_queue=args.max_queue,
         max_batch_size=args.max_batch, job_timeout_s=args.job_timeout or None, sync_timeout_s=args.sync_timeout,
         resolution_scale=scale, fal_queue_port=args.fal_queue_port, fal_run_port=args.fal_run_port,
         tls_certfile=args.tls_cert, tls_keyfile=args.tls_key, cache_dir=str(_cache_dir(args.cache_dir)),
-        max_body_bytes=args.max_body_mb * 1024 * 1024,
+        max_body_bytes=args.max_body_mb * 1024 * 1024, compile=args.compile,
+        **({} if budget is None else {"memory_budget_bytes": budget}),
     )
     serve(settings)
     return 0
+
+
+def _serving_memory_budget(model: str, device: str, device_memory: str | None) -> int | None:
+    """Device memory left for requests once the model is loaded (the admission budget), from the planner's
+    accounting; raises ValueError with one line when the model plus the smallest request cannot fit. None on a
+    CPU without ``--device-memory`` (admission then counts jobs)."""
+    if device_memory is None and not device.startswith("cuda"):
+        return None
+    from magi_server import planner
+    from magi_server.config import RESOLUTION_SIZES
+
+    if device_memory is not None:
+        total = planner.parse_bytes(device_memory)
+    else:
+        import torch
+
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    name, config = planner.model_config(model)
+    problem = planner.startup_problem(config, total, name=name)
+    if problem:
+        raise ValueError(problem)
+    width, height = RESOLUTION_SIZES[("720p", "16:9")]
+    return total - planner.model_memory(config, width=width, height=height)["static_bytes"]
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -232,6 +262,32 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     Path(args.markdown or out.with_suffix(".md")).write_text(table)
     print(table)
     return 0 if report["failed"] == 0 else 1
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from magi_server import planner
+
+    if args.write_fixture:
+        planner.write_memory_fixture(Path(args.write_fixture), progress=lambda line: print(line, file=sys.stderr))
+        return 0
+    if not args.model:
+        print("error: --model: required (a preset name or a weights folder)", file=sys.stderr)
+        return 2
+    try:
+        width, height = planner.parse_resolution(args.resolution)
+        memory = planner.parse_bytes(args.device_memory) if args.device_memory else None
+        inputs = planner.PlanInputs(
+            model=args.model, width=width, height=height, frames=args.frames, steps=args.steps, window=args.window,
+            caption_tokens=args.caption_tokens, t5_device=args.t5, cp=args.cp,
+            kv_offload=None if args.kv_cache is None else args.kv_cache == "host",
+        )
+        result = planner.plan(inputs, gpu=args.gpu, device_memory=memory, layers=args.layers,
+                              suggest=not args.no_suggest)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.as_dict(), indent=2) if args.json else planner.format_plan(result))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("--config", metavar="JSON", help="reference-style MAGI-1 config overriding the folder's")
     mod.add_argument("--device", metavar="{cpu,cuda}",
                      help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    mod.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="torch.compile the DiT layers (default: on for CUDA, off on the CPU)")
     mod.add_argument("--cache-dir", metavar="DIR",
                      help="where the tiny preset's weights are kept "
                           "(default: $MAGI_SERVER_CACHE or ~/.cache/magi-server)")
@@ -304,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--tls-cert", default=None, help="certificate (PEM) for the fal listeners")
     srv.add_argument("--tls-key", default=None, help="private key (PEM) for the fal listeners")
     srv.add_argument("--cache-dir", default=None, help="where the tiny preset keeps its generated weights")
+    srv.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="torch.compile the DiT layers (default: on for CUDA, off on the CPU)")
+    srv.add_argument("--device-memory", default=None, metavar="SIZE",
+                     help="device memory to plan admission against, e.g. 80GB (default: the GPU's total; "
+                          "`magi-server plan` shows what a request needs)")
     srv.add_argument("--log-format", choices=("text", "json"), default="text",
                      help="json: one object per line with the job id as a field")
     srv.set_defaults(func=_cmd_serve)
@@ -320,6 +383,34 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--timeout", type=float, default=3600.0, help="seconds one request may take")
     bn.add_argument("--no-stream", action="store_true", help="do not open the event stream (time to first chunk)")
     bn.set_defaults(func=_cmd_bench)
+
+    pl = sub.add_parser(
+        "plan", help="what a request needs on a GPU: memory peak, FLOPs, roofline time, and what would fit",
+        description="Run the model's own code on the meta device (no GPU, no weights) for one request and report "
+                    "per model call and per request: FLOPs by kind, bytes moved, kernels, the device-memory peak "
+                    "and a roofline time; whether it fits, and if not, what would.",
+    )
+    pl.add_argument("--model", metavar="PRESET|DIR", help="preset (24B-distill, 4.5B-distill-quant, ...), weights "
+                    "folder or config JSON")
+    pl.add_argument("--resolution", default="720p", metavar="480p|720p|WxH", help="output size (default 720p)")
+    pl.add_argument("--frames", type=int, default=96, metavar="N", help="frames at 24 fps (default 96)")
+    pl.add_argument("--steps", type=int, metavar="S", help="sampling steps (default: the model config's)")
+    pl.add_argument("--window", type=int, metavar="W", help="chunks denoised together (default: the config's, 4)")
+    pl.add_argument("--device-memory", metavar="SIZE", help="device memory, e.g. 80GB or 80GiB (default: the GPU's)")
+    pl.add_argument("--gpu", default="H100", choices=("H100", "H200"), help="GPU profile for the roofline")
+    pl.add_argument("--cp", type=int, default=1, metavar="N", help="context-parallel GPUs (an estimate)")
+    pl.add_argument("--t5", choices=("device", "cpu"), help="where the T5 encoder lives (default: the config's)")
+    pl.add_argument("--kv-cache", choices=("host", "device"),
+                    help="where the KV cache lives between calls (default: the config's kv_offload: host)")
+    pl.add_argument("--caption-tokens", type=int, default=100, metavar="N",
+                    help="valid caption tokens of a text pass (default 100, as spec section 11)")
+    pl.add_argument("--layers", choices=("extrapolate", "all"), default="extrapolate",
+                    help="run a 3-layer stand-in and count its middle layer L-2 times (default), or all layers")
+    pl.add_argument("--no-suggest", action="store_true", help="do not plan alternatives when it does not fit")
+    pl.add_argument("--json", action="store_true", help="JSON instead of the table")
+    pl.add_argument("--write-fixture", metavar="PATH",
+                    help="(maintainers) recompute the accounted per-request peaks of tests/data/plan_peaks.json")
+    pl.set_defaults(func=_cmd_plan)
     return parser
 
 

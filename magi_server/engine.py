@@ -32,7 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from magi_server.params import GenerationParams
-from magi_server.scheduler import Request, RequestStatus, Scheduler, StepPlan, estimate_request_bytes
+from magi_server.memory_model import request_memory_estimate
+from magi_server.scheduler import Request, RequestStatus, Scheduler, StepPlan
 from magi_server.video import InputError
 
 log = logging.getLogger("magi_server.engine")
@@ -241,7 +242,7 @@ class Engine:
 
     def _admit(self, item: _Submit) -> None:
         try:
-            est = estimate_request_bytes(**self.executor.memory_facts(item.params))
+            est = request_memory_estimate(**self.executor.memory_facts(item.params)).total_bytes
             if self._count_admission:
                 est = 1
             # the limit is on running time (--job-timeout "seconds a job may run"): its clock starts at prefill,

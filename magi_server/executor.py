@@ -34,7 +34,6 @@ from typing import ClassVar
 
 import torch
 
-from magi_server.chunking import tokens_per_chunk
 from magi_server.params import GenerationParams
 from magi_server.pipeline import MagiPipeline
 from magi_server.runner import LatentChunk, SamplerState, sampler_step_batch
@@ -191,19 +190,17 @@ class PipelineExecutor:
 
     # ------------------------------------------------------------------------------------------ what a job costs
     def memory_facts(self, params: GenerationParams) -> dict:
-        """Arithmetic facts for the scheduler's memory estimate (no tensors touched)."""
-        dit = self.pipe.dit.config
+        """The arguments of :func:`magi_server.memory_model.request_memory_estimate` for a job (no tensors touched):
+        what admission charges it, checked against the planner's op accounting of this code."""
         s = self.pipe.config.sampling
-        latent_h, latent_w = params.height // 8, params.width // 8
         frames = plan_frames_for_output(params.num_frames, params.task) if params.trim_to_frames else params.num_frames
         return dict(
-            latent_frames=max(1, frames // 4 + (1 if params.task == "i2v" else 0)),
-            latent_h=latent_h, latent_w=latent_w,
-            window_chunks=params.window_size or s.window_size, chunk_width=s.chunk_width,
-            tokens_per_chunk=tokens_per_chunk(latent_h, latent_w, s.chunk_width, dit.patch_size, dit.t_patch_size),
-            hidden=dit.hidden_size, num_layers=dit.num_layers, kv_groups=dit.num_query_groups,
-            head_dim=dit.kv_channels, bytes_per_elem=torch.tensor([], dtype=self.pipe.dit.compute_dtype).element_size(),
-            cfg_passes=3 if s.cfg_number == 3 else 1, latent_channels=dit.latent_channels,
+            dit=self.pipe.dit.config, width=params.width, height=params.height, num_frames=frames,
+            num_steps=params.steps or s.num_steps, window_size=params.window_size or s.window_size,
+            cfg_number=s.cfg_number, prefix_frames=1 if params.task == "i2v" else 0,
+            chunk_width=s.chunk_width, noise2clean_kvrange=tuple(s.noise2clean_kvrange),
+            clean_chunk_kvrange=s.clean_chunk_kvrange, max_piece_tokens=self.pipe.dit.max_piece_tokens,
+            kv_offload=self.pipe.kv_cache_device != self.pipe.device,
         )
 
     # ------------------------------------------------------------------------------------------------- prefill

@@ -72,7 +72,7 @@ class Request:
 
     ``batch_hint`` (``GenerationParams.shape_key()``) is all that is known before prefill; the runner's
     ``batch_key`` replaces it after prefill and is the only thing batching compares. ``est_bytes`` is the engine's
-    device-memory estimate (see :func:`estimate_request_bytes`); 0 means "free", so the engine should always set it.
+    device-memory estimate (the engine computes it with :func:`magi_server.memory_model.request_memory_estimate`); 0 means "free", so the engine should always set it.
     ``deadline`` is absolute, on the scheduler's clock.
     """
 
@@ -443,62 +443,3 @@ def _queue_order(request: Request) -> tuple:
 
 def _wait_order(request: Request) -> tuple:
     return (request.last_round, request.arrival, request.seq)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Memory estimate
-# --------------------------------------------------------------------------------------------------------------------
-
-# Live activation elements per token per hidden unit during one layer of one pass: residual stream, normed input,
-# q/k/v, attention output and the MLP's intermediate (several times hidden) coexist for a moment. An estimate with
-# headroom, not a measurement: calibrate the budget against real peaks on the target GPU.
-ACTIVATION_FACTOR = 12
-
-
-def estimate_request_bytes(
-    *,
-    latent_frames: int,
-    latent_h: int,
-    latent_w: int,
-    window_chunks: int,
-    chunk_width: int,
-    tokens_per_chunk: int,
-    hidden: int,
-    num_layers: int,
-    kv_groups: int,
-    head_dim: int,
-    bytes_per_elem: int,
-    cfg_passes: int,
-    latent_channels: int = 16,
-    extra_bytes: int = 0,
-) -> int:
-    """An ESTIMATE of the device memory one request holds while admitted, for admission control.
-
-    * canvas: the whole latent video in fp32, latent_channels x latent_frames (rounded up to whole chunks of
-      ``chunk_width``) x latent_h x latent_w x 4 bytes;
-    * KV cache: the runner evicts every chunk no later call reads, so it holds at most the window's worth of clean
-      chunks: window_chunks x num_layers x tokens_per_chunk x kv_groups x 2·head_dim x bytes_per_elem;
-    * activations of one call: (window_chunks + 1 extra clean chunk) x tokens_per_chunk x hidden x
-      ACTIVATION_FACTOR x bytes_per_elem, once per CFG pass (the passes of a call are alive together);
-    * ``extra_bytes``: what the caller knows beyond this (caption rows, prefix latent).
-
-    Model weights, the VAE decode workspace and allocator fragmentation are not per request: take them off the
-    budget before constructing the :class:`Scheduler`.
-    """
-    values = dict(
-        latent_frames=latent_frames, latent_h=latent_h, latent_w=latent_w, window_chunks=window_chunks,
-        chunk_width=chunk_width, tokens_per_chunk=tokens_per_chunk, hidden=hidden, num_layers=num_layers,
-        kv_groups=kv_groups, head_dim=head_dim, bytes_per_elem=bytes_per_elem, cfg_passes=cfg_passes,
-        latent_channels=latent_channels,
-    )
-    for name, value in values.items():
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if extra_bytes < 0:
-        raise ValueError(f"extra_bytes must be >= 0, got {extra_bytes}")
-    # the runner's canvas always holds whole chunks (the last one is generated in full, then trimmed)
-    canvas_frames = -(-latent_frames // chunk_width) * chunk_width
-    canvas = latent_channels * canvas_frames * latent_h * latent_w * 4
-    kv_cache = window_chunks * num_layers * tokens_per_chunk * kv_groups * 2 * head_dim * bytes_per_elem
-    activations = (window_chunks + 1) * tokens_per_chunk * hidden * ACTIVATION_FACTOR * bytes_per_elem * cfg_passes
-    return canvas + kv_cache + activations + extra_bytes

@@ -75,8 +75,10 @@ class FakeExecutor:
         self._wakeup = wakeup
 
     def memory_facts(self, params):
-        return dict(latent_frames=24, latent_h=8, latent_w=8, window_chunks=4, chunk_width=6, tokens_per_chunk=96,
-                    hidden=64, num_layers=2, kv_groups=1, head_dim=32, bytes_per_elem=4, cfg_passes=1)
+        from magi_server.config import preset
+
+        return dict(dit=preset("tiny").dit, width=64, height=64, num_frames=96, num_steps=8, window_size=4,
+                    cfg_number=1)
 
     def start_prefill(self, jobs):
         for job_id, params in jobs:

@@ -12,7 +12,6 @@ from magi_server.scheduler import (
     RequestStatus,
     Scheduler,
     StepPlan,
-    estimate_request_bytes,
 )
 
 GiB = 1 << 30
@@ -360,23 +359,6 @@ def test_progress_counters():
 # ------------------------------------------------------------------------------------------------------------------
 # Memory estimate and layering
 # ------------------------------------------------------------------------------------------------------------------
-
-
-def test_estimate_request_bytes_arithmetic():
-    kw = dict(
-        latent_frames=24, latent_h=60, latent_w=104, window_chunks=4, chunk_width=6, tokens_per_chunk=6 * 30 * 52,
-        hidden=6144, num_layers=48, kv_groups=8, head_dim=128, bytes_per_elem=2, cfg_passes=3,
-    )
-    total = estimate_request_bytes(**kw)
-    canvas = 16 * 24 * 60 * 104 * 4
-    kv = 4 * 48 * 9360 * 8 * 256 * 2
-    act = 5 * 9360 * 6144 * 12 * 2 * 3
-    assert total == canvas + kv + act
-    # more frames cost canvas only; a partial chunk counts as whole
-    assert estimate_request_bytes(**{**kw, "latent_frames": 25}) == total + 16 * 6 * 60 * 104 * 4
-    assert estimate_request_bytes(**kw, extra_bytes=123) == total + 123
-    with pytest.raises(ValueError, match="hidden"):
-        estimate_request_bytes(**{**kw, "hidden": 0})
 
 
 def test_scheduler_is_torch_free_and_self_contained():

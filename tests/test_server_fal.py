@@ -327,9 +327,9 @@ def test_sync_client_disconnect_cancels_the_job(fal):
 
 def _estimate(pipeline, tmp_path, params: GenerationParams) -> int:
     from magi_server.executor import PipelineExecutor
-    from magi_server.scheduler import estimate_request_bytes
+    from magi_server.memory_model import request_memory_estimate
 
-    return estimate_request_bytes(**PipelineExecutor(pipeline, tmp_path).memory_facts(params))
+    return request_memory_estimate(**PipelineExecutor(pipeline, tmp_path).memory_facts(params)).total_bytes
 
 
 def test_cancel_queued_and_running(tmp_path, pipeline):

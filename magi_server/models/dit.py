@@ -934,13 +934,22 @@ class VideoDiT(nn.Module):
             h = layer(h, ctx, index)
             if intermediates is not None:
                 intermediates[f"layer{index}.out"] = h.view(n, seq, -1).transpose(0, 1).clone()
-        h = h.view(n, seq, -1)
 
         # ---------------------------------------------------------------- final layer and unpatchify (fp32)
-        h = self.videodit_blocks.final_layernorm(h.float())
-        if intermediates is not None:
-            intermediates["blocks_out_after_final_layernorm"] = h.transpose(0, 1)
-        out = self.final_linear.linear(h)  # (N, S, pT·p·p·C), C fastest
+        # piece by piece like the layers: the fp32 norm output of all window tokens would be the call's largest
+        # tensor (2.7 GB for a 24B 720p window)
+        final = self.final_linear.linear
+        out = h.new_empty((n * seq, final.out_features), dtype=torch.float32)  # (N·S, pT·p·p·C), C fastest
+        normed = [] if intermediates is not None else None
+        for piece in ctx.pieces:
+            at = slice(piece.start, piece.end)
+            x_piece = self.videodit_blocks.final_layernorm(h[at].float())
+            if normed is not None:
+                normed.append(x_piece)
+            out[at] = final(x_piece)
+        del h
+        if normed is not None:
+            intermediates["blocks_out_after_final_layernorm"] = torch.cat(normed).view(n, seq, -1).transpose(0, 1)
         c_out = cfg.out_channels
         out = out.view(n, tp, hp, wp, pt, p, p, c_out).permute(0, 7, 1, 4, 2, 5, 3, 6)
         out = out.reshape(n, c_out, tp * pt, hp * p, wp * p)
