@@ -9,6 +9,12 @@ This file owns:
 * :class:`KVCache` — the clean-chunk key/value store that a caller owns and hands to each forward (spec §2.12).
   It is kept per chunk index so a sampler can release chunks that no window reads any more.
 
+Memory and speed: the token-wise parts of a layer (projections, q/k norm + RoPE, everything after attention, the
+final layer) run in chunk-aligned token pieces (:func:`token_pieces`) with the residual stream updated in place, so
+no full-width intermediate of all window tokens is alive; those pieces are plain functions that
+:class:`PieceRunner` can run through ``torch.compile``; the fp32 GEMMs of the reference run as bf16-operand GEMMs with
+fp32 output where the device has them (:func:`linear_fp32`).
+
 Guidance (CFG passes, the nearly-clean copy) is not here; it lives in ``magi_server/velocity.py``.
 All attention goes through :func:`magi_server.models.attention.range_attention`.
 """
