@@ -224,7 +224,6 @@ def _serving_memory_budget(model: str, device: str, device_memory: str | None) -
     if device_memory is None and not device.startswith("cuda"):
         return None
     from magi_server import planner
-    from magi_server.config import RESOLUTION_SIZES
 
     if device_memory is not None:
         total = planner.parse_bytes(device_memory)
@@ -236,7 +235,7 @@ def _serving_memory_budget(model: str, device: str, device_memory: str | None) -
     problem = planner.startup_problem(config, total, name=name)
     if problem:
         raise ValueError(problem)
-    width, height = RESOLUTION_SIZES[("720p", "16:9")]
+    width, height = planner.RESOLUTIONS["720p"]  # the largest size served: its decode workspace is reserved
     return total - planner.model_memory(config, width=width, height=height)["static_bytes"]
 
 

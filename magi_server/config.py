@@ -382,6 +382,10 @@ class ServerSettings:
         return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")
 
 
+# Largest token piece of the DiT's token-wise layer parts (models/dit.py): a 24B piece's fc1 output is then 0.5 GB
+# (bf16), and GEMMs of this many rows still run at full tensor-core speed. memory_model.py charges the same pieces.
+DEFAULT_MAX_PIECE_TOKENS = 8192
+
 RESOLUTION_SIZES = MappingProxyType({
     # (tier, aspect) -> (width, height): same pixel area within a tier, sides multiples of 16 (api-compat.md §5)
     ("720p", "16:9"): (1280, 720),

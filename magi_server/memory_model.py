@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from magi_server.chunking import chunk_layout, plan_sampler_calls, tokens_per_chunk
-from magi_server.config import DiTConfig
+from magi_server.config import DEFAULT_MAX_PIECE_TOKENS, DiTConfig
 
 GB = 10**9
 
@@ -43,7 +43,6 @@ FINAL_LAYER_BYTES_PER_PIECE_TOKEN_HIDDEN = 20
 # latent slices of the call): a small floor in bytes, plus a share of the largest term.
 OTHER_BYTES = 256 * 10**6
 SAFETY = 1.04
-DEFAULT_MAX_PIECE_TOKENS = 8192  # models/dit.py DEFAULT_MAX_PIECE_TOKENS
 CAPTION_TOKENS = 800  # the padded caption length every row has (text_encoder.PADDED_CAPTION_TOKENS)
 
 

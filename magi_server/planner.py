@@ -45,9 +45,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from magi_server.config import RESOLUTION_SIZES
 from magi_server.memory_model import GB, request_memory_estimate
 
-RESOLUTIONS = MappingProxyType({"480p": (832, 480), "720p": (1280, 720)})
+# the landscape size of each tier, as the hosted APIs and `generate --resolution` size them
+RESOLUTIONS = MappingProxyType({tier: RESOLUTION_SIZES[(tier, "16:9")] for tier in ("480p", "720p")})
 
 # T5 v1.1 XXL encoder: 32128 x 4096 embedding, 24 layers of (4 x 4096^2 attention + 2 x 4096 x 10240 gated input +
 # 10240 x 4096 output + 2 norms), one relative-position table (32 x 64) and a final norm.
@@ -895,7 +897,7 @@ def format_plan(result: RequestPlan) -> str:
         f"  roofline: DiT {secs:.1f} s + VAE decode {vae_s:.1f} s ({vae['decodes']} chunks, "
         f"{vae['total_flops'] / 1e12:.0f} TFLOP each)",
         "",
-        f"distinct calls (per call; memory above the weights)",
+        "distinct calls (per call; memory above the weights)",
         f"  {'call':>5} {'count':>5} {'chunks':>6} {'cached':>6} {'PFLOP':>8} {'attn %':>6} {'fp32 GEMM':>10} "
         f"{'kernels':>8} {'peak':>10} {'time s':>7}",
     ]

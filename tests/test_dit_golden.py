@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from magi_server.config import MagiConfig
+from magi_server.config import DEFAULT_MAX_PIECE_TOKENS, MagiConfig
 from magi_server.loading import load_dit
 from magi_server.models.dit import KVCache, VideoDiT
 from magi_server.sampling import distill_dt
@@ -54,14 +54,8 @@ def execution(request, variant, monkeypatch):
         model.max_piece_tokens = 25  # 72-token chunks -> pieces of 24 tokens
     model.set_compiled(mode == "compiled")
     yield mode
-    model.max_piece_tokens = dit_module_default()
+    model.max_piece_tokens = DEFAULT_MAX_PIECE_TOKENS
     model.set_compiled(False)
-
-
-def dit_module_default() -> int:
-    from magi_server.models.dit import DEFAULT_MAX_PIECE_TOKENS
-
-    return DEFAULT_MAX_PIECE_TOKENS
 
 
 def _dt(model: VideoDiT, kwargs: dict) -> float | None:

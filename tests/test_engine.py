@@ -4,56 +4,13 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from dataclasses import dataclass
 
 import pytest
 
 from magi_server.engine import Engine, EngineEvent, QueueFullError
-from magi_server.executor import PipelineExecutor
+from magi_server.executor import ChunkDone, Finished, JobFailed, PipelineExecutor, PrefillInfo, Prefilled
 from magi_server.params import GenerationParams
 from magi_server.video import InputError
-
-
-@dataclass(frozen=True)
-class _Info:
-    batch_key: tuple
-    calls_total: int
-    chunks_total: int
-
-
-@dataclass(frozen=True)
-class _Prefilled:
-    job_id: str
-    info: _Info
-    kind: str = "prefilled"
-
-
-@dataclass(frozen=True)
-class _Chunk:
-    job_id: str
-    chunk_index: int
-    chunks_total: int
-    frames_total: int
-    preview: str | None = None
-    kind: str = "chunk"
-
-
-@dataclass(frozen=True)
-class _Done:
-    job_id: str
-    output: str
-    num_frames: int
-    inference_ms: int
-    chunks_total: int = 1
-    kind: str = "finished"
-
-
-@dataclass(frozen=True)
-class _Failed:
-    job_id: str
-    stage: str
-    error: Exception
-    kind: str = "failed"
 
 
 class FakeExecutor:
@@ -83,10 +40,10 @@ class FakeExecutor:
     def start_prefill(self, jobs):
         for job_id, params in jobs:
             if params.prompts[0] == "bad":
-                self._records.append(_Failed(job_id, "prefill", InputError("image", "not a PNG, JPEG or WebP image")))
+                self._records.append(JobFailed(job_id, "prefill", InputError("image", "not a PNG, JPEG or WebP image")))
                 continue
             self.calls[job_id] = 0
-            self._records.append(_Prefilled(job_id, _Info(params.shape_key(), 3, 1)))
+            self._records.append(Prefilled(job_id, PrefillInfo(params.shape_key(), 3, 1)))
         self._wakeup()
 
     def poll(self):
@@ -106,11 +63,11 @@ class FakeExecutor:
             self.calls[job_id] += 1
             if self.calls[job_id] == 3:
                 out.append(job_id)
-                self._records.append(_Chunk(job_id, 0, 1, 24))
+                self._records.append(ChunkDone(job_id, 0, 1, 24, None))
         return out
 
     def finish(self, job_id):
-        self._records.append(_Done(job_id, f"{job_id}.mp4", 24, 5))
+        self._records.append(Finished(job_id, f"{job_id}.mp4", 24, 5, 1))
 
     def release(self, job_id):
         self.released.append(job_id)

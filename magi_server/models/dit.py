@@ -20,6 +20,7 @@ All attention goes through :func:`magi_server.models.attention.range_attention`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from magi_server.config import DiTConfig
+from magi_server.config import DEFAULT_MAX_PIECE_TOKENS, DiTConfig
 from magi_server.models.attention import range_attention
 
 # Sub-module names whose parameters the reference promotes to fp32 after loading (`_high_precision_promoter`).
@@ -44,9 +45,6 @@ _FP32_NORM_MODULES = frozenset(
 _PROJ_INTERLEAVE = 8
 
 _FREQ_EMBED_SIZE = 256
-# Largest token piece of the token-wise layer parts: a 24B piece's fc1 output is then 0.5 GB (bf16), and GEMMs of
-# this many rows still run at full tensor-core speed.
-DEFAULT_MAX_PIECE_TOKENS = 8192
 _TIMESTEP_RESCALE = 1000
 _ROPE_REF_AREA = 16 * 16
 
@@ -273,8 +271,13 @@ class FP32Linear(nn.Linear):
     weight_bf16_exact: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        exact = self.weight_bf16_exact or self.weight.device.type == "meta"
-        return linear_fp32(x, self.weight, self.bias, weight_bf16_exact=exact)
+        return linear_fp32(x, self.weight, self.bias, weight_bf16_exact=_holds_bf16_values(self))
+
+
+def _holds_bf16_values(module: nn.Module) -> bool:
+    """The loader's mark (:meth:`VideoDiT.note_bf16_exact_weights`), assumed on meta (the planner's stand-in for
+    real, bf16-checkpoint weights)."""
+    return getattr(module, "weight_bf16_exact", False) or module.weight.device.type == "meta"
 
 
 class TimestepEmbedder(nn.Module):
@@ -477,14 +480,18 @@ class PieceRunner:
             return fn(*args)
         compiled = self._functions.get(fn)
         if compiled is None:
+            # dynamic=True: every size (the piece rows) is symbolic from the first compile on
             compiled = self._functions[fn] = torch.compile(fn, dynamic=True)
-        for arg in args:
-            if isinstance(arg, torch.Tensor) and arg.dim() >= 1:
-                torch._dynamo.maybe_mark_dynamic(arg, 0)  # rows; a hint, so a fixed-size dim may stay static
-        # Without duck shaping, sizes that happen to be equal on one call (a piece of 64 rows and a hidden size of
-        # 64) are not assumed equal forever, which would recompile on the next call where they differ.
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
-            return compiled(*args)
+        return compiled(*args)
+
+    def settings(self):
+        """The compiler settings a forward runs under (entered once per forward, not per piece: it costs ~50 µs).
+
+        Without duck shaping, sizes that happen to be equal on one call (a piece of 64 rows and a hidden size of
+        64) are not assumed equal forever, which would recompile on the next call where they differ."""
+        if not self.compiled:
+            return contextlib.nullcontext()
+        return torch.fx.experimental._config.patch(use_duck_shape=False)
 
 
 # ------------------------------------------------------------------------------------------------ token-wise pieces
@@ -742,8 +749,8 @@ class VideoDiT(nn.Module):
         n, c, t, hh, ww = xs.shape
         tp, hp, wp = t // pt, hh // p, ww // p
         patches = xs.view(n, c, tp, pt, hp, p, wp, p).permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(n, tp * hp * wp, -1)
-        exact = getattr(self.x_embedder, "weight_bf16_exact", False) or weight.device.type == "meta"
-        tokens = linear_fp32(patches, weight.reshape(weight.shape[0], -1), weight_bf16_exact=exact)
+        tokens = linear_fp32(patches, weight.reshape(weight.shape[0], -1),
+                             weight_bf16_exact=_holds_bf16_values(self.x_embedder))
         return tokens.transpose(1, 2).reshape(n, -1, tp, hp, wp)
 
     # ------------------------------------------------------------------ precision policy
@@ -936,10 +943,11 @@ class VideoDiT(nn.Module):
         # the residual stream (N·S, hidden) is updated in place by each layer
         h = tokens.reshape(n * seq, -1).to(dtype=cdt, memory_format=torch.contiguous_format, copy=True)
         del tokens, xs
-        for index, layer in enumerate(self.videodit_blocks.layers):
-            h = layer(h, ctx, index)
-            if intermediates is not None:
-                intermediates[f"layer{index}.out"] = h.view(n, seq, -1).transpose(0, 1).clone()
+        with self.piece_runner.settings():
+            for index, layer in enumerate(self.videodit_blocks.layers):
+                h = layer(h, ctx, index)
+                if intermediates is not None:
+                    intermediates[f"layer{index}.out"] = h.view(n, seq, -1).transpose(0, 1).clone()
 
         # ---------------------------------------------------------------- final layer and unpatchify (fp32)
         # piece by piece like the layers: the fp32 norm output of all window tokens would be the call's largest
