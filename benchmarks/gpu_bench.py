@@ -46,12 +46,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's magi_server, wherever we run from
 
-from magi_server.chunking import chunk_layout, plan_sampler_calls, tokens_per_chunk  # noqa: E402
-from magi_server.config import TINY_VAE, DiTConfig, VAEConfig, preset  # noqa: E402
-from magi_server.loading import build_dit  # noqa: E402
+from magi_server.runtime.chunking import chunk_layout, plan_sampler_calls, tokens_per_chunk  # noqa: E402
+from magi_server.models.config import TINY_VAE, DiTConfig, VAEConfig, preset  # noqa: E402
+from magi_server.runtime.loading import build_dit  # noqa: E402
 from magi_server.models import attention  # noqa: E402
 from magi_server.models.dit import KVCache  # noqa: E402
-from magi_server.sampling import distill_dt, init_t  # noqa: E402
+from magi_server.runtime.timesteps import distill_dt, init_t  # noqa: E402
 
 SIZES = {"480p": (832, 480), "720p": (1280, 720)}  # (width, height)
 DRY_SIZES = {"480p": (64, 64), "720p": (96, 64)}
@@ -379,7 +379,7 @@ def sec_dit(args, report: Report) -> None:
 
 def sec_e2e(args, report: Report) -> None:
     from magi_server.models.text_encoder import SpecialTokens
-    from magi_server.pipeline import MagiPipeline
+    from magi_server.runtime.pipeline import MagiPipeline
 
     dev = args.device
     cfg = preset("tiny" if args.dry_run else "4.5B-distill")
@@ -392,7 +392,7 @@ def sec_e2e(args, report: Report) -> None:
                            other=torch.randn(20, width_c, generator=gen).half())
     text_encoder = None
     if args.t5:
-        from magi_server.loading import load_text_encoder
+        from magi_server.runtime.loading import load_text_encoder
 
         text_encoder = load_text_encoder(args.t5, device="cpu")
     pipe = MagiPipeline(dit, vae, text_encoder, tokens, cfg, device=dev)

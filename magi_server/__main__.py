@@ -1,4 +1,4 @@
 """``python -m magi_server`` is ``magi-server``."""
-from magi_server.cli import main
+from magi_server.tools.cli import main
 
 raise SystemExit(main())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from magi_server.config import ServerSettings
+from magi_server.serving.settings import ServerSettings
 
 
 def tiny_settings(tmp: Path, cache: Path, **overrides) -> ServerSettings:
@@ -21,7 +21,8 @@ def tiny_settings(tmp: Path, cache: Path, **overrides) -> ServerSettings:
 
 @contextmanager
 def running_server(settings: ServerSettings, pipeline=None):
-    from magi_server.server import build_context, create_app, shutdown
+    from magi_server.composition import build_context
+    from magi_server.serving.app import create_app, shutdown
 
     ctx = build_context(settings, pipeline=pipeline)
     try:

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from magi_server.accounting import OpAccountant, Roofline, Segment, repeat_segments, storage_bytes
+from magi_server.runtime.accounting import OpAccountant, Roofline, Segment, repeat_segments, storage_bytes
 
 META = "meta"
 

@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from magi_server.engine import Engine
-from magi_server.executor import PipelineExecutor
+from magi_server.engine.loop import Engine
+from magi_server.runtime.model_runner import PipelineExecutor
 from magi_server.params import GenerationParams
-from magi_server.pipeline import MagiPipeline
+from magi_server.runtime.pipeline import MagiPipeline
 from tests.test_engine import Recorder
 
 SLOW_S = 2.0
@@ -25,7 +25,7 @@ def pipe(tmp_path_factory) -> MagiPipeline:
 
 
 def _params(prompt: str, frames: int = 96, seed: int = 1, **kw) -> GenerationParams:
-    return GenerationParams(prompts=(prompt,), width=64, height=64, num_frames=frames, steps=8, seed=seed, **kw)
+    return GenerationParams(prompts=(prompt,), width=64, height=64, num_frames=frames, num_inference_steps=8, seed=seed, **kw)
 
 
 class _Run:

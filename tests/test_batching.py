@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from magi_server.config import MagiConfig
-from magi_server.loading import load_dit
-from magi_server.runner import SamplerSettings, plan_request, sampler_step, sampler_step_batch, start_sampler
+from magi_server.models.config import MagiConfig
+from magi_server.runtime.loading import load_dit
+from magi_server.runtime.sampler import SamplerSettings, plan_request, sampler_step, sampler_step_batch, start_sampler
 
 
 def _request(plan, settings, model, seed, *, prefix_frames=0):

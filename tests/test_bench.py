@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from magi_server.bench import Workload, hosted_price, markdown, run
-from magi_server.pipeline import MagiPipeline
+from magi_server.tools.bench import Workload, hosted_price, markdown, run
+from magi_server.runtime.pipeline import MagiPipeline
 from tests.golden_utils import REPO_ROOT
 from tests.server_utils import running_server, tiny_settings
 

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from magi_server import video
+from magi_server.media import video
 from magi_server.params import GenerationParams
-from magi_server.pipeline import MagiPipeline
-from magi_server.video import probe_video
+from magi_server.runtime.pipeline import MagiPipeline
+from magi_server.media.video import probe_video
 from tests.test_async_prefill import _Run
 
 SLOW_S = 0.5
@@ -24,7 +24,7 @@ def pipe(tmp_path_factory) -> MagiPipeline:
 
 
 def _params(prompt: str = "a red fox", frames: int = 96, seed: int = 7, **kw) -> GenerationParams:
-    return GenerationParams(prompts=(prompt,), width=64, height=64, num_frames=frames, steps=8, seed=seed, **kw)
+    return GenerationParams(prompts=(prompt,), width=64, height=64, num_frames=frames, num_inference_steps=8, seed=seed, **kw)
 
 
 def _sha(path) -> str:

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from magi_server.batch import RESOLUTIONS, resolve_size
-from magi_server.video import InputError, probe_video
+from magi_server.tools.generate import RESOLUTIONS, resolve_size
+from magi_server.media.video import InputError, probe_video
 from tests.golden_utils import REPO_ROOT
 
 SMALL = ["--width", "64", "--height", "64"]  # the tiny model at 64x64 runs a 48-frame video in well under a second

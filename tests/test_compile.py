@@ -9,7 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from magi_server.models.dit import token_pieces
-from magi_server.pipeline import MagiPipeline
+from magi_server.runtime.pipeline import MagiPipeline
 
 pytestmark = pytest.mark.slow
 

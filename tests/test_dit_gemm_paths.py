@@ -6,10 +6,10 @@ import dataclasses
 import pytest
 import torch
 
-from magi_server.config import preset
+from magi_server.models.config import preset
 from magi_server.models import dit as dit_module
 from magi_server.models.dit import linear_fp32, split_bf16_exact
-from magi_server.pipeline import MagiPipeline
+from magi_server.runtime.pipeline import MagiPipeline
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from magi_server.config import DEFAULT_MAX_PIECE_TOKENS, MagiConfig
-from magi_server.loading import load_dit
+from magi_server.models.config import DEFAULT_MAX_PIECE_TOKENS, MagiConfig
+from magi_server.runtime.loading import load_dit
 from magi_server.models.dit import KVCache, VideoDiT
-from magi_server.sampling import distill_dt
-from magi_server.velocity import guided_velocity
+from magi_server.runtime.timesteps import distill_dt
+from magi_server.runtime.guidance import guided_velocity
 from tests.golden_utils import assert_close_fp32, load_golden
 
 

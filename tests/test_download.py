@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from magi_server.download import manifest, variant_names
+from magi_server.tools.download import manifest, variant_names
 from tests.golden_utils import REPO_ROOT
 
 

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from magi_server.engine import Engine, EngineEvent, QueueFullError
-from magi_server.executor import ChunkDone, Finished, JobFailed, PipelineExecutor, PrefillInfo, Prefilled
+from magi_server.engine.loop import Engine, EngineEvent, QueueFullError
+from magi_server.runtime.model_runner import ChunkDone, Finished, JobFailed, PipelineExecutor, PrefillInfo, Prefilled
 from magi_server.params import GenerationParams
-from magi_server.video import InputError
+from magi_server.media.video import InputError
 
 
 class FakeExecutor:
@@ -31,11 +31,12 @@ class FakeExecutor:
     def set_wakeup(self, wakeup):
         self._wakeup = wakeup
 
-    def memory_facts(self, params):
-        from magi_server.config import preset
+    def request_memory_bytes(self, params):
+        from magi_server.models.config import preset
+        from magi_server.runtime.memory_model import request_memory_estimate
 
-        return dict(dit=preset("tiny").dit, width=64, height=64, num_frames=96, num_steps=8, window_size=4,
-                    cfg_number=1)
+        return request_memory_estimate(dit=preset("tiny").dit, width=64, height=64, num_frames=96, num_steps=8,
+                                       window_size=4, cfg_number=1).total_bytes
 
     def start_prefill(self, jobs):
         for job_id, params in jobs:
@@ -80,7 +81,7 @@ class FakeExecutor:
 
 
 def _params(prompt="a cat", frames=24, **kw):
-    return GenerationParams(prompts=(prompt,), width=64, height=64, num_frames=frames, steps=8, seed=1, **kw)
+    return GenerationParams(prompts=(prompt,), width=64, height=64, num_frames=frames, num_inference_steps=8, seed=1, **kw)
 
 
 class Recorder:
@@ -205,11 +206,11 @@ def _sha(path) -> str:
 
 
 def test_tiny_model_batches_two_jobs_and_matches_each_alone(tmp_path):
-    from magi_server.pipeline import MagiPipeline
+    from magi_server.runtime.pipeline import MagiPipeline
 
     pipe = MagiPipeline.from_pretrained("tiny", cache_dir=tmp_path / "cache")
     params = [
-        GenerationParams(prompts=(p,), width=64, height=64, num_frames=48, steps=8, seed=s, trim_to_frames=True)
+        GenerationParams(prompts=(p,), width=64, height=64, num_frames=48, num_inference_steps=8, seed=s, trim_to_frames=True)
         for p, s in (("a red fox", 11), ("a blue whale", 12))
     ]
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from magi_server.config import preset
+from magi_server.models.config import preset
 from tests.golden_utils import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "benchmarks" / "gpu_bench.py"

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from magi_server.jobs import (
+from magi_server.serving.jobs import (
     TERMINAL,
     DuplicateJob,
     IdempotencyConflict,
@@ -36,7 +36,7 @@ class FakeClock:
 
 
 def make_params(prompt: str = "a cat surfing", **kw) -> GenerationParams:
-    base = dict(prompts=(prompt,), width=720, height=720, num_frames=96, steps=16, seed=1234)
+    base = dict(prompts=(prompt,), width=720, height=720, num_frames=96, num_inference_steps=16, seed=1234)
     base.update(kw)
     return GenerationParams(**base)
 
@@ -62,9 +62,8 @@ def store(tmp_path, clock):
 
 def test_every_field_round_trips(tmp_path, store):
     params = GenerationParams(prompts=("first scene ☃", "second \"scene\"\n"), width=1280, height=720,
-                              num_frames=121, steps=32, seed=2**31 - 1, model="magi-1-4.5b-distill",
-                              image_path="/inputs/abc.png", trim_to_frames=True, window_size=4,
-                              extra={"provider": {"nested": [1, 2.5, None, "é"]}})
+                              num_frames=121, num_inference_steps=32, seed=2**31 - 1, model="magi-1-4.5b-distill",
+                              image_path="/inputs/abc.png", trim_to_frames=True, window_size=4)
     job = Job(id=new_job_id(), api="magichour", model="image-to-video", status=JobStatus.COMPLETED, params=params,
               created_at=1.25, started_at=2.5, finished_at=3.75, progress_done=7, progress_total=9,
               outputs=["x.mp4", "x.jpg"], error="boom ✗", error_code="internal", attempts=2, inference_ms=12345,
@@ -388,12 +387,12 @@ def test_many_threads_mixed_work(store):
 _CHILD = textwrap.dedent(
     """
     import os, signal, sys
-    from magi_server.jobs import Job, JobStatus, JobStore, new_job_id
+    from magi_server.serving.jobs import Job, JobStatus, JobStore, new_job_id
     from magi_server.params import GenerationParams
 
     path, n, run_id = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     store = JobStore(path)
-    params = GenerationParams(prompts=("durable",), width=64, height=64, num_frames=8, steps=2, seed=1)
+    params = GenerationParams(prompts=("durable",), width=64, height=64, num_frames=8, num_inference_steps=2, seed=1)
     for _ in range(n):
         job = store.create(Job(id=new_job_id(), api="fal", model="m", status=JobStatus.QUEUED, params=params,
                                created_at=0.0))
@@ -448,7 +447,7 @@ def test_jobs_module_is_torch_free_and_imports_only_params():
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module)
     assert {m for m in imported if m.startswith("magi_server")} == {"magi_server.params"}
-    probe = "import sys, magi_server.jobs; print(json.dumps(sorted(m for m in sys.modules if m.startswith('torch'))))"
+    probe = "import sys, magi_server.serving.jobs; print(json.dumps(sorted(m for m in sys.modules if m.startswith('torch'))))"
     proc = subprocess.run([sys.executable, "-c", "import json; " + probe], capture_output=True, text=True,
                           cwd=REPO_ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from magi_server.config import DiTConfig, weight_subfolder
-from magi_server.loading import CheckpointError, build_dit, load_dit, load_vae, read_checkpoint_index
+from magi_server.models.config import DiTConfig, weight_subfolder
+from magi_server.runtime.loading import CheckpointError, build_dit, load_dit, load_vae, read_checkpoint_index
 from magi_server.models.fp8 import FP8_DTYPE, Fp8PerTensorLinear, Fp8SmoothedLinear
 
 TINY = DiTConfig(
@@ -252,7 +252,7 @@ def test_fp8_dit_loads_and_runs_close_to_dequantized(tmp_path):
 def test_golden_dit_checkpoints_load_through_the_project_loader(golden):
     from safetensors.torch import load_file
 
-    from magi_server.config import MagiConfig
+    from magi_server.models.config import MagiConfig
 
     for variant in "AB":
         config = MagiConfig.from_json(golden / f"config_{variant}.json")

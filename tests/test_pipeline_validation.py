@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from magi_server.pipeline import MagiPipeline
-from magi_server.video import InputError
+from magi_server.runtime.pipeline import MagiPipeline
+from magi_server.media.video import InputError
 
 
 class _NoWork(torch.nn.Module):

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from magi_server import cli, planner
-from magi_server.config import preset
-from magi_server.memory_model import GB, request_memory_estimate
+from magi_server.tools import cli
+from magi_server.tools import plan as planner
+from magi_server.models.config import preset
+from magi_server.runtime.memory_model import GB, request_memory_estimate
 
 FIXTURE = Path(__file__).parent / "data" / "plan_peaks.json"
 
@@ -227,7 +228,7 @@ def test_estimate_is_torch_free_and_grows_with_the_request():
     import subprocess
     import sys
 
-    probe = "import sys, magi_server.memory_model; assert 'torch' not in sys.modules"
+    probe = "import sys, magi_server.runtime.memory_model; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
     dit = preset("24B-distill").dit
     small = request_memory_estimate(dit, width=832, height=480, num_frames=96, num_steps=16, window_size=4,
@@ -249,7 +250,7 @@ def test_startup_refuses_a_device_too_small_for_the_model_and_one_request():
 
 
 def test_serve_refuses_a_model_that_cannot_fit_with_one_line(capsys):
-    from magi_server import cli
+    from magi_server.tools import cli
 
     assert cli.main(["serve", "--model", "24B-distill", "--device", "cpu", "--device-memory", "40GB"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -257,7 +258,8 @@ def test_serve_refuses_a_model_that_cannot_fit_with_one_line(capsys):
 
 
 def test_serving_budget_is_the_device_less_the_model():
-    from magi_server import cli, planner
+    from magi_server.tools import cli
+    from magi_server.tools import plan as planner
 
     budget = cli._serving_memory_budget("24B-distill", "cpu", "80GB")
     static = planner.model_memory(planner.model_config("24B-distill")[1], width=1280, height=720)["static_bytes"]

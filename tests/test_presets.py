@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from magi_server.config import PRESET_NAMES, REAL_PRESETS, MagiConfig, canonical_preset_name, preset
-from magi_server.loading import build_dit, state_dict_numel
+from magi_server.models.config import PRESET_NAMES, REAL_PRESETS, MagiConfig, canonical_preset_name, preset
+from magi_server.runtime.loading import build_dit, state_dict_numel
 
 # Spec §1.1: 24B = 39,082,512 outside the blocks + 48 x 497,087,488; 4.5B = 20,196,624 + 34 x 130,579,456.
 BASE_24B = 23_899_281_936

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from magi_server.pipeline import MagiPipeline
+from magi_server.runtime.pipeline import MagiPipeline
 from tests.golden_utils import assert_close_fp32, load_golden
 
 LATENT_CASES = [

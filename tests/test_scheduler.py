@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from magi_server.scheduler import (
+from magi_server.engine.scheduler import (
     QueueFull,
     Request,
     RequestStatus,

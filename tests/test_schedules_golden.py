@@ -11,7 +11,8 @@ import re
 import pytest
 import torch
 
-from magi_server import chunking, sampling
+from magi_server.runtime import chunking
+from magi_server.runtime import timesteps as sampling
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +254,7 @@ SAMPLER_FIXTURES = (
 
 
 def _fixture_setup(golden, entry):
-    from magi_server.config import MagiConfig
+    from magi_server.models.config import MagiConfig
 
     config = MagiConfig.from_json(golden / entry["config"])
     sampling_cfg = config.sampling

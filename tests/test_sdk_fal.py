@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from magi_server.config import output_size
-from magi_server.video import encode_png, probe_video
+from magi_server.params import output_size
+from magi_server.media.video import encode_png, probe_video
 
 MISSING = [name for name in ("fal_client", "trustme") if importlib.util.find_spec(name) is None]
 needs_sdk = pytest.mark.skipif(bool(MISSING), reason=f"{' and '.join(MISSING)} not installed "
@@ -229,9 +229,9 @@ def test_cancel_and_failure_surface_as_sdk_errors(server):
 
 
 def test_tls_helper_certificate_verifies(tmp_path):
-    """magi_server.tls.init_tls: the server certificate verifies against the bundle for each host name."""
-    pytest.importorskip("cryptography", reason="magi_server.tls needs the cryptography package")
-    from magi_server.tls import init_tls
+    """magi_server.serving.tls.init_tls: the server certificate verifies against the bundle for each host name."""
+    pytest.importorskip("cryptography", reason="magi_server.serving.tls needs the cryptography package")
+    from magi_server.serving.tls import init_tls
 
     files = init_tls(tmp_path, ("localhost", "127.0.0.1"))
     assert files.server_key.stat().st_mode & 0o077 == 0

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from magi_server.config import output_size
-from magi_server.jobs import Job, JobStatus
+from magi_server.params import output_size
+from magi_server.serving.jobs import Job, JobStatus
 from magi_server.params import GenerationParams
-from magi_server.pipeline import MagiPipeline
-from magi_server.video import encode_png, probe_video
+from magi_server.runtime.pipeline import MagiPipeline
+from magi_server.media.video import encode_png, probe_video
 from tests.server_utils import running_server, tiny_settings
 
 QUEUE = "https://localhost:8443"
@@ -36,7 +36,7 @@ def pipeline(tmp_path_factory):
 
 @contextmanager
 def fal_server(tmp_path, pipeline, **overrides):
-    from magi_server.server import create_app
+    from magi_server.serving.app import create_app
 
     settings = tiny_settings(tmp_path, tmp_path / "cache", **overrides)
     with running_server(settings, pipeline=pipeline) as (ctx, _):
@@ -287,7 +287,7 @@ def test_sync_cap_answers_504_and_the_job_goes_on(tmp_path, pipeline):
 
 def test_sync_client_disconnect_cancels_the_job(fal):
     ctx, _, _ = fal
-    from magi_server.server import create_app
+    from magi_server.serving.app import create_app
 
     app = create_app(ctx, "fal_run")
     body = json.dumps({"prompt": "nobody waits", "num_frames": 192, "num_inference_steps": 64}).encode()
@@ -326,16 +326,15 @@ def test_sync_client_disconnect_cancels_the_job(fal):
 
 
 def _estimate(pipeline, tmp_path, params: GenerationParams) -> int:
-    from magi_server.executor import PipelineExecutor
-    from magi_server.memory_model import request_memory_estimate
+    from magi_server.runtime.model_runner import PipelineExecutor
 
-    return request_memory_estimate(**PipelineExecutor(pipeline, tmp_path).memory_facts(params)).total_bytes
+    return PipelineExecutor(pipeline, tmp_path).request_memory_bytes(params)
 
 
 def test_cancel_queued_and_running(tmp_path, pipeline):
     long = {"prompt": "long", "num_frames": 192, "num_inference_steps": 64}
     width, height = output_size("720p", "16:9", 0.125)
-    shape = GenerationParams(prompts=("x",), width=width, height=height, num_frames=192, steps=64, seed=0,
+    shape = GenerationParams(prompts=("x",), width=width, height=height, num_frames=192, num_inference_steps=64, seed=0,
                              trim_to_frames=True)
     # a memory budget that fits one such job: the second waits in the queue while the first runs
     budget = _estimate(pipeline, tmp_path / "estimate", shape)
@@ -410,7 +409,7 @@ def test_auth_and_tenants(tmp_path, pipeline):
 
 def _failed_job(ctx, error: str, code: str) -> str:
     """A fal job stored and failed the way the engine fails one (never handed to the engine)."""
-    params = GenerationParams(prompts=("x",), width=96, height=64, num_frames=96, steps=8, seed=1, trim_to_frames=True)
+    params = GenerationParams(prompts=("x",), width=96, height=64, num_frames=96, num_inference_steps=8, seed=1, trim_to_frames=True)
     job = ctx.store.create(Job.new("fal", DISTILLED, params, meta={"app": DISTILLED}))
     assert ctx.store.fail(job.id, error, code) is not None
     return job.id

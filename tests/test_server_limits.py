@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from magi_server.jobs import JobStatus
-from magi_server.pipeline import MagiPipeline
-from magi_server.video import encode_png, probe_video
+from magi_server.serving.jobs import JobStatus
+from magi_server.runtime.pipeline import MagiPipeline
+from magi_server.media.video import encode_png, probe_video
 from tests.server_utils import running_server, tiny_settings, wait_status
 
 MODEL = "/api/v3/wavespeed-ai/magi-1-24b"
@@ -176,13 +176,13 @@ def test_cancel_that_races_the_last_call_leaves_no_output(tmp_path, pipeline):
     while its last model call ran): the client was told "cancelled", so the finished MP4 must not appear, and the
     ending is counted once, as cancelled. Driven through the engine-event bridge directly: the race itself is a
     few milliseconds wide."""
-    from magi_server.engine import EngineEvent
-    from magi_server.jobs import Job
+    from magi_server.engine.loop import EngineEvent
+    from magi_server.serving.jobs import Job
     from magi_server.params import GenerationParams
-    from magi_server.server import on_engine_event
+    from magi_server.serving.app import on_engine_event
 
     with running_server(_settings(tmp_path), pipeline=pipeline) as (ctx, client):
-        params = GenerationParams(prompts=("x",), width=160, height=96, num_frames=24, steps=8, seed=1,
+        params = GenerationParams(prompts=("x",), width=160, height=96, num_frames=24, num_inference_steps=8, seed=1,
                                   trim_to_frames=True)
         job = ctx.store.create(Job.new("wavespeed", "wavespeed-ai/magi-1-24b", params))
         ctx.store.mark_running(job.id)
@@ -356,9 +356,9 @@ def test_json_logs_carry_the_job_id_and_escape_control_characters():
     import json as _json
     import logging
 
-    from magi_server.server import JsonLogFormatter
+    from magi_server.composition import JsonLogFormatter
 
-    record = logging.LogRecord("magi_server.server", logging.INFO, __file__, 1, "job %s finished: %s",
+    record = logging.LogRecord("magi_server.serving.app", logging.INFO, __file__, 1, "job %s finished: %s",
                                ("abc123", "line1\r\nFORGED 2026-01-01 INFO admin"), None)
     record.job_id = "abc123"
     record.event = "finished"

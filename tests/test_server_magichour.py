@@ -12,10 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from magi_server.api.common import pick_aspect
-from magi_server.config import output_size
-from magi_server.pipeline import MagiPipeline
-from magi_server.video import encode_png, probe_video
+from magi_server.serving.common import pick_aspect
+from magi_server.params import output_size
+from magi_server.runtime.pipeline import MagiPipeline
+from magi_server.media.video import encode_png, probe_video
 from tests.server_utils import running_server, tiny_settings
 
 CREATE = "/v1/image-to-video"

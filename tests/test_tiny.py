@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from magi_server import tiny
-from magi_server.config import TINY_DIT, MagiConfig, preset
-from magi_server.loading import load_dit, load_text_encoder, load_vae, read_checkpoint_index
+from magi_server.runtime import tiny
+from magi_server.models.config import TINY_DIT, MagiConfig, preset
+from magi_server.runtime.loading import load_dit, load_text_encoder, load_vae, read_checkpoint_index
 from magi_server.models.text_encoder import SpecialTokens
-from magi_server.sampling import distill_dt
+from magi_server.runtime.timesteps import distill_dt
 
 EXPECTED_FILES = {
     "tiny/magi_config.json",

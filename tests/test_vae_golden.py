@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from magi_server.loading import load_vae
+from magi_server.runtime.loading import load_vae
 from magi_server.models.vae import TileConfig, ViTVAE, decode_to_frames, encode_video_uint8, frames_to_uint8
 from tests.golden_utils import VAE_FP32_REL, assert_close_bf16, assert_close_fp32, load_golden
 

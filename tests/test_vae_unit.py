@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from magi_server.config import VAEConfig
+from magi_server.models.config import VAEConfig
 from magi_server.models import vae as vae_module
 from magi_server.models.vae import (
     TileConfig,

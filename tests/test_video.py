@@ -1,4 +1,4 @@
-"""magi_server.video: image/video loading (paths, bytes, data URIs, loopback HTTP), resizing, MP4 writing, probing.
+"""magi_server.media.video: image/video loading (paths, bytes, data URIs, loopback HTTP), resizing, MP4 writing, probing.
 
 Every fixture is made here with the bundled ffmpeg from raw rgb24, so the tests need no data files. The only
 network use is an http.server on 127.0.0.1.
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from magi_server.video import (
+from magi_server.media.video import (
     InputError,
     Mp4Writer,
     SourcePolicy,

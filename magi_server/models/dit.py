@@ -15,7 +15,7 @@ no full-width intermediate of all window tokens is alive; those pieces are plain
 :class:`PieceRunner` can run through ``torch.compile``; the fp32 GEMMs of the reference run as bf16-operand GEMMs with
 fp32 output where the device has them (:func:`linear_fp32`).
 
-Guidance (CFG passes, the nearly-clean copy) is not here; it lives in ``magi_server/velocity.py``.
+Guidance (CFG passes, the nearly-clean copy) is not here; it lives in ``magi_server/runtime/guidance.py``.
 All attention goes through :func:`magi_server.models.attention.range_attention`.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from magi_server.config import DEFAULT_MAX_PIECE_TOKENS, DiTConfig
+from magi_server.models.config import DEFAULT_MAX_PIECE_TOKENS, DiTConfig
 from magi_server.models.attention import range_attention
 
 # Sub-module names whose parameters the reference promotes to fp32 after loading (`_high_precision_promoter`).

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from magi_server.config import VAEConfig
+from magi_server.models.config import VAEConfig
 from magi_server.models.attention import BACKENDS, range_attention
 
 LAYERNORM_EPS = 1e-5

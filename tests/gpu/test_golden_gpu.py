@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from magi_server.config import MagiConfig
-from magi_server.loading import load_dit, load_vae
+from magi_server.models.config import MagiConfig
+from magi_server.runtime.loading import load_dit, load_vae
 from magi_server.models.attention import available_backends
 from magi_server.models.vae import TileConfig, decode_to_frames, encode_video_uint8
 from tests.golden_utils import assert_close_bf16, load_golden
@@ -27,7 +27,7 @@ def test_dit_forward_plain_bf16(golden, variant, backend):
     data = load_golden(f"dit_{variant}_forward_plain.safetensors")
     manifest = json.loads((golden / "manifest.json").read_text())
     kwargs = manifest["files"][f"dit_{variant}_forward_plain.safetensors"]["kwargs"]
-    from magi_server.sampling import distill_dt
+    from magi_server.runtime.timesteps import distill_dt
 
     dt = distill_dt(kwargs["num_steps"], kwargs["distill_interval"]) if dit_config.distill else None
     out = model(

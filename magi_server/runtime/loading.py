@@ -22,7 +22,7 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
-from magi_server.config import (
+from magi_server.models.config import (
     DiTConfig,
     MagiConfig,
     VAEConfig,

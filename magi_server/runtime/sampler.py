@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from magi_server.chunking import SamplerCall, SamplerPlan, chunk_layout, plan_sampler_calls, tokens_per_chunk
-from magi_server.config import MagiConfig
+from magi_server.runtime.chunking import SamplerCall, SamplerPlan, chunk_layout, plan_sampler_calls, tokens_per_chunk
+from magi_server.models.config import MagiConfig
 from magi_server.models.dit import KVCache
-from magi_server.sampling import chunk_timesteps, distill_dt, euler_step, init_interval, init_t, nearly_clean
-from magi_server.velocity import GuidanceScales, guided_velocity_batch
+from magi_server.runtime.timesteps import chunk_timesteps, distill_dt, euler_step, init_interval, init_t, nearly_clean
+from magi_server.runtime.guidance import GuidanceScales, guided_velocity_batch
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from magi_server.download import HF_ENDPOINT, DownloadError, download
+    from magi_server.tools.download import HF_ENDPOINT, DownloadError, download
 
     endpoint = args.endpoint or os.environ.get("HF_ENDPOINT") or HF_ENDPOINT
     try:
@@ -63,7 +63,7 @@ def _cache_dir(flag: str | None) -> Path:
 def _device(flag: str | None) -> str:
     import torch
 
-    from magi_server.video import InputError
+    from magi_server.media.video import InputError
 
     if flag is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,7 +75,7 @@ def _device(flag: str | None) -> str:
 
 
 def _load_pipeline(args: argparse.Namespace, config, device: str):
-    from magi_server.pipeline import MagiPipeline
+    from magi_server.runtime.pipeline import MagiPipeline
 
     # config is the MagiConfig already read (and checked) from --config: passed as an object, not re-read
     return MagiPipeline.from_pretrained(
@@ -85,8 +85,8 @@ def _load_pipeline(args: argparse.Namespace, config, device: str):
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from magi_server.batch import model_config, parse_job
-    from magi_server.video import InputError
+    from magi_server.tools.generate import model_config, parse_job
+    from magi_server.media.video import InputError
 
     # The library logs through `logging` (the tiny-preset notice is a warning); show it as a plain line.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
@@ -134,8 +134,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace, config, flags: dict, job, load, progress: bool) -> int:
     """The part after the cheap checks: load the model once, then one video (``job``) or the batch."""
-    from magi_server.batch import run_batch, run_job
-    from magi_server.video import InputError
+    from magi_server.tools.generate import run_batch, run_job
+    from magi_server.media.video import InputError
 
     if args.batch is not None:
         try:
@@ -172,13 +172,13 @@ def _generate(args: argparse.Namespace, config, flags: dict, job, load, progress
 def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from magi_server.config import ServerSettings
-    from magi_server.server import serve
-    from magi_server.video import InputError
+    from magi_server.serving.settings import ServerSettings
+    from magi_server.composition import serve
+    from magi_server.media.video import InputError
 
     handler = logging.StreamHandler()
     if args.log_format == "json":
-        from magi_server.server import JsonLogFormatter
+        from magi_server.composition import JsonLogFormatter
 
         handler.setFormatter(JsonLogFormatter())
     else:
@@ -195,7 +195,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     keys += [k.strip() for k in env_keys.split(",") if k.strip()]
     tiny = str(args.model).lower() == "tiny"
     if tiny:
-        from magi_server.tiny import TINY_NOTICE
+        from magi_server.runtime.tiny import TINY_NOTICE
 
         log.warning("%s", TINY_NOTICE)
     scale = args.resolution_scale if args.resolution_scale is not None else (0.125 if tiny else 1.0)
@@ -223,7 +223,7 @@ def _serving_memory_budget(model: str, device: str, device_memory: str | None) -
     CPU without ``--device-memory`` (admission then counts jobs)."""
     if device_memory is None and not device.startswith("cuda"):
         return None
-    from magi_server import planner
+    from magi_server.tools import plan as planner
 
     if device_memory is not None:
         total = planner.parse_bytes(device_memory)
@@ -242,7 +242,7 @@ def _serving_memory_budget(model: str, device: str, device_memory: str | None) -
 def _cmd_bench(args: argparse.Namespace) -> int:
     import httpx
 
-    from magi_server import bench
+    from magi_server.tools import bench
 
     try:
         workload = bench.Workload.load(args.workload)
@@ -264,7 +264,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from magi_server import planner
+    from magi_server.tools import plan as planner
 
     if args.write_fixture:
         planner.write_memory_fixture(Path(args.write_fixture), progress=lambda line: print(line, file=sys.stderr))
@@ -290,7 +290,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from magi_server.download import variant_names
+    from magi_server.tools.download import variant_names
 
     parser = argparse.ArgumentParser(prog="magi-server", description="Self-hosted MAGI-1 video generation server.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -11,7 +11,7 @@ Owns:
 * running a job with a progress bar (:func:`run_job`) and running a whole batch, resumably, with a report
   (:func:`run_batch`).
 
-Every problem with user input raises or records :class:`~magi_server.video.InputError`, whose message starts with
+Every problem with user input raises or records :class:`~magi_server.media.video.InputError`, whose message starts with
 the field name. Nothing here reads environment variables: the CLI (the composition root) passes everything in.
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TextIO
 
-from magi_server.config import RESOLUTION_SIZES
-from magi_server.video import InputError
+from magi_server.params import RESOLUTION_SIZES
+from magi_server.media.video import InputError
 
 # (width, height) per resolution and aspect ratio. Every side is a multiple of 16 (the DiT patches 16x16 pixels),
 # which is why 480p 16:9 is 832x480 rather than 848x480 (spec §11.1).
@@ -110,8 +110,8 @@ def model_config(model: str, config: str | os.PathLike | None = None):
     Raises InputError("model" / "config", ...) for what from_pretrained would refuse, so that the CLI can stop
     before the slow part.
     """
-    from magi_server.config import PRESET_NAMES, MagiConfig, canonical_preset_name, preset
-    from magi_server.loading import CheckpointError, resolve_model_folder
+    from magi_server.models.config import PRESET_NAMES, MagiConfig, canonical_preset_name, preset
+    from magi_server.runtime.loading import CheckpointError, resolve_model_folder
 
     loaded = None
     if config is not None:
@@ -158,7 +158,7 @@ def resolve_size(
     :data:`RESOLUTIONS`; else ``default`` (the model config's size). ``image_size`` returns the input image's
     (width, height) and is only called for aspect "auto", since it may decode or download the image.
     """
-    from magi_server.pipeline import MAX_SIDE
+    from magi_server.runtime.pipeline import MAX_SIDE
 
     resolution, aspect = fields.get("resolution"), fields.get("aspect_ratio")
     width, height = fields.get("width"), fields.get("height")
@@ -201,9 +201,9 @@ def parse_job(fields: Mapping[str, Any], config, *, base_dir: Path | None = None
     working directory. URLs and data: URIs are not fetched here, only by the pipeline (except for
     aspect_ratio "auto", which needs the image's size).
     """
-    from magi_server.chunking import chunk_layout
-    from magi_server.pipeline import MAX_FRAMES, MAX_SEED
-    from magi_server.runner import SamplerSettings
+    from magi_server.runtime.chunking import chunk_layout
+    from magi_server.runtime.pipeline import MAX_FRAMES, MAX_SEED
+    from magi_server.runtime.sampler import SamplerSettings
 
     unknown = [k for k in fields if k not in FIELDS]
     if unknown:
@@ -498,7 +498,7 @@ def _source(name: str, value: Any, base_dir: Path | None) -> str | None:
 
 
 def _image_size(source: str) -> tuple[int, int]:
-    from magi_server.video import load_image
+    from magi_server.media.video import load_image
 
     array = load_image(source)
     return array.shape[1], array.shape[0]

@@ -42,6 +42,8 @@ from typing import Any, Union
 
 import numpy as np
 
+from magi_server.params import ParamError
+
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
 # Defaults sized for the hosted-API use case: a phone photo (48 MP) still fits, a decompression bomb does not.
@@ -61,12 +63,11 @@ _X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium
 _MP4_FIRST_BOXES = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")
 
 
-class InputError(ValueError):
-    """Bad user input. ``str(err)`` starts with the parameter name, e.g. ``"image: not a PNG, JPEG or WebP image"``."""
+class InputError(ParamError):
+    """Bad media input. ``str(err)`` starts with the parameter name, e.g. ``"image: not a PNG, JPEG or WebP image"``."""
 
     def __init__(self, param: str, message: str):
-        self.param = param
-        super().__init__(f"{param}: {message}")
+        super().__init__(param, message, "media_error")
 
 
 class VideoWriteError(RuntimeError):

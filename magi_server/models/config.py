@@ -11,7 +11,6 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -342,69 +341,6 @@ def preset(name: str) -> MagiConfig:
     return MagiConfig(dit=dit, sampling=sampling, t5_device="cuda" if size == "24B" else "cpu")
 
 
-# ------------------------------------------------------------------------------------------------------ serving
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """Everything ``magi-server serve`` is configured with (the CLI builds it; nothing reads env vars below it)."""
-
-    model: str = "tiny"  # preset name or weights folder
-    host: str = "127.0.0.1"
-    port: int = 8000
-    db_path: str = "magi-server.db"
-    outputs_dir: str = "outputs"
-    public_base_url: str | None = None  # how clients reach us (defaults to http://host:port)
-    api_keys: tuple[str, ...] = ()  # empty: auth off (only allowed on loopback)
-    device: str = "cpu"
-    compile: bool | None = None  # torch.compile of the DiT layers; None: on for CUDA, off elsewhere
-    max_queue: int = 64
-    max_batch_size: int = 4
-    memory_budget_bytes: int = 1 << 62
-    max_body_bytes: int = 25 * 1024 * 1024
-    job_timeout_s: float | None = 3600.0
-    sync_timeout_s: float = 600.0  # WaveSpeed sync mode / fal run: how long a request may hold its connection
-    max_attempts: int = 2  # runs of one job across crashes before it fails as "interrupted"
-    max_prompt_chars: int = 4000
-    # hosted-API defaults for fields a provider does not expose (api-compat.md §8.4)
-    default_num_frames: int = 96
-    default_resolution: str = "720p"
-    default_steps: int = 16
-    resolution_scale: float = 1.0  # < 1 renders every size smaller (the tiny preset uses 1/8 so a CPU keeps up)
-    fal_queue_port: int | None = None  # TLS listeners for fal-client (it only speaks https)
-    fal_run_port: int | None = None
-    tls_certfile: str | None = None
-    tls_keyfile: str | None = None
-    cache_dir: str | None = None  # where the tiny preset's generated weights are kept
-    allow_private_image_hosts: bool = False
-
-    def base_url(self) -> str:
-        return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")
-
-
 # Largest token piece of the DiT's token-wise layer parts (models/dit.py): a 24B piece's fc1 output is then 0.5 GB
 # (bf16), and GEMMs of this many rows still run at full tensor-core speed. memory_model.py charges the same pieces.
 DEFAULT_MAX_PIECE_TOKENS = 8192
-
-RESOLUTION_SIZES = MappingProxyType({
-    # (tier, aspect) -> (width, height): same pixel area within a tier, sides multiples of 16 (api-compat.md §5)
-    ("720p", "16:9"): (1280, 720),
-    ("720p", "9:16"): (720, 1280),
-    ("720p", "1:1"): (960, 960),
-    ("480p", "16:9"): (832, 480),
-    ("480p", "9:16"): (480, 832),
-    ("480p", "1:1"): (624, 624),
-})
-
-
-def output_size(resolution: str, aspect_ratio: str, scale: float = 1.0) -> tuple[int, int]:
-    """(width, height) for a tier and an aspect ratio ("auto" must be resolved first), optionally scaled down
-    (rounded to multiples of 16, at least 32) for small test models."""
-    width, height = RESOLUTION_SIZES[(resolution, aspect_ratio)]
-    if scale == 1.0:
-        return width, height
-
-    def shrink(side: int) -> int:
-        return max(32, int(round(side * scale / 16.0)) * 16)
-
-    return shrink(width), shrink(height)

@@ -72,7 +72,7 @@ class Request:
 
     ``batch_hint`` (``GenerationParams.shape_key()``) is all that is known before prefill; the runner's
     ``batch_key`` replaces it after prefill and is the only thing batching compares. ``est_bytes`` is the engine's
-    device-memory estimate (the engine computes it with :func:`magi_server.memory_model.request_memory_estimate`); 0 means "free", so the engine should always set it.
+    device-memory estimate (the engine computes it with :func:`magi_server.runtime.memory_model.request_memory_estimate`); 0 means "free", so the engine should always set it.
     ``deadline`` is absolute, on the scheduler's clock.
     """
 

@@ -5,13 +5,13 @@ requests whose calls have the same structure (same slots, kv ranges and timestep
 
 * cfg_number 3 (base models): text+context pass (reads the KV cache), context/null-text pass (reads and writes
   it), and the unconditional pass with every denoising chunk as its own batch element; mixed per chunk with
-  t-bucketed scales (:func:`magi_server.sampling.cfg_scales`).
+  t-bucketed scales (:func:`magi_server.runtime.timesteps.cfg_scales`).
 * cfg_number 1 (distilled / fp8 models): one conditional pass that reads and writes the cache, plus, when the
   first denoising chunk is nearly clean, a context-free copy of it mixed in with weight ``prev_chunks_scale``.
 
 Batching puts the requests side by side in the DiT's batch axis; every row of every GEMM, norm and attention
 range only ever sees its own request, so each request's result is the one it gets alone.
-The distilled model's step-size value comes from the caller (:func:`magi_server.sampling.distill_dt`).
+The distilled model's step-size value comes from the caller (:func:`magi_server.runtime.timesteps.distill_dt`).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from magi_server.config import SamplingConfig
-from magi_server.sampling import cfg_scales
+from magi_server.models.config import SamplingConfig
+from magi_server.runtime.timesteps import cfg_scales
 
 
 @dataclass(frozen=True)

@@ -31,12 +31,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from magi_server.params import GenerationParams
-from magi_server.memory_model import request_memory_estimate
-from magi_server.scheduler import Request, RequestStatus, Scheduler, StepPlan
-from magi_server.video import InputError
+from magi_server.params import GenerationParams, ParamError
+from magi_server.engine.scheduler import Request, RequestStatus, Scheduler, StepPlan
 
-log = logging.getLogger("magi_server.engine")
+log = logging.getLogger("magi_server.engine.loop")
 
 
 @dataclass(frozen=True)
@@ -82,8 +80,8 @@ class _Wake:
 
 
 class Engine:
-    """The loop thread and its inbox. ``executor`` is a :class:`magi_server.executor.PipelineExecutor` or anything
-    with its methods: ``memory_facts``, ``start_prefill``, ``prefilling``, ``step``, ``finish``, ``release``,
+    """The loop thread and its inbox. ``executor`` is a :class:`magi_server.runtime.model_runner.PipelineExecutor` or anything
+    with its methods: ``request_memory_bytes``, ``start_prefill``, ``prefilling``, ``step``, ``finish``, ``release``,
     ``poll``, ``set_wakeup``, ``empty_device_cache`` and ``shutdown``."""
 
     def __init__(
@@ -242,7 +240,7 @@ class Engine:
 
     def _admit(self, item: _Submit) -> None:
         try:
-            est = request_memory_estimate(**self.executor.memory_facts(item.params)).total_bytes
+            est = self.executor.request_memory_bytes(item.params)
             if self._count_admission:
                 est = 1
             # the limit is on running time (--job-timeout "seconds a job may run"): its clock starts at prefill,
@@ -410,7 +408,7 @@ class Engine:
     # ----------------------------------------------------------------------------------------------- helpers
     @staticmethod
     def _classify(exc: Exception) -> tuple[str, str]:
-        if isinstance(exc, InputError):
+        if isinstance(exc, ParamError):
             return "invalid_input", str(exc)
         name = type(exc).__name__
         if name == "OutOfMemoryError" or "out of memory" in str(exc).lower():

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from magi_server.chunking import chunk_layout, plan_sampler_calls, tokens_per_chunk
-from magi_server.config import DEFAULT_MAX_PIECE_TOKENS, DiTConfig
+from magi_server.runtime.chunking import chunk_layout, plan_sampler_calls, tokens_per_chunk
+from magi_server.models.config import DEFAULT_MAX_PIECE_TOKENS, DiTConfig
 
 GB = 10**9
 

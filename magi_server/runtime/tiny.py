@@ -5,7 +5,7 @@ runs the whole flow (submit, poll, download an MP4) on a laptop CPU. Its video i
 This module owns:
 
 * :func:`write_tiny_weights`: write a complete weights folder laid out exactly like ``magi-server download``'s,
-  so the loaders in :mod:`magi_server.loading` serve the tiny and the real model through one code path::
+  so the loaders in :mod:`magi_server.runtime.loading` serve the tiny and the real model through one code path::
 
       root/tiny/inference_weight.distill/   model.safetensors.index.json + 2 shards (the DiT)
       root/tiny/magi_config.json            reference-schema config (load ".", vae "../vae", t5 "../t5")
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from magi_server.config import TINY_VAE, DiTConfig, SamplingConfig, VAEConfig, preset, weight_subfolder
-from magi_server.loading import INDEX_NAME, T5_SUBFOLDER, VAE_WEIGHTS_NAME, build_dit
+from magi_server.models.config import TINY_VAE, DiTConfig, SamplingConfig, VAEConfig, preset, weight_subfolder
+from magi_server.runtime.loading import INDEX_NAME, T5_SUBFOLDER, VAE_WEIGHTS_NAME, build_dit
 
 TINY_NOTICE = (
     "tiny preset: random weights, the video is noise-like until real weights are given "

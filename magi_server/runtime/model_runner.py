@@ -35,11 +35,12 @@ from typing import ClassVar
 import torch
 
 from magi_server.params import GenerationParams
-from magi_server.pipeline import MagiPipeline
-from magi_server.runner import LatentChunk, SamplerState, sampler_step_batch
-from magi_server.video import Mp4Writer
+from magi_server.runtime.memory_model import request_memory_estimate
+from magi_server.runtime.pipeline import MagiPipeline
+from magi_server.runtime.sampler import LatentChunk, SamplerState, sampler_step_batch
+from magi_server.media.video import Mp4Writer
 
-log = logging.getLogger("magi_server.executor")
+log = logging.getLogger("magi_server.runtime.model_runner")
 
 
 @dataclass(frozen=True)
@@ -189,14 +190,18 @@ class PipelineExecutor:
         self._wakeup = wakeup
 
     # ------------------------------------------------------------------------------------------ what a job costs
+    def request_memory_bytes(self, params: GenerationParams) -> int:
+        """Device bytes admission charges a job (:func:`request_memory_estimate` of :meth:`memory_facts`)."""
+        return request_memory_estimate(**self.memory_facts(params)).total_bytes
+
     def memory_facts(self, params: GenerationParams) -> dict:
-        """The arguments of :func:`magi_server.memory_model.request_memory_estimate` for a job (no tensors touched):
+        """The arguments of :func:`magi_server.runtime.memory_model.request_memory_estimate` for a job (no tensors touched):
         what admission charges it, checked against the planner's op accounting of this code."""
         s = self.pipe.config.sampling
         frames = plan_frames_for_output(params.num_frames, params.task) if params.trim_to_frames else params.num_frames
         return dict(
             dit=self.pipe.dit.config, width=params.width, height=params.height, num_frames=frames,
-            num_steps=params.steps or s.num_steps, window_size=params.window_size or s.window_size,
+            num_steps=params.num_inference_steps or s.num_steps, window_size=params.window_size or s.window_size,
             cfg_number=s.cfg_number, prefix_frames=1 if params.task == "i2v" else 0,
             chunk_width=s.chunk_width, noise2clean_kvrange=tuple(s.noise2clean_kvrange),
             clean_chunk_kvrange=s.clean_chunk_kvrange, max_piece_tokens=self.pipe.dit.max_piece_tokens,
@@ -247,7 +252,7 @@ class PipelineExecutor:
         inputs = pipe.validate(
             prompt=list(params.prompts) if len(params.prompts) > 1 else params.prompts[0],
             image=params.image_path, video=params.video_path, num_frames=plan_frames, height=params.height,
-            width=params.width, num_inference_steps=params.steps, window_size=params.window_size, seed=params.seed,
+            width=params.width, num_inference_steps=params.num_inference_steps, window_size=params.window_size, seed=params.seed,
             output_type="mp4",
         )
         started = time.monotonic()

@@ -131,7 +131,7 @@ def download(
 
     Fails within ``probe_timeout`` seconds when the hub cannot be reached, with instructions for a manual copy.
     """
-    from magi_server.config import canonical_preset_name
+    from magi_server.models.config import canonical_preset_name
 
     name = canonical_preset_name(variant)
     if name not in _VARIANTS:

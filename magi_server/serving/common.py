@@ -29,24 +29,17 @@ from typing import Any
 
 import numpy as np
 
-from magi_server.config import RESOLUTION_SIZES, ServerSettings, output_size
-from magi_server.engine import Engine, QueueFullError
-from magi_server.jobs import Job, JobStatus, JobStore
-from magi_server.params import GenerationParams
-from magi_server.video import InputError, SourcePolicy, load_image
+from magi_server.params import RESOLUTION_SIZES, output_size
+from magi_server.serving.settings import ServerSettings
+from magi_server.engine.loop import Engine, QueueFullError
+from magi_server.serving.jobs import Job, JobStatus, JobStore
+from magi_server.params import ASPECT_RATIOS, MAX_SEED, GenerationParams, ParamError
+from magi_server.media.video import InputError, SourcePolicy, load_image
 
-MAX_SEED = 2**31 - 1
-ASPECTS = ("16:9", "9:16", "1:1")
+ASPECTS = ASPECT_RATIOS
 
 
-class FieldError(ValueError):
-    """A request field is invalid; ``field`` is its name as the client wrote it."""
-
-    def __init__(self, field: str, message: str, kind: str = "value_error") -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-        self.kind = kind
+FieldError = ParamError  # a request field is invalid; ``field`` is its name as the client wrote it
 
 
 class Overloaded(Exception):
@@ -298,7 +291,7 @@ def read_image_field(ctx: ServerContext, value: str, field_name: str) -> np.ndar
 
 def store_image(ctx: ServerContext, image: np.ndarray) -> str:
     """Save an accepted input image as PNG in the uploads folder; returns its path (the job's image_path)."""
-    from magi_server.video import encode_png
+    from magi_server.media.video import encode_png
 
     ctx.uploads_dir.mkdir(parents=True, exist_ok=True)
     path = ctx.uploads_dir / f"input-{uuid.uuid4().hex}.png"

@@ -19,7 +19,7 @@ from types import MappingProxyType
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from magi_server.api.common import (
+from magi_server.serving.common import (
     ASPECT_CHOICES,
     FieldError,
     Overloaded,
@@ -41,7 +41,7 @@ from magi_server.api.common import (
     submit_job,
     wait_for_terminal_async,
 )
-from magi_server.jobs import Job, JobStatus
+from magi_server.serving.jobs import Job, JobStatus
 from magi_server.params import GenerationParams
 
 # public model ids this server answers to; all run the loaded model (the README says which variant that is)
@@ -138,7 +138,7 @@ def parse_body(ctx: ServerContext, body: dict) -> tuple[GenerationParams, dict]:
         image = read_image_field(ctx, image_ref, "image")
     width, height, image_path = image_params(ctx, image, resolution, aspect)
     params = GenerationParams(
-        prompts=(prompt,), width=width, height=height, num_frames=num_frames, steps=steps, seed=resolve_seed(seed),
+        prompts=(prompt,), width=width, height=height, num_frames=num_frames, num_inference_steps=steps, seed=resolve_seed(seed),
         image_path=image_path, trim_to_frames=True,
     )
     return params, {"base64_output": base64_output, "resolution": resolution}

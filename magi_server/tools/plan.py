@@ -6,18 +6,18 @@ memory (weights + KV cache + activations + VAE decode + T5 where it lives) and a
 profile; whether the request fits a device memory; and, when it does not, which changes would (the fp8 preset, a
 smaller window, a lower resolution, context parallelism), found by planning those alternatives too.
 
-How: the DiT is built on meta through the loading path (:func:`magi_server.loading.build_dit`, fp8 linears
-included), the request's calls come from the runner's own plan (:func:`magi_server.runner.plan_request`), and each
-DISTINCT call is run once through the runner itself (:func:`magi_server.runner.sampler_step_batch`, hence
+How: the DiT is built on meta through the loading path (:func:`magi_server.runtime.loading.build_dit`, fp8 linears
+included), the request's calls come from the runner's own plan (:func:`magi_server.runtime.sampler.plan_request`), and each
+DISTINCT call is run once through the runner itself (:func:`magi_server.runtime.sampler.sampler_step_batch`, hence
 ``velocity.guided_velocity_batch`` with its CFG passes and nearly-clean copy) on meta tensors under
-:class:`magi_server.accounting.OpAccountant`, with the KV cache holding exactly the chunks the runner would hold
+:class:`magi_server.runtime.accounting.OpAccountant`, with the KV cache holding exactly the chunks the runner would hold
 before that call. Two calls are the same when their structure relative to their first chunk is: slots, key ranges,
 extra clean chunk, nearly-clean copy, CFG passes, cached chunks before and kept after.
 
 Layer extrapolation (speed): meta ops cost no memory but each still costs ~0.3 ms of Python dispatch, and a 24B
 call has ~50 k of them. So each distinct call runs on a 3-layer DiT (first, one middle, last layer: for fp8 models
 the middle one is an fp8 layer, the outer ones bf16, as in the checkpoints), each layer's ops recorded as a stretch
-of their own, and the middle layer's stretch is counted L - 2 times (:func:`magi_server.accounting.repeat_segments`):
+of their own, and the middle layer's stretch is counted L - 2 times (:func:`magi_server.runtime.accounting.repeat_segments`):
 FLOPs, bytes and kernels add up, and the live-memory curve is shifted by what each copy leaves behind (cache rows it
 writes), so the peak is exact, not scaled. ``layers="all"`` runs the real depth instead; the tests check that both
 give the same numbers. The VAE decode of one chunk is accounted the same way over its blocks. One request takes
@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from magi_server.config import RESOLUTION_SIZES
-from magi_server.memory_model import GB, request_memory_estimate
+from magi_server.params import RESOLUTION_SIZES
+from magi_server.runtime.memory_model import GB, request_memory_estimate
 
 # the landscape size of each tier, as the hosted APIs and `generate --resolution` size them
 RESOLUTIONS = MappingProxyType({tier: RESOLUTION_SIZES[(tier, "16:9")] for tier in ("480p", "720p")})
@@ -71,7 +71,7 @@ class GpuProfile:
     bandwidth: float
 
     def roofline(self):
-        from magi_server.accounting import Roofline
+        from magi_server.runtime.accounting import Roofline
 
         return Roofline(self.key, self.bf16_flops, self.fp8_flops, self.fp32_flops, self.tf32_flops, self.bandwidth)
 
@@ -148,7 +148,7 @@ class PlanInputs:
 
 def model_config(model: str):
     """(display name, MagiConfig) for a preset name, a weights folder or a reference-style config JSON."""
-    from magi_server.config import MagiConfig, canonical_preset_name, preset
+    from magi_server.models.config import MagiConfig, canonical_preset_name, preset
 
     name = canonical_preset_name(model)
     if name is not None and not Path(model).exists():
@@ -157,7 +157,7 @@ def model_config(model: str):
     if path.is_file() and path.suffix == ".json":
         return path.stem, MagiConfig.from_json(path)
     if path.is_dir():
-        from magi_server.loading import resolve_model_folder
+        from magi_server.runtime.loading import resolve_model_folder
 
         return path.name, resolve_model_folder(path)
     raise ValueError(f"--model must be a preset ({', '.join(_preset_names())}), a weights folder or a config JSON; "
@@ -165,7 +165,7 @@ def model_config(model: str):
 
 
 def _preset_names() -> Sequence[str]:
-    from magi_server.config import REAL_PRESETS
+    from magi_server.models.config import REAL_PRESETS
 
     return REAL_PRESETS
 
@@ -283,7 +283,7 @@ def _layer_phases(accountant, layers, depth: int):
 
 def _repeat(accountant, prefix: tuple[str, ...], extra: int):
     """(counts, peak, end) of the segments under phase path ``prefix``, the middle layer repeated ``extra`` times."""
-    from magi_server.accounting import repeat_segments
+    from magi_server.runtime.accounting import repeat_segments
 
     chosen = [seg for seg in accountant.segments if seg.path[: len(prefix)] == prefix]
     return repeat_segments(chosen, {"layer.mid": extra})
@@ -324,9 +324,9 @@ class _Session:
     def __init__(self, config, inputs: PlanInputs, profiles: Sequence[GpuProfile], layers: str) -> None:
         import torch
 
-        from magi_server.loading import build_dit
-        from magi_server.runner import SamplerSettings, plan_request
-        from magi_server.sampling import init_t
+        from magi_server.runtime.loading import build_dit
+        from magi_server.runtime.sampler import SamplerSettings, plan_request
+        from magi_server.runtime.timesteps import init_t
 
         self.torch = torch
         self.config = config
@@ -365,7 +365,7 @@ class _Session:
 
     def call_structure(self, index: int) -> tuple:
         """What, besides the cache, decides a call's cost, relative to its first chunk."""
-        from magi_server.sampling import cfg_scales, chunk_timesteps, nearly_clean
+        from magi_server.runtime.timesteps import cfg_scales, chunk_timesteps, nearly_clean
 
         call = self.plan.calls[index]
         s = self.settings
@@ -389,7 +389,7 @@ class _Session:
         """A meta sampler state as ``pipeline.prepare`` builds it, with ``cache_chunks`` already in the cache."""
         torch = self.torch
         from magi_server.models.text_encoder import NULL_CAPTION_VALID_TOKENS
-        from magi_server.runner import start_sampler
+        from magi_server.runtime.sampler import start_sampler
 
         dit = self.config.dit
         layout = self.plan.layout
@@ -424,8 +424,8 @@ class _Session:
     def run_call(self, index: int, cache_before: frozenset[int]):
         """Account call ``index`` with ``cache_before`` in the cache; returns (counts, start, peak, end, cache
         after), memory above the weights and extrapolated to the real depth."""
-        from magi_server.accounting import OpAccountant, storage_bytes
-        from magi_server.runner import sampler_step_batch
+        from magi_server.runtime.accounting import OpAccountant, storage_bytes
+        from magi_server.runtime.sampler import sampler_step_batch
 
         model = self.model
         weights = storage_bytes(model.state_dict().values())
@@ -520,12 +520,12 @@ def account_forward(
     with ``peak_bytes`` above the weights and the call's ``chunk_forwards`` / ``chunk_pairs``."""
     import torch
 
-    from magi_server.accounting import OpAccountant, storage_bytes
-    from magi_server.chunking import tokens_per_chunk
-    from magi_server.loading import build_dit
+    from magi_server.runtime.accounting import OpAccountant, storage_bytes
+    from magi_server.runtime.chunking import tokens_per_chunk
+    from magi_server.runtime.loading import build_dit
     from magi_server.models.dit import KVCache
     from magi_server.models.text_encoder import NULL_CAPTION_VALID_TOKENS
-    from magi_server.sampling import distill_dt
+    from magi_server.runtime.timesteps import distill_dt
 
     _, config = model_config(model)
     dit = config.dit
@@ -578,8 +578,8 @@ def account_vae_decode(width: int, height: int, frames: int = 6, *, vae_config=N
     latent (the same GEMM dtypes; autocast's fp32 norms would add small temporaries)."""
     import torch
 
-    from magi_server.accounting import OpAccountant, storage_bytes
-    from magi_server.config import VAEConfig
+    from magi_server.runtime.accounting import OpAccountant, storage_bytes
+    from magi_server.models.config import VAEConfig
     from magi_server.models.vae import TileConfig, ViTVAE, frames_to_uint8, tiled_decode
 
     base = vae_config or VAEConfig()
@@ -611,10 +611,10 @@ def account_vae_decode(width: int, height: int, frames: int = 6, *, vae_config=N
 def _vae_config(config):
     """The VAE architecture: from the weights folder's config.json when there is one, the tiny preset's for the
     tiny DiT, else the real checkpoint's (the VAEConfig defaults)."""
-    from magi_server.config import TINY_DIT, TINY_VAE
+    from magi_server.models.config import TINY_DIT, TINY_VAE
 
     if config.vae_pretrained and Path(config.vae_pretrained).is_dir():
-        from magi_server.loading import read_vae_config
+        from magi_server.runtime.loading import read_vae_config
 
         return read_vae_config(config.vae_pretrained)
     return TINY_VAE if config.dit == TINY_DIT else None
@@ -694,7 +694,7 @@ def plan(
     vae["decodes"] = len(splan.emissions)
     vae["frames_per_chunk"] = max(frames_per_chunk)
 
-    from magi_server.accounting import storage_bytes
+    from magi_server.runtime.accounting import storage_bytes
 
     t5 = _t5_facts(config, inputs)
     dit_weights = storage_bytes(session.full_model.state_dict().values())
@@ -789,7 +789,7 @@ def _quick_peak(inputs: PlanInputs, gpu: str, memory_limit: int, layers: str) ->
 def _lower_resolution(width: int, height: int) -> tuple[int, int] | None:
     """The 480p size of the same aspect as a 720p one (the API's tiers), else the size scaled to the 480p area;
     None when the request is already that small."""
-    from magi_server.config import RESOLUTION_SIZES
+    from magi_server.params import RESOLUTION_SIZES
 
     for (tier, aspect), size in RESOLUTION_SIZES.items():
         if tier == "720p" and size == (width, height):
@@ -802,7 +802,7 @@ def _lower_resolution(width: int, height: int) -> tuple[int, int] | None:
 
 
 def _suggestions(inputs, name, config, session, gpu, memory_limit, layers) -> list[dict]:
-    from magi_server.config import canonical_preset_name
+    from magi_server.models.config import canonical_preset_name
 
     out = []
 
@@ -932,8 +932,8 @@ def model_memory(config, *, width: int, height: int, t5_device: str | None = Non
     other jobs' calls go on), and the VAE decode workspace of one chunk at ``width`` x ``height`` (the output thread
     decodes one chunk at a time). ``static_bytes`` is their sum: take it off the budget before admitting requests,
     and refuse to start when static_bytes + request_memory_estimate(smallest request) exceeds the device."""
-    from magi_server.accounting import storage_bytes
-    from magi_server.loading import build_dit
+    from magi_server.runtime.accounting import storage_bytes
+    from magi_server.runtime.loading import build_dit
 
     dit_bytes = storage_bytes(build_dit(config.dit).state_dict().values())
     vae = account_vae_decode(width, height, config.sampling.chunk_width, vae_config=_vae_config(config),
@@ -955,7 +955,7 @@ def startup_problem(config, device_memory: int, *, name: str = "the model", max_
 
     The model part is :func:`model_memory` with the decode workspace of the largest size served (``max_size``);
     the smallest request is one chunk (24 frames) at ``min_size`` with the config's steps and window, estimated by
-    :func:`magi_server.memory_model.request_memory_estimate` (what admission charges)."""
+    :func:`magi_server.runtime.memory_model.request_memory_estimate` (what admission charges)."""
     static = model_memory(config, width=max_size[0], height=max_size[1])
     s = config.sampling
     request = request_memory_estimate(

@@ -35,7 +35,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from magi_server.api.common import (
+from magi_server.serving.common import (
     ASPECT_CHOICES,
     FieldError,
     Overloaded,
@@ -53,10 +53,10 @@ from magi_server.api.common import (
     submit_job,
     wait_for_terminal_async,
 )
-from magi_server.jobs import Job, JobStatus
+from magi_server.serving.jobs import Job, JobStatus
 from magi_server.params import GenerationParams
 
-log = logging.getLogger("magi_server.api.fal")
+log = logging.getLogger("magi_server.serving.adapters.fal")
 
 REQUEST_ID_HEADER = "x-fal-request-id"
 MAX_FAL_SEED = 2**32 - 1  # api-compat.md §5: fal seeds outside [0, 2^32 - 1] are refused
@@ -243,7 +243,7 @@ def parse_input(ctx: ServerContext, app: FalApp, body) -> GenerationParams:
     except FieldError as exc:
         raise InvalidInput([detail_error(exc.field, exc.message, exc.kind)]) from None
     return GenerationParams(
-        prompts=(prompt,), width=width, height=height, num_frames=num_frames, steps=num_steps,
+        prompts=(prompt,), width=width, height=height, num_frames=num_frames, num_inference_steps=num_steps,
         seed=resolve_seed(seed), image_path=image_path, trim_to_frames=True,
     )
 
@@ -297,7 +297,7 @@ def job_logs(ctx: ServerContext, job: Job) -> list[dict]:
     lines = []
     if job.started_at is not None:
         lines.append(_log(job.started_at, f"started: {p.num_frames} frames at {p.width}x{p.height}, "
-                                          f"{p.steps} steps, seed {p.seed}"))
+                                          f"{p.num_inference_steps} steps, seed {p.seed}"))
     chunk_times = {e.get("index"): e.get("ts") for e in ctx.hub.since(job.id, 0) if e.get("event") == "chunk"}
     for k in range(job.progress_done):
         lines.append(_log(chunk_times.get(k) or job.started_at, f"chunk {k + 1}/{job.progress_total} done"))

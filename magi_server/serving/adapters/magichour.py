@@ -44,7 +44,7 @@ from types import MappingProxyType
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from magi_server.api.common import (
+from magi_server.serving.common import (
     FieldError,
     Overloaded,
     ServerContext,
@@ -65,7 +65,7 @@ from magi_server.api.common import (
     save_upload,
     submit_job,
 )
-from magi_server.jobs import Job, JobStatus, JobStoreError
+from magi_server.serving.jobs import Job, JobStatus, JobStoreError
 from magi_server.params import GenerationParams
 
 FPS = 24
@@ -268,7 +268,7 @@ def parse_body(ctx: ServerContext, body: dict) -> tuple[GenerationParams, dict]:
     width, height, image_path = image_params(ctx, image, tier, "auto")
     created = time.time()
     params = GenerationParams(
-        prompts=(prompt,), width=width, height=height, num_frames=frames, steps=s.default_steps,
+        prompts=(prompt,), width=width, height=height, num_frames=frames, num_inference_steps=s.default_steps,
         seed=resolve_seed(None), image_path=image_path, trim_to_frames=True,
     )
     meta = {

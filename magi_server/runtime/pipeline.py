@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from magi_server.config import MagiConfig, canonical_preset_name
-from magi_server.loading import (
+from magi_server.models.config import MagiConfig, canonical_preset_name
+from magi_server.runtime.loading import (
     load_dit,
     load_text_encoder,
     load_vae,
@@ -27,7 +27,7 @@ from magi_server.loading import (
 from magi_server.models.attention import select_backend
 from magi_server.models.text_encoder import CaptionTokenOptions, SpecialTokens, build_chunk_captions
 from magi_server.models.vae import TileConfig, decode_to_frames, encode_video_uint8
-from magi_server.runner import (
+from magi_server.runtime.sampler import (
     LatentChunk,
     SamplerSettings,
     SamplerState,
@@ -35,9 +35,9 @@ from magi_server.runner import (
     sampler_step,
     start_sampler,
 )
-from magi_server.video import InputError, Mp4Writer, load_image, load_video, resize_image
+from magi_server.media.video import InputError, Mp4Writer, load_image, load_video, resize_image
 
-log = logging.getLogger("magi_server.pipeline")
+log = logging.getLogger("magi_server.runtime.pipeline")
 
 LOAD = "load"  # default for text_encoder= / vae=: load from the weights folder (None skips the part)
 MAX_FRAMES = 24 * 60 * 10  # ten minutes at 24 fps; anything above is almost certainly a typo
@@ -147,7 +147,7 @@ class MagiPipeline:
         if not folder.exists():
             name = canonical_preset_name(str(path))
             if name == "tiny":
-                from magi_server.tiny import TINY_NOTICE, ensure_tiny_weights
+                from magi_server.runtime.tiny import TINY_NOTICE, ensure_tiny_weights
 
                 root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "magi-server"
                 folder = ensure_tiny_weights(root / "tiny-weights")
@@ -434,7 +434,7 @@ def _load_t5(path: str | Path, t5_device: str, device: torch.device):
     """
     if t5_device == "cpu" or device.type != "cuda":
         return load_text_encoder(path, device="cpu")
-    from magi_server.loading import find_t5_folder
+    from magi_server.runtime.loading import find_t5_folder
     from magi_server.models.text_encoder import T5TextEncoder
 
     return T5TextEncoder.from_pretrained(find_t5_folder(path), device=device, dtype=torch.bfloat16, offload=True)

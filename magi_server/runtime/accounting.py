@@ -2,7 +2,7 @@
 
 This file owns :class:`OpAccountant`, a ``TorchDispatchMode`` that watches every aten op a piece of code runs on
 one device type (``meta`` by default, so real models run at real shapes with no memory and no GPU), and the small
-records it fills in. It knows nothing about any particular model; :mod:`magi_server.planner` drives it.
+records it fills in. It knows nothing about any particular model; :mod:`magi_server.tools.plan` drives it.
 
 What is counted, per op that touches a tensor of the watched device type:
 

@@ -1,107 +1,27 @@
-"""The FastAPI app factory and the server's lifecycle.
-
-Owns: building the context (model, executor, job store, engine) from :class:`ServerSettings`; the bridge from
-engine events to the durable job store, the SSE event hub and the metrics; the routes every API shares (health,
-metrics, output files); the middleware for body size limits and request counting; restart recovery (jobs a dead
-process left behind are re-queued before the engine starts); and running uvicorn, with the optional TLS listeners
-fal-client needs.
+"""The ASGI apps: the routes every API shares (health, metrics, output files), the provider routers, the
+middleware for body size limits and request counting, and the bridge from engine events to the durable job store,
+the SSE event hub and the metrics. Building the model and running uvicorn belong to :mod:`magi_server.composition`.
 """
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import re
-import time
 import uuid
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.requests import ClientDisconnect
 
-from magi_server.api.common import ServerContext, resolve_upload
-from magi_server.config import ServerSettings
-from magi_server.engine import Engine, EngineEvent
-from magi_server.jobs import JobStatus, JobStore
-from magi_server.metrics import Metrics
+from magi_server.engine.loop import EngineEvent
+from magi_server.serving.common import ServerContext, resolve_upload
+from magi_server.serving.jobs import JobStatus
 
-log = logging.getLogger("magi_server.server")
+log = logging.getLogger("magi_server.serving.app")
 
 OUTPUT_NAME = re.compile(r"^[0-9a-f]{32}(\.chunk\d{1,5})?\.mp4$")
 
 
-# ---------------------------------------------------------------------------------------------------- context
-
-
-def build_context(settings: ServerSettings, *, pipeline=None) -> ServerContext:
-    """Load the model, open the job store, recover what a dead process left, start the engine."""
-    from magi_server.executor import PipelineExecutor
-    from magi_server.pipeline import MagiPipeline
-
-    notice = ""
-    if pipeline is None:
-        pipeline = MagiPipeline.from_pretrained(
-            settings.model, device=settings.device, cache_dir=settings.cache_dir, compile=settings.compile
-        )
-    if str(settings.model).lower() == "tiny":
-        from magi_server.tiny import TINY_NOTICE
-
-        notice = TINY_NOTICE
-    executor = PipelineExecutor(pipeline, settings.outputs_dir)
-    store = JobStore(settings.db_path)
-    holder: dict[str, ServerContext] = {}
-    engine = Engine(
-        executor, on_event=lambda event: on_engine_event(holder["ctx"], event), max_queue=settings.max_queue,
-        memory_budget_bytes=settings.memory_budget_bytes, max_batch_size=settings.max_batch_size,
-        job_timeout_s=settings.job_timeout_s,
-    )
-    metrics = Metrics()
-    ctx = ServerContext(settings=settings, store=store, engine=engine, executor=executor,
-                        model_name=str(settings.model), notice=notice, metrics=metrics)
-    holder["ctx"] = ctx
-    _describe_metrics(ctx)
-
-    requeued, failed = store.recover_after_restart(settings.max_attempts)
-    if requeued or failed:
-        log.warning("recovered after restart: %d job(s) re-queued, %d failed as interrupted", len(requeued), len(failed))
-    _remove_partial_files(Path(settings.outputs_dir))
-    for job in store.queued_in_order():
-        engine.submit(job.id, job.params, reserved=False)
-    engine.start()
-    return ctx
-
-
-def _remove_partial_files(outputs_dir: Path) -> None:
-    """Delete the temp files (``.<name>.part``) a killed process left: its encoder's half MP4s and half uploads.
-
-    Nothing else writes them (one server owns the store and its folders, jobs.py) and no job runs yet, so every
-    one of them is an orphan; without this each kill -9 mid-job leaks a partial video for good.
-    """
-    for folder in (outputs_dir, outputs_dir / "uploads"):
-        for path in folder.glob(".*.part"):
-            try:
-                path.unlink()
-            except OSError as exc:
-                log.warning("could not remove the partial file %s: %s", path, exc)
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line (``--log-format json``): control characters in messages are escaped, so a prompt
-    can never forge a log line, and the job id is a field of its own."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        payload = {
-            "ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for key in ("job_id", "event", "error_code"):
-            value = getattr(record, key, None)
-            if value is not None:
-                payload[key] = value
-        if record.exc_info:
-            payload["exc"] = self.formatException(record.exc_info)
-        return json.dumps(payload, ensure_ascii=True)
+# -------------------------------------------------------------------------------------------- engine events
 
 
 def on_engine_event(ctx: ServerContext, event: EngineEvent) -> None:
@@ -148,7 +68,7 @@ def on_engine_event(ctx: ServerContext, event: EngineEvent) -> None:
             metrics.inc("magi_jobs_finished_total", {"outcome": job.status.value})
 
 
-def _describe_metrics(ctx: ServerContext) -> None:
+def describe_metrics(ctx: ServerContext) -> None:
     m = ctx.metrics
     m.describe("magi_http_requests_total", "HTTP requests by route and status code")
     m.describe("magi_jobs_submitted_total", "jobs accepted, by API")
@@ -241,21 +161,21 @@ def create_app(ctx: ServerContext, role: str = "main") -> FastAPI:
         return response
 
     if role == "main":
-        from magi_server.api import wavespeed
+        from magi_server.serving.adapters import wavespeed
 
         app.include_router(wavespeed.build_router(ctx))
         try:
-            from magi_server.api import magichour
+            from magi_server.serving.adapters import magichour
         except ImportError:
             magichour = None
         if magichour is not None:
             app.include_router(magichour.build_router(ctx))
         _add_common_routes(app, ctx)
-        from magi_server.playground import add_playground
+        from magi_server.serving.playground import add_playground
 
         add_playground(app)
     else:
-        from magi_server.api import fal
+        from magi_server.serving.adapters import fal
 
         app.include_router(fal.build_router(ctx, sync=(role == "fal_run")))
         _add_file_routes(app, ctx)
@@ -334,49 +254,3 @@ def shutdown(ctx: ServerContext) -> None:
     ctx.store.close()
 
 
-def serve(settings: ServerSettings, *, log_ready: bool = True) -> None:
-    import contextlib
-    import signal
-
-    import uvicorn
-
-    class _Server(uvicorn.Server):
-        # uvicorn re-raises SIGTERM/SIGINT after its own shutdown, which would kill the process before the job
-        # store is drained; the signals are handled once for every listener below instead
-        def capture_signals(self):
-            return contextlib.nullcontext()
-
-    if not settings.api_keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
-        raise SystemExit(f"refusing to listen on {settings.host} without --api-key (anyone could use the GPU)")
-    started = time.monotonic()
-    ctx = build_context(settings)
-    servers = [_Server(uvicorn.Config(create_app(ctx), host=settings.host, port=settings.port,
-                                      log_level="info", timeout_keep_alive=5))]
-    for role, port in (("fal_queue", settings.fal_queue_port), ("fal_run", settings.fal_run_port)):
-        if port:
-            if not (settings.tls_certfile and settings.tls_keyfile):
-                raise SystemExit("fal listeners need --tls-cert and --tls-key (fal-client only speaks https)")
-            servers.append(_Server(uvicorn.Config(
-                create_app(ctx, role), host=settings.host, port=port, log_level="info",
-                ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile,
-            )))
-    if log_ready:
-        log.info("model %s loaded in %.1f s; serving on %s", settings.model, time.monotonic() - started,
-                 settings.base_url())
-
-    async def run_all():
-        loop = asyncio.get_running_loop()
-
-        def stop(signame: str) -> None:
-            log.info("%s: draining (the running job goes back to the queue; queued jobs stay stored)", signame)
-            for server in servers:
-                server.should_exit = True
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop, sig.name)
-        await asyncio.gather(*(server.serve() for server in servers))
-
-    try:
-        asyncio.run(run_all())
-    finally:
-        shutdown(ctx)

@@ -1,0 +1,45 @@
+"""ServerSettings: everything ``magi-server serve`` is configured with.
+
+The CLI builds it from flags and the environment (the one place either is read); nothing below the composition
+root reads the environment.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything ``magi-server serve`` is configured with (the CLI builds it; nothing reads env vars below it)."""
+
+    model: str = "tiny"  # preset name or weights folder
+    host: str = "127.0.0.1"
+    port: int = 8000
+    db_path: str = "magi-server.db"
+    outputs_dir: str = "outputs"
+    public_base_url: str | None = None  # how clients reach us (defaults to http://host:port)
+    api_keys: tuple[str, ...] = ()  # empty: auth off (only allowed on loopback)
+    device: str = "cpu"
+    compile: bool | None = None  # torch.compile of the DiT layers; None: on for CUDA, off elsewhere
+    max_queue: int = 64
+    max_batch_size: int = 4
+    memory_budget_bytes: int = 1 << 62
+    max_body_bytes: int = 25 * 1024 * 1024
+    job_timeout_s: float | None = 3600.0
+    sync_timeout_s: float = 600.0  # WaveSpeed sync mode / fal run: how long a request may hold its connection
+    max_attempts: int = 2  # runs of one job across crashes before it fails as "interrupted"
+    max_prompt_chars: int = 4000
+    # hosted-API defaults for fields a provider does not expose (api-compat.md §8.4)
+    default_num_frames: int = 96
+    default_resolution: str = "720p"
+    default_steps: int = 16
+    resolution_scale: float = 1.0  # < 1 renders every size smaller (the tiny preset uses 1/8 so a CPU keeps up)
+    fal_queue_port: int | None = None  # TLS listeners for fal-client (it only speaks https)
+    fal_run_port: int | None = None
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
+    cache_dir: str | None = None  # where the tiny preset's generated weights are kept
+    allow_private_image_hosts: bool = False
+
+    def base_url(self) -> str:
+        return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")
