@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from magi_server.engine.loop import Engine
-from magi_server.serving.app import create_app, on_engine_event, shutdown, describe_metrics
+from magi_server.serving.app import create_app, describe_metrics, shutdown
+from magi_server.serving.events import on_engine_event
 from magi_server.serving.common import ServerContext
 from magi_server.serving.jobs import JobStore
 from magi_server.serving.metrics import Metrics

@@ -179,7 +179,7 @@ def test_cancel_that_races_the_last_call_leaves_no_output(tmp_path, pipeline):
     from magi_server.engine.loop import EngineEvent
     from magi_server.serving.jobs import Job
     from magi_server.params import GenerationParams
-    from magi_server.serving.app import on_engine_event
+    from magi_server.serving.events import on_engine_event
 
     with running_server(_settings(tmp_path), pipeline=pipeline) as (ctx, client):
         params = GenerationParams(prompts=("x",), width=160, height=96, num_frames=24, num_inference_steps=8, seed=1,

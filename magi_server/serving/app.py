@@ -12,60 +12,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.requests import ClientDisconnect
 
-from magi_server.engine.loop import EngineEvent
 from magi_server.serving.common import ServerContext, resolve_upload
 from magi_server.serving.jobs import JobStatus
 
 log = logging.getLogger("magi_server.serving.app")
 
 OUTPUT_NAME = re.compile(r"^[0-9a-f]{32}(\.chunk\d{1,5})?\.mp4$")
-
-
-# -------------------------------------------------------------------------------------------- engine events
-
-
-def on_engine_event(ctx: ServerContext, event: EngineEvent) -> None:
-    """Engine thread -> durable job record, SSE hub and metrics (the engine never touches the store itself)."""
-    store, hub, metrics = ctx.store, ctx.hub, ctx.metrics
-    job_id = event.job_id
-    if event.kind != "progress":
-        level = logging.WARNING if event.kind == "failed" else logging.INFO
-        detail = f" ({event.error_code}: {event.error[:200]})" if event.error else ""
-        log.log(level, "job %s %s%s", job_id, event.kind, detail,
-                extra={"job_id": job_id, "event": event.kind, "error_code": event.error_code or None})
-    if event.kind == "started":
-        store.mark_running(job_id)
-        hub.publish(job_id, {"event": "status", "status": "processing"})
-    elif event.kind == "progress":
-        store.update_progress(job_id, event.chunks_done, event.chunks_total)
-        hub.publish(job_id, {"event": "progress", "chunks_done": event.chunks_done, "chunks_total": event.chunks_total})
-    elif event.kind == "chunk":
-        store.update_progress(job_id, event.chunks_done, event.chunks_total)
-        payload = {"event": "chunk", "index": event.chunk_index, "chunks_done": event.chunks_done,
-                   "chunks_total": event.chunks_total, "frames": event.num_frames}
-        if event.preview:
-            payload["url"] = ctx.file_url(event.preview)
-        hub.publish(job_id, {"event": "progress", "chunks_done": event.chunks_done, "chunks_total": event.chunks_total})
-        hub.publish(job_id, payload)
-    elif event.kind in ("finished", "failed", "cancelled"):
-        # The engine reports every job's end exactly once; the row may already be final because an API cancel
-        # wrote it first (the engine stops such a job at its next safe point, or it had just finished). Count the
-        # ending the row holds, so a cancel made through an API is counted too, once.
-        if event.kind == "finished":
-            job = store.complete(job_id, [event.output], event.inference_ms)
-            if job is not None and metrics is not None:
-                metrics.observe("magi_generation_seconds", (event.inference_ms or 0) / 1000.0)
-        elif event.kind == "cancelled":
-            job = store.cancel(job_id)
-        else:
-            job = store.fail(job_id, event.error, event.error_code)
-        if job is None:
-            job = store.get(job_id)
-            if job is not None and job.status is JobStatus.CANCELLED and event.output:
-                # cancelled while its last call ran: the client was told "cancelled", so no output may appear
-                (ctx.outputs_dir / event.output).unlink(missing_ok=True)
-        if job is not None and job.is_terminal and metrics is not None:
-            metrics.inc("magi_jobs_finished_total", {"outcome": job.status.value})
 
 
 def describe_metrics(ctx: ServerContext) -> None:

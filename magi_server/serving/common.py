@@ -19,10 +19,8 @@ import hmac
 import math
 import re
 import secrets
-import threading
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import numpy as np
 from magi_server.params import RESOLUTION_SIZES, output_size
 from magi_server.serving.settings import ServerSettings
 from magi_server.engine.loop import Engine, QueueFullError
+from magi_server.serving.events import EventHub
 from magi_server.serving.jobs import Job, JobStatus, JobStore
 from magi_server.params import ASPECT_RATIOS, MAX_SEED, GenerationParams, ParamError
 from magi_server.media.video import InputError, SourcePolicy, load_image
@@ -156,27 +155,6 @@ def check_body(body: Any) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- the context
-
-
-class EventHub:
-    """Per-job event history for streaming clients. The engine thread publishes; SSE handlers poll."""
-
-    def __init__(self, max_events_per_job: int = 1000, max_jobs: int = 10_000) -> None:
-        self._events: dict[str, deque] = {}
-        self._lock = threading.Lock()
-        self._max_events = max_events_per_job
-        self._max_jobs = max_jobs
-
-    def publish(self, job_id: str, event: dict) -> None:
-        with self._lock:
-            if job_id not in self._events and len(self._events) >= self._max_jobs:
-                self._events.pop(next(iter(self._events)))  # forget the oldest job's stream
-            self._events.setdefault(job_id, deque(maxlen=self._max_events)).append({**event, "ts": time.time()})
-
-    def since(self, job_id: str, index: int) -> list[dict]:
-        with self._lock:
-            events = self._events.get(job_id)
-            return list(events)[index:] if events else []
 
 
 @dataclass
