@@ -379,6 +379,7 @@ def sec_dit(args, report: Report) -> None:
 
 def sec_e2e(args, report: Report) -> None:
     from magi_server.models.text_encoder import SpecialTokens
+    from magi_server.runtime.model_runner import ModelRunner
     from magi_server.runtime.pipeline import MagiPipeline
 
     dev = args.device
@@ -395,7 +396,7 @@ def sec_e2e(args, report: Report) -> None:
         from magi_server.runtime.loading import load_text_encoder
 
         text_encoder = load_text_encoder(args.t5, device="cpu")
-    pipe = MagiPipeline(dit, vae, text_encoder, tokens, cfg, device=dev)
+    pipe = MagiPipeline(ModelRunner(dit, vae, text_encoder, tokens, cfg, device=dev))
     width, height = (64, 64) if args.dry_run else SIZES["480p"]
     frames, steps = (48, 8) if args.dry_run else (96, 16)
     # the MP4 writer runs the ffmpeg binary that imageio-ffmpeg ships; without it the frames are decoded, not encoded
@@ -418,10 +419,10 @@ def sec_e2e(args, report: Report) -> None:
         sync(dev)
         calls.append(time.perf_counter())
 
-    smooth = mp4 and args.smooth_mp4 and hasattr(pipe, "decode_chunk")
+    smooth = mp4 and args.smooth_mp4
     if smooth:  # random weights decode to noise, which x264 encodes several times slower than real footage
-        decode = pipe.decode_chunk
-        pipe.decode_chunk = lambda chunk: _smooth_like(decode(chunk), chunk.index)
+        decode = pipe.runner.decode_chunk
+        pipe.runner.decode_chunk = lambda chunk: _smooth_like(decode(chunk), chunk.index)
     reset_peak(dev)
     sync(dev)
     start = time.perf_counter()

@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 from magi_server.engine.loop import Engine
-from magi_server.serving.app import create_app, describe_metrics, shutdown
+from magi_server.serving.app import create_app, shutdown
 from magi_server.serving.events import on_engine_event
 from magi_server.serving.common import ServerContext
 from magi_server.serving.jobs import JobStore
-from magi_server.serving.metrics import Metrics
+from magi_server.serving.metrics import GaugeReaders, Metrics
 from magi_server.serving.settings import ServerSettings
 
 log = logging.getLogger("magi_server.server")
@@ -25,7 +25,6 @@ log = logging.getLogger("magi_server.server")
 
 def build_context(settings: ServerSettings, *, pipeline=None) -> ServerContext:
     """Load the model, open the job store, recover what a dead process left, start the engine."""
-    from magi_server.runtime.model_runner import PipelineExecutor
     from magi_server.runtime.pipeline import MagiPipeline
 
     notice = ""
@@ -37,7 +36,7 @@ def build_context(settings: ServerSettings, *, pipeline=None) -> ServerContext:
         from magi_server.runtime.tiny import TINY_NOTICE
 
         notice = TINY_NOTICE
-    executor = PipelineExecutor(pipeline, settings.outputs_dir)
+    executor = pipeline.runner.with_outputs(settings.outputs_dir)  # the pipeline's model; the engine's requests
     store = JobStore(settings.db_path)
     holder: dict[str, ServerContext] = {}
     engine = Engine(
@@ -45,11 +44,15 @@ def build_context(settings: ServerSettings, *, pipeline=None) -> ServerContext:
         memory_budget_bytes=settings.memory_budget_bytes, max_batch_size=settings.max_batch_size,
         job_timeout_s=settings.job_timeout_s,
     )
-    metrics = Metrics()
+    metrics = Metrics(GaugeReaders(
+        queue_depth=lambda: engine.queue_depth, engine_alive=engine.alive,
+        jobs_by_status=lambda: {status.value: n for status, n in store.count_by_status().items()},
+        gpu_memory_bytes=executor.device_memory_bytes,
+    ))
     ctx = ServerContext(settings=settings, store=store, engine=engine, executor=executor,
-                        model_name=str(settings.model), notice=notice, metrics=metrics)
+                        model_name=str(settings.model), notice=notice, metrics=metrics,
+                        model_limits=executor.model_limits())
     holder["ctx"] = ctx
-    describe_metrics(ctx)
 
     requeued, failed = store.recover_after_restart(settings.max_attempts)
     if requeued or failed:

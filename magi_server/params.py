@@ -23,7 +23,8 @@ from types import MappingProxyType
 TASKS = ("t2v", "i2v", "v2v")
 
 # ------------------------------------------------------------------------------------------------------ limits
-MAX_SEED = 2**31 - 1  # seeds are [0, 2^31 - 1]; -1 (or none) draws one (api-compat.md §5)
+MAX_SEED = 2**32 - 1  # the widest seed range an entry point takes (fal: [0, 2^32 - 1]; api-compat.md §5)
+RANDOM_SEEDS = 2**31  # -1 (or none) draws a seed in [0, 2^31 - 1] (api-compat.md §5)
 MAX_FRAMES = 24 * 60 * 10  # ten minutes at 24 fps; anything above is almost certainly a typo
 MIN_SIDE = 16
 MAX_SIDE = 4096
@@ -89,9 +90,9 @@ def check_int(name: str, value, low: int, high: int) -> int:
 
 
 def resolve_seed(value) -> int:
-    """-1 / None = a random seed in [0, MAX_SEED]; the effective seed is stored with the job and reported."""
+    """-1 / None = a random seed below RANDOM_SEEDS; the effective seed is stored with the job and reported."""
     if value is None or (not isinstance(value, bool) and isinstance(value, int) and value == -1):
-        return secrets.randbelow(MAX_SEED + 1)
+        return secrets.randbelow(RANDOM_SEEDS)
     if isinstance(value, bool) or not hasattr(value, "__index__") or not 0 <= int(value) <= MAX_SEED:
         raise ParamError("seed", f"must be an integer in [0, {MAX_SEED}] or -1 for random, got {value!r}")
     return int(value)
@@ -198,6 +199,4 @@ def _check_text(name: str, value, max_chars: int) -> str:
         raise ParamError(name, "contains a NUL character")
     if len(value) > max_chars:
         raise ParamError(name, f"is {len(value)} characters long; at most {max_chars} allowed")
-    if not value.strip():
-        raise ParamError(name, "must not be empty")
-    return value
+    return value  # "" is the empty caption (Magic Hour's absent style.prompt); the APIs that require text say so

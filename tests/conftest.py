@@ -1,4 +1,8 @@
-"""Shared test fixtures: the golden reference folder beside the checkout."""
+"""Shared test fixtures (the golden reference folder beside the checkout) and the markers every test gets.
+
+``pytest -m "not slow"`` is the sub-minute inner loop; ``make test`` runs everything. Markers are given by file so
+a new test in a slow file is slow without anyone remembering to say so.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,3 +18,30 @@ def golden() -> Path:
     if not GOLDEN_DIR.is_dir():
         pytest.skip(f"golden fixtures not found at {GOLDEN_DIR} (CI keeps ../shared beside the checkout)")
     return GOLDEN_DIR
+
+
+# whole files that build tiny models, run servers or subprocesses, compile, or account real-shape plans
+SLOW_FILES = {
+    "test_planner.py", "test_sampler_golden.py", "test_server_durability.py", "test_readme_quickstart.py",
+    "test_cli_generate.py", "test_server_magichour.py", "test_server_limits.py", "test_vae_golden.py",
+    "test_vae_unit.py", "test_compile.py", "test_server_wavespeed.py", "test_gpu_bench.py", "test_chunk_output.py",
+    "test_dit_golden.py", "test_pipeline_tiny.py", "test_bench.py", "test_tiny.py", "test_text_encoder.py",
+    "test_async_prefill.py", "test_offline_equals_served.py", "test_openapi_conformance.py",
+    "test_server_fal.py", "test_batching.py", "test_video.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = Path(str(item.fspath))
+        if path.name.startswith("test_sdk_"):  # the official SDKs against a real server process
+            item.add_marker(pytest.mark.sdk)
+            item.add_marker(pytest.mark.slow)
+        elif path.name == "test_playground.py":  # headless Chromium
+            item.add_marker(pytest.mark.browser)
+            item.add_marker(pytest.mark.slow)
+        elif path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+        if "gpu" in path.parts:
+            item.add_marker(pytest.mark.gpu)
+

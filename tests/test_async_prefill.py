@@ -1,4 +1,4 @@
-"""Prefill off the engine thread (tiny preset, real executor and engine): a slow prompt encode of a new job does not
+"""Prefill off the engine thread (tiny preset, real model runner and engine): a slow prompt encode of a new job does not
 stall the running job's calls, runs on another thread, can be cancelled while in flight, and bad input still fails
 only that job naming the parameter. Plus the T5 contract that makes the encode short: encoding only the valid
 tokens gives the padded encoding's values on them (tiny preset's T5)."""
@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from magi_server.engine.loop import Engine
-from magi_server.runtime.model_runner import PipelineExecutor
 from magi_server.params import GenerationParams
 from magi_server.runtime.pipeline import MagiPipeline
 from tests.test_engine import Recorder
@@ -29,13 +28,13 @@ def _params(prompt: str, frames: int = 96, seed: int = 1, **kw) -> GenerationPar
 
 
 class _Run:
-    """An engine over the real executor, with every model call's job ids and start time recorded."""
+    """An engine over the real model runner, with every model call's job ids and start time recorded."""
 
     def __init__(self, pipe, outputs):
-        self.executor = PipelineExecutor(pipe, outputs)
+        self.runner = pipe.runner.with_outputs(outputs)
         self.calls: list[tuple[float, tuple[str, ...]]] = []
         self.chunk_calls: list[tuple[int, str]] = []  # (index in calls, job id) of each call that made a chunk final
-        step = self.executor.step
+        step = self.runner.step
 
         def timed_step(job_ids):
             self.calls.append((time.monotonic(), tuple(job_ids)))
@@ -43,9 +42,9 @@ class _Run:
             self.chunk_calls += [(len(self.calls) - 1, job_id) for job_id in made_final]
             return made_final
 
-        self.executor.step = timed_step
+        self.runner.step = timed_step
         self.rec = Recorder()
-        self.engine = Engine(self.executor, on_event=self.rec, idle_wait_s=0.01)
+        self.engine = Engine(self.runner, on_event=self.rec, idle_wait_s=0.01)
 
     def __enter__(self):
         self.engine.start()

@@ -1,4 +1,4 @@
-"""Chunk output off the critical path (tiny preset, real executor and engine): with the MP4 encoder slowed, the next
+"""Chunk output off the critical path (tiny preset, real model runner and engine): with the MP4 encoder slowed, the next
 model call starts before the previous chunk's encode ends; the MP4 bytes equal the synchronous library path's;
 events stay in order; a cancel drops pending output; a failing encode fails only its job."""
 from __future__ import annotations
@@ -84,7 +84,7 @@ def test_trimmed_output_and_batched_jobs_match_the_library(pipe, tmp_path):
             run.engine.submit(job_id, _params(frames=30, seed=seed, trim_to_frames=True), reserved=False)
         for job_id in "ab":
             assert run.rec.wait_for(job_id, timeout=120).kind == "finished"
-    assert set(run.executor.batch_sizes) == {2}
+    assert set(run.runner.batch_sizes) == {2}
     for job_id, seed in (("a", 1), ("b", 2)):
         lib = pipe("a red fox", num_frames=32, seed=seed, height=64, width=64, num_inference_steps=8,
                    output_type="np")
@@ -98,13 +98,13 @@ def test_trimmed_output_and_batched_jobs_match_the_library(pipe, tmp_path):
 
 def test_cancel_drops_pending_output(pipe, slow_writer, tmp_path):
     with _Run(pipe, tmp_path) as run:
-        step = run.executor.step
+        step = run.runner.step
 
         def slow_step(job_ids):  # calls of 50 ms: the cancel lands while calls are left
             time.sleep(0.05)
             return step(job_ids)
 
-        run.executor.step = slow_step
+        run.runner.step = slow_step
         run.engine.submit("job", _params(frames=240), reserved=False)
         assert video.Mp4Writer.append.writing.wait(60)  # the first chunk is being written
         run.engine.cancel("job")

@@ -9,8 +9,10 @@ import sys
 
 import pytest
 
-from magi_server.tools.generate import RESOLUTIONS, resolve_size
-from magi_server.media.video import InputError, probe_video
+from magi_server.media.video import probe_video
+from magi_server.models.config import preset
+from magi_server.params import MAX_SEED, ParamError
+from magi_server.tools.generate import RESOLUTIONS, parse_job, resolve_size
 from tests.golden_utils import REPO_ROOT
 
 SMALL = ["--width", "64", "--height", "64"]  # the tiny model at 64x64 runs a 48-frame video in well under a second
@@ -160,7 +162,38 @@ def test_size_defaults_and_conflicts():
     assert RESOLUTIONS["480p"]["16:9"] == (832, 480) and RESOLUTIONS["720p"]["9:16"] == (720, 1280)
     assert resolve_size({}, (128, 96)) == (128, 96)
     assert resolve_size({"width": 64, "height": 32}, (128, 96)) == (64, 32)
-    with pytest.raises(InputError, match="^resolution: "):
+    with pytest.raises(ParamError, match="^resolution: "):
         resolve_size({"resolution": "480p", "width": 64, "height": 64}, (128, 128))
-    with pytest.raises(InputError, match="^aspect_ratio: "):
+    with pytest.raises(ParamError, match="^aspect_ratio: "):
         resolve_size({"aspect_ratio": "1:1"}, (128, 128))
+
+
+# ------------------------------------------------------------------ the request contract's names (in-process)
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"seed": MAX_SEED + 1}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"num_frames": 0}, "num_frames"),
+        ({"frames": 0}, "frames"),  # the JSONL's short name is reported as the line wrote it
+        ({"width": 100, "height": 64}, "width"),
+        ({"width": 64, "height": 8192}, "height"),
+        ({"num_inference_steps": 6}, "num_inference_steps"),
+        ({"steps": 6}, "steps"),
+        ({"prompt": ["a", 3]}, "prompt"),
+    ],
+)
+def test_bad_fields_name_the_contract_parameter(fields, param):
+    with pytest.raises(ParamError) as info:
+        parse_job({"prompt": "a cat", **fields}, preset("tiny"))
+    assert info.value.param == param and str(info.value).startswith(f"{param}: ")
+
+
+def test_a_good_line_is_the_contract_record():
+    params = parse_job({"prompt": ["a", "b"], "frames": 48.0, "steps": 8, "seed": MAX_SEED, "width": 64,
+                        "height": 32}, preset("tiny"))
+    assert (params.prompts, params.num_frames, params.num_inference_steps, params.seed) == (("a", "b"), 48, 8, MAX_SEED)
+    assert (params.width, params.height, params.task) == (64, 32, "t2v") and type(params.num_frames) is int
+    assert 0 <= parse_job({"prompt": "x", "seed": -1}, preset("tiny")).seed <= MAX_SEED

@@ -9,7 +9,7 @@ import torch
 from magi_server.models.config import preset
 from magi_server.models import dit as dit_module
 from magi_server.models.dit import linear_fp32, split_bf16_exact
-from magi_server.runtime.pipeline import MagiPipeline
+from magi_server.runtime.model_runner import ModelRunner
 
 
 @pytest.fixture
@@ -53,8 +53,8 @@ def test_fp32_input_with_bf16_valued_weight_matches_fp32_gemm(tensor_core_path):
 def test_kv_cache_lives_on_the_cpu_when_offloaded():
     config = preset("4.5B-distill")
     assert config.kv_offload  # the reference configs' setting
-    on_gpu = MagiPipeline(None, None, None, None, config, device="cuda")
+    on_gpu = ModelRunner(None, None, None, None, config, device="cuda")
     assert on_gpu.kv_cache_device == torch.device("cpu")
-    kept = MagiPipeline(None, None, None, None, dataclasses.replace(config, kv_offload=False), device="cuda")
+    kept = ModelRunner(None, None, None, None, dataclasses.replace(config, kv_offload=False), device="cuda")
     assert kept.kv_cache_device == torch.device("cuda")
-    assert MagiPipeline(None, None, None, None, config, device="cpu").kv_cache_device == torch.device("cpu")
+    assert ModelRunner(None, None, None, None, config, device="cpu").kv_cache_device == torch.device("cpu")

@@ -439,7 +439,7 @@ def test_jobs_survive_kill_9_and_interrupted_job_is_bounded(tmp_path):
 
 
 def test_jobs_module_is_torch_free_and_imports_only_params():
-    source = (REPO_ROOT / "magi_server" / "jobs.py").read_text()
+    source = (REPO_ROOT / "magi_server" / "serving" / "jobs.py").read_text()
     imported = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):

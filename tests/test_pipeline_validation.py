@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from magi_server.params import ParamError
 from magi_server.runtime.pipeline import MagiPipeline
-from magi_server.media.video import InputError
 
 
 class _NoWork(torch.nn.Module):
@@ -29,7 +29,7 @@ class _NoWork(torch.nn.Module):
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory) -> MagiPipeline:
     pipe = MagiPipeline.from_pretrained("tiny", cache_dir=tmp_path_factory.mktemp("cache"))
-    pipe.dit = _NoWork(pipe.dit)
+    pipe.runner.dit = _NoWork(pipe.runner.dit)
     return pipe
 
 
@@ -60,7 +60,7 @@ def pipe(tmp_path_factory) -> MagiPipeline:
 def test_bad_input_names_the_parameter(pipe, kwargs, param, allowed):
     call = dict(prompt="a cat", height=64, width=64, num_frames=24, output_type="latent")
     call.update(kwargs)
-    with pytest.raises(InputError) as info:
+    with pytest.raises(ParamError) as info:
         pipe(**call)
     message = str(info.value)
     assert message.startswith(f"{param}:"), message
@@ -68,20 +68,20 @@ def test_bad_input_names_the_parameter(pipe, kwargs, param, allowed):
 
 
 def test_missing_prompt_and_too_many_prompts(pipe):
-    with pytest.raises(InputError, match=r"^prompt: required"):
+    with pytest.raises(ParamError, match=r"^prompt: required"):
         pipe(height=64, width=64, num_frames=24, output_type="latent")
-    with pytest.raises(InputError, match=r"^prompt: must be a string"):
+    with pytest.raises(ParamError, match=r"^prompt: must be a string"):
         pipe([], height=64, width=64, num_frames=24, output_type="latent")
 
 
 def test_unreadable_image_file(pipe, tmp_path):
     bad = tmp_path / "cat.png"
     bad.write_text("this is text, not a PNG")
-    with pytest.raises(InputError, match=r"^image:"):
+    with pytest.raises(ParamError, match=r"^image:"):
         pipe("a cat", image=bad, height=64, width=64, num_frames=24, output_type="latent")
 
 
 def test_latents_of_the_wrong_shape(pipe):
     pipe_ok = pipe
-    with pytest.raises(InputError, match=r"^latents: must have shape \(1, 16, 6, 8, 8\)"):
+    with pytest.raises(ParamError, match=r"^latents: must have shape \(1, 16, 6, 8, 8\)"):
         pipe_ok("a cat", height=64, width=64, num_frames=24, output_type="latent", latents=torch.zeros(1, 16, 5, 8, 8))

@@ -55,13 +55,13 @@ def test_sampler_i2v_end_to_end_uint8(golden, manifest):
     (key,) = [k for k in image if image[k].dtype == torch.uint8]
     pipe = _pipeline(golden, "config_B.json", vae="load")
     captured = {}
-    original = pipe._prefix_latents
+    original = pipe.runner.encode_prefix
 
-    def spy(inputs):
-        captured["prefix"] = original(inputs)
+    def spy(*args, **kwargs):
+        captured["prefix"] = original(*args, **kwargs)
         return captured["prefix"]
 
-    pipe._prefix_latents = spy
+    pipe.runner.encode_prefix = spy
     out = pipe(
         image=image[key].numpy()[0], prompt_embeds=data["caption_embs"], prompt_attention_mask=data["emb_masks"],
         latents=data["initial_noise"], output_type="np", seed=1234,

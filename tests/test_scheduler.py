@@ -1,20 +1,22 @@
-"""Scheduler rules with hand-made runner outcomes: no model, no torch, a fake clock (microseconds each)."""
+"""Scheduler rules with hand-made runner results: no model, no torch, a fake clock (microseconds each)."""
 from __future__ import annotations
-
-import ast
-from pathlib import Path
 
 import pytest
 
 from magi_server.engine.scheduler import (
-    QueueFull,
+    Failure,
+    Prefill,
     Request,
     RequestStatus,
     Scheduler,
     StepPlan,
+    StepResult,
 )
+from magi_server.params import GenerationParams
 
 GiB = 1 << 30
+PARAMS = GenerationParams(prompts=("a cat",), width=480, height=480, num_frames=24, num_inference_steps=8, seed=1)
+OOM = Failure("oom", "the GPU ran out of memory")
 
 
 class FakeClock:
@@ -25,21 +27,44 @@ class FakeClock:
         return self.now
 
 
-def make(rid: str, *, arrival: float = 0.0, est: int = GiB, hint: tuple = ("t2v", 480, 480), **kw) -> Request:
-    return Request(id=rid, batch_hint=hint, arrival=arrival, est_bytes=est, **kw)
+def make(rid: str, *, est: int = GiB, **kw) -> Request:
+    return Request(rid, PARAMS, est_bytes=est, **kw)
 
 
-def sched(clock=None, *, max_waiting=16, budget=8 * GiB, max_batch_size=4) -> Scheduler:
-    return Scheduler(max_waiting, budget, max_batch_size=max_batch_size, clock=clock or FakeClock())
+def sched(clock=None, *, budget: int | None = 8 * GiB, max_batch_size=4) -> Scheduler:
+    return Scheduler(budget, max_batch_size=max_batch_size, clock=clock or FakeClock())
 
 
-def admit_and_prefill(s: Scheduler, keys: dict[str, tuple], calls: int = 4, chunks: int = 2) -> StepPlan:
-    """One round that admits waiting requests, then reports every admitted one prefilled."""
-    plan = s.schedule()
-    for rid in plan.prefill:
-        s.on_prefilled(rid, keys[rid], calls_total=calls, chunks_total=chunks)
-    assert plan.step == ()  # nothing was RUNNING before this round in these tests
-    return plan
+def ids(requests) -> tuple[str, ...]:
+    return tuple(r.id for r in requests)
+
+
+def prefilled(keys: dict[str, object], calls: int) -> StepResult:
+    return StepResult(prefilled={rid: Prefill(key, calls) for rid, key in keys.items()})
+
+
+class Rounds:
+    """Drives a scheduler the way the engine does: each round updates with the last plan and a result, then
+    schedules."""
+
+    def __init__(self, s: Scheduler) -> None:
+        self.s = s
+        self.plan = StepPlan()
+
+    def __call__(self, result: StepResult | None = None, *, admit: bool = True) -> StepPlan:
+        self.s.update(self.plan, result or StepResult())
+        self.plan = self.s.schedule(admit=admit)
+        return self.plan
+
+
+def admit_and_prefill(s: Scheduler, keys: dict[str, object], calls: int = 4) -> Rounds:
+    """A round that admits the waiting requests, then the report that every admitted one is prefilled."""
+    rounds = Rounds(s)
+    plan = rounds()
+    assert set(ids(plan.prefill)) == set(keys) and plan.step == ()
+    rounds.s.update(plan, prefilled(keys, calls))
+    rounds.plan = StepPlan()
+    return rounds
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -49,59 +74,56 @@ def admit_and_prefill(s: Scheduler, keys: dict[str, tuple], calls: int = 4, chun
 
 def test_admission_by_budget_stops_at_first_misfit():
     s = sched(budget=10 * GiB)
-    s.add(make("a", arrival=1, est=4 * GiB))
-    s.add(make("big", arrival=2, est=7 * GiB))  # does not fit next to "a"
-    s.add(make("small", arrival=3, est=1 * GiB))  # would fit, but must not jump the head
-    plan = s.schedule()
-    assert plan.prefill == ("a",)
+    s.add(make("a", est=4 * GiB))
+    s.add(make("big", est=7 * GiB))  # does not fit next to "a"
+    s.add(make("small", est=1 * GiB))  # would fit, but must not jump the head
+    rounds = Rounds(s)
+    plan = rounds()
+    assert ids(plan.prefill) == ("a",) and plan.prefill[0] is s.get("a")
     assert s.get("a").status is RequestStatus.PREFILLING
-    assert s.queue_position("big") == 0 and s.queue_position("small") == 1
-    assert s.used_bytes == 4 * GiB and s.running_count == 1 and s.waiting_count == 2
+    assert s.waiting == ("big", "small")
+    assert s.used == 4 * GiB and s.running_count == 1
 
     # still no room: nothing admitted, "small" keeps waiting behind "big"
-    assert s.schedule().prefill == ()
+    assert rounds().prefill == ()
 
-    # "a" finishes: its memory is free in the same round that releases it, and the head goes first
-    s.on_prefilled("a", "k", calls_total=1, chunks_total=1)
-    plan = s.schedule()
-    assert plan.step == ("a",)
-    assert s.on_step_done(["a"], {"a": 1}) == ("a",)
-    plan = s.schedule()
-    assert plan.release == ("a",)
-    assert plan.prefill == ("big", "small")  # 7 + 1 <= 10
-    assert s.used_bytes == 8 * GiB
-
-
-def test_priority_orders_admission_then_arrival():
-    s = sched(budget=GiB)
-    s.add(make("old", arrival=1))
-    s.add(make("urgent", arrival=5, priority=2))
-    s.add(make("mid", arrival=3, priority=1))
-    s.add(make("old2", arrival=2))
-    assert [s.queue_position(r) for r in ("urgent", "mid", "old", "old2")] == [0, 1, 2, 3]
-    assert s.schedule().prefill == ("urgent",)
+    # "a" runs its only call: FINISHING holds no memory, so the head is admitted in the round that finishes "a"
+    assert rounds(prefilled({"a": "k"}, 1)).step == ("a",)
+    plan = rounds()
+    assert plan.finish == ("a",) and s.get("a").status is RequestStatus.FINISHING
+    assert ids(plan.prefill) == ("big", "small")  # 7 + 1 <= 10
+    assert s.used == 8 * GiB and s.running_count == 3
+    rounds(StepResult(closed=["a"]))
+    assert s.get("a") is None and s.running_count == 2
 
 
-def test_queue_full_at_max_waiting_stores_nothing():
-    s = sched(max_waiting=2)
+def test_admission_by_count_counts_finishing_requests():
+    """No budget known: at most max_batch_size requests admitted, one whose output is still written included."""
+    s = sched(budget=None, max_batch_size=2)
+    for rid in "abc":
+        s.add(make(rid, est=100 * GiB))  # the estimate does not matter
+    rounds = Rounds(s)
+    assert ids(rounds().prefill) == ("a", "b") and s.waiting == ("c",)
+    assert rounds(prefilled({"a": "k", "b": "k"}, 1)).step == ("a", "b")
+    plan = rounds()
+    assert plan.finish == ("a", "b") and plan.prefill == ()  # still writing their outputs
+    assert rounds(StepResult(closed=["a"])).prefill == (s.get("c"),)
+    assert s.used == 2
+
+
+def test_no_admission_while_the_engine_holds_it():
+    s = sched()
     s.add(make("a"))
-    s.add(make("b"))
-    with pytest.raises(QueueFull) as info:
-        s.add(make("c"))
-    assert info.value.retry_after_s > 0
-    assert s.get("c") is None and s.waiting_count == 2 and s.queue_position("c") is None
-    # admitted requests do not count against the queue bound
-    s.schedule()
-    assert s.waiting_count == 0
-    s.add(make("c"))
-    assert s.queue_position("c") == 0
+    rounds = Rounds(s)
+    assert rounds(admit=False).prefill == () and s.waiting == ("a",)
+    assert ids(rounds().prefill) == ("a",)
 
 
 def test_request_larger_than_budget_is_rejected():
     s = sched(budget=2 * GiB)
     with pytest.raises(ValueError, match="whole budget"):
         s.add(make("huge", est=3 * GiB))
-    assert s.get("huge") is None and s.waiting_count == 0
+    assert s.get("huge") is None and s.waiting == ()
     s.add(make("x"))
     with pytest.raises(ValueError, match="already known"):
         s.add(make("x"))
@@ -114,51 +136,44 @@ def test_request_larger_than_budget_is_rejected():
 
 def test_same_batch_key_in_lock_step_is_batched_every_call():
     s = sched()
-    s.add(make("a", arrival=1))
-    s.add(make("b", arrival=2))
-    admit_and_prefill(s, {"a": "k", "b": "k"}, calls=5, chunks=3)
-    emitted = {1: 0, 3: 1, 4: 2}  # calls that make chunks clean (hand-made)
+    s.add(make("a"))
+    s.add(make("b"))
+    rounds = admit_and_prefill(s, {"a": "k", "b": "k"}, calls=5)
     for call in range(5):
-        plan = s.schedule()
-        assert plan.step == ("a", "b")
-        n = {"a": 1, "b": 1} if call in emitted else {}
-        finished = s.on_step_done(plan.step, n)
-        assert finished == (("a", "b") if call == 4 else ())
-    assert s.get("a").status is RequestStatus.FINISHED and s.progress("a") == (3, 3)
-    plan = s.schedule()
-    assert plan.release == ("a", "b") and plan.step == () and plan.failed == ()
-    assert s.get("a") is None  # forgotten once reported
-    assert s.schedule().is_idle and not s.has_work
+        plan = rounds()
+        assert plan.step == ("a", "b") and plan.finish == ()
+    plan = rounds()
+    assert plan.finish == ("a", "b") and plan.step == () and plan.ended == ()
+    assert s.get("a").status is RequestStatus.FINISHING and s.get("a").calls_done == 5
+    rounds(StepResult(closed=["a", "b"]))
+    assert s.get("a") is None and s.running_count == 0  # forgotten once closed
+    assert rounds().is_idle
 
 
 def test_different_call_index_is_not_batched():
     s = sched()
-    s.add(make("a", arrival=1))
-    admit_and_prefill(s, {"a": "k"}, calls=10)
-    s.on_step_done(s.schedule().step)  # a is one call ahead
-    s.add(make("b", arrival=2))
-    plan = s.schedule()
-    assert plan.prefill == ("b",) and plan.step == ("a",)
-    s.on_prefilled("b", "k", calls_total=10, chunks_total=1)
-    s.on_step_done(plan.step)
-    # a is at call 2, b at call 0: same key, different structure, never one batch
-    for _ in range(6):
-        plan = s.schedule()
-        assert len(plan.step) == 1
-        s.on_step_done(plan.step)
+    s.add(make("a"))
+    rounds = admit_and_prefill(s, {"a": "k"}, calls=10)
+    assert rounds().step == ("a",)
+    s.add(make("b"))
+    plan = rounds()  # "a" is one call ahead
+    assert ids(plan.prefill) == ("b",) and plan.step == ("a",)
+    # a is at call 2, b at call 0: same key, different structure, never one batch; they alternate
+    assert rounds(prefilled({"b": "k"}, 10)).step == ("a",)
+    assert [rounds().step for _ in range(4)] == [("b",), ("a",), ("b",), ("a",)]
 
 
 def test_different_shapes_interleave_without_starvation():
     s = sched(budget=100 * GiB)
     keys = {"x1": "X", "x2": "X", "y": "Y", "z": "Z"}
-    for i, rid in enumerate(keys):
-        s.add(make(rid, arrival=i))
-    admit_and_prefill(s, keys, calls=1000)
+    for rid in keys:
+        s.add(make(rid))
+    rounds = admit_and_prefill(s, keys, calls=1000)
     last_step = {rid: 0 for rid in keys}
     steps = {rid: 0 for rid in keys}
     order = []
     for rnd in range(1, 101):
-        plan = s.schedule()
+        plan = rounds()
         assert plan.step
         assert len({keys[r] for r in plan.step}) == 1  # one shape per batch
         order.append(keys[plan.step[0]])
@@ -166,7 +181,6 @@ def test_different_shapes_interleave_without_starvation():
             assert rnd - last_step[rid] <= 3  # never more rounds than there are groups
             last_step[rid] = rnd
             steps[rid] += 1
-        s.on_step_done(plan.step)
     assert order[:6] == ["X", "Y", "Z", "X", "Y", "Z"]
     assert steps["x1"] == steps["x2"]  # lock-step partners always together
     assert min(steps.values()) >= 33 and max(steps.values()) <= 34
@@ -175,58 +189,57 @@ def test_different_shapes_interleave_without_starvation():
 def test_max_batch_size_respected():
     s = sched(budget=100 * GiB, max_batch_size=2)
     keys = {f"r{i}": "k" for i in range(5)}
-    for i, rid in enumerate(keys):
-        s.add(make(rid, arrival=i))
-    admit_and_prefill(s, keys, calls=3)
-    plan = s.schedule()
+    for rid in keys:
+        s.add(make(rid))
+    rounds = admit_and_prefill(s, keys, calls=3)
+    plan = rounds()
     assert plan.step == ("r0", "r1")  # oldest first
-    seen = []
-    while plan.step:
+    seen, finished = [], []
+    while not plan.is_idle:
         assert len(plan.step) <= 2
         seen.extend(plan.step)
-        s.on_step_done(plan.step)
-        plan = s.schedule()
+        finished.extend(plan.finish)
+        plan = rounds(StepResult(closed=list(plan.finish)))
     assert sorted(seen) == sorted(list(keys) * 3)  # every call of every request ran exactly once
-    assert all(s.get(r) is None for r in keys)  # all finished and released
+    assert sorted(finished) == sorted(keys) and all(s.get(r) is None for r in keys)
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Cancellation, deadlines, failures
+# Cancellation, time limits, failures
 # ------------------------------------------------------------------------------------------------------------------
 
 
 def test_cancel_waiting_request_is_never_prefilled():
     s = sched(budget=GiB)
-    s.add(make("a", arrival=1))
-    s.add(make("b", arrival=2))
-    s.add(make("c", arrival=3))
-    assert s.schedule().prefill == ("a",)
+    for rid in "abc":
+        s.add(make(rid))
+    rounds = Rounds(s)
+    assert ids(rounds().prefill) == ("a",)
     assert s.cancel("b") is True
-    assert s.get("b").status is RequestStatus.CANCELLED and s.get("b").reason == "cancelled"
-    assert s.queue_position("b") is None and s.queue_position("c") == 0 and s.waiting_count == 1
+    assert s.get("b").status is RequestStatus.CANCELLED and s.get("b").error_code == "cancelled"
+    assert s.waiting == ("c",)
     assert s.cancel("b") is False  # already cancelled
-    plan = s.schedule()
-    assert plan.failed == (("b", "cancelled"),)
-    assert "b" not in plan.release and "b" not in plan.prefill  # the runner never held anything for it
+    plan = rounds()
+    assert ids(plan.ended) == ("b",) and plan.ended[0].error == "cancelled by the client"
+    assert plan.prefill == ()
     assert s.get("b") is None
     assert s.cancel("nope") is False
 
 
-def test_cancel_running_request_is_released_at_next_safe_point():
+def test_cancel_running_request_is_ended_at_next_safe_point():
     s = sched()
-    s.add(make("a", arrival=1))
-    s.add(make("b", arrival=2))
-    admit_and_prefill(s, {"a": "k", "b": "k"}, calls=4)
-    plan = s.schedule()
+    s.add(make("a"))
+    s.add(make("b"))
+    rounds = admit_and_prefill(s, {"a": "k", "b": "k"}, calls=4)
+    plan = rounds()
     assert plan.step == ("a", "b")
     # cancel arrives while the call is in flight: nothing changes mid-step
     assert s.cancel("a") is True
     assert s.get("a").status is RequestStatus.RUNNING
     assert s.cancel("a") is False  # second cancel: already marked
-    s.on_step_done(plan.step)
-    assert s.get("a").calls_done == 1
-    plan = s.schedule()
-    assert plan.failed == (("a", "cancelled"),) and plan.release == ("a",)
+    plan = rounds()
+    assert ids(plan.ended) == ("a",) and plan.ended[0].status is RequestStatus.CANCELLED
+    assert plan.ended[0].calls_done == 1  # the call in flight completed
     assert plan.step == ("b",)  # reaped before compute: the cancelled one gets no further call
     assert s.get("a") is None and s.running_count == 1
 
@@ -234,140 +247,113 @@ def test_cancel_running_request_is_released_at_next_safe_point():
 def test_cancel_is_binding_even_on_the_last_call():
     s = sched()
     s.add(make("a"))
-    admit_and_prefill(s, {"a": "k"}, calls=1)
-    plan = s.schedule()
+    rounds = admit_and_prefill(s, {"a": "k"}, calls=1)
+    rounds()
     s.cancel("a")
-    assert s.on_step_done(plan.step) == ()
-    assert s.schedule().failed == (("a", "cancelled"),)
+    plan = rounds()
+    assert plan.finish == () and ids(plan.ended) == ("a",) and plan.ended[0].status is RequestStatus.CANCELLED
 
 
 def test_cancel_prefilling_request():
     s = sched()
     s.add(make("a"))
-    assert s.schedule().prefill == ("a",)
+    rounds = Rounds(s)
+    assert ids(rounds().prefill) == ("a",)
     assert s.cancel("a") is True
-    s.on_prefilled("a", "k", calls_total=3, chunks_total=1)
-    plan = s.schedule()
-    assert plan.failed == (("a", "cancelled"),) and plan.release == ("a",) and plan.step == ()
+    plan = rounds()  # reaped before its prefill is reported: the engine frees what the runner prepared
+    assert ids(plan.ended) == ("a",) and plan.ended[0].error_code == "cancelled" and plan.step == ()
 
 
-def test_deadline_fails_with_timeout_and_releases():
+def test_cancel_wins_over_a_reported_failure_and_finishing_cannot_be_cancelled():
+    s = sched()
+    s.add(make("a"))
+    s.add(make("b"))
+    rounds = admit_and_prefill(s, {"a": "k", "b": "j"}, calls=1)
+    s.cancel("a")
+    plan = rounds(StepResult(failed={"a": OOM}))
+    assert ids(plan.ended) == ("a",) and plan.ended[0].status is RequestStatus.CANCELLED
+    assert plan.step == ("b",)
+    assert rounds().finish == ("b",)
+    assert s.cancel("b") is False  # its calls are done; its output is being written
+    assert rounds(StepResult(closed=["b"])).is_idle
+
+
+def test_time_limit_counts_from_admission():
     clock = FakeClock(0.0)
     s = sched(clock, budget=GiB)
-    s.add(make("run", arrival=0, deadline=10.0))
-    s.add(make("wait", arrival=1, deadline=5.0))  # stuck behind "run" (budget), times out in the queue
-    admit_and_prefill(s, {"run": "k"}, calls=100)
+    s.add(make("run", timeout_s=10.0))
+    s.add(make("next", timeout_s=10.0))  # waits behind "run" (budget): its time does not run while it waits
+    rounds = admit_and_prefill(s, {"run": "k"}, calls=100)
     for _ in range(3):
-        s.on_step_done(s.schedule().step)
-    clock.now = 5.0
-    plan = s.schedule()
-    assert plan.failed == (("wait", "timeout"),) and plan.release == ()  # never admitted: nothing to free
-    s.on_step_done(plan.step)
+        rounds()
     clock.now = 10.0
-    plan = s.schedule()
-    assert plan.failed == (("run", "timeout"),) and plan.release == ("run",) and plan.step == ()
-    assert s.running_count == 0 and s.used_bytes == 0
+    plan = rounds()
+    assert ids(plan.ended) == ("run",) and plan.ended[0].error_code == "timeout" and plan.step == ()
+    assert "time limit" in plan.ended[0].error
+    assert ids(plan.prefill) == ("next",) and s.get("next").deadline == 20.0  # admitted in the round it was freed
+    clock.now = 19.9
+    assert rounds(prefilled({"next": "k"}, 100)).step == ("next",)
+    clock.now = 20.0
+    plan = rounds()
+    assert ids(plan.ended) == ("next",) and s.running_count == 0 and s.used == 0
 
 
-def test_failed_step_fails_only_its_own_ids():
+def test_failed_step_fails_its_requests_and_nobody_else():
     s = sched(budget=100 * GiB)
     keys = {"a": "X", "b": "X", "c": "Y"}
-    for i, rid in enumerate(keys):
-        s.add(make(rid, arrival=i))
-    admit_and_prefill(s, keys, calls=3)
-    plan = s.schedule()
+    for rid in keys:
+        s.add(make(rid))
+    rounds = admit_and_prefill(s, keys, calls=3)
+    plan = rounds()
     assert plan.step == ("a", "b")
-    s.on_step_failed(["a"], "CUDA out of memory")  # one entry failed ...
-    s.on_step_done(["b"])  # ... the other completed
-    assert s.get("a").status is RequestStatus.FAILED and s.get("a").reason == "CUDA out of memory"
+    plan = rounds(StepResult(failed={"a": OOM}))  # one entry failed, the other completed its call
+    assert ids(plan.ended) == ("a",)
+    assert (plan.ended[0].status, plan.ended[0].error_code, plan.ended[0].error) == (
+        RequestStatus.FAILED, "oom", "the GPU ran out of memory")
     assert s.get("b").status is RequestStatus.RUNNING and s.get("b").calls_done == 1
-    assert s.get("c").status is RequestStatus.RUNNING
-    plan = s.schedule()
-    assert plan.release == ("a",) and plan.failed == ()  # the engine already knows why
     assert plan.step == ("c",)
-    s.on_step_failed(plan.step, "nan in output")
-    plan = s.schedule()
-    assert plan.release == ("c",) and plan.step == ("b",)
+    plan = rounds(StepResult(failed={"c": Failure("internal", "nan in output")}))
+    assert ids(plan.ended) == ("c",) and plan.step == ("b",)
 
 
 def test_prefill_failure_frees_budget():
     s = sched(budget=GiB)
-    s.add(make("a", arrival=1))
-    s.add(make("b", arrival=2))
-    assert s.schedule().prefill == ("a",)
-    s.on_prefill_failed("a", "image decode failed")
-    assert s.get("a").status is RequestStatus.FAILED
-    plan = s.schedule()
-    assert plan.release == ("a",) and plan.prefill == ("b",)
+    s.add(make("a"))
+    s.add(make("b"))
+    rounds = Rounds(s)
+    assert ids(rounds().prefill) == ("a",)
+    plan = rounds(StepResult(failed={"a": Failure("invalid_input", "image: not an image")}))
+    assert ids(plan.ended) == ("a",) and plan.ended[0].error_code == "invalid_input"
+    assert ids(plan.prefill) == ("b",)
+
+
+def test_output_failure_of_a_finishing_request_ends_it_failed():
+    s = sched()
+    s.add(make("a"))
+    rounds = admit_and_prefill(s, {"a": "k"}, calls=1)
+    rounds()
+    assert rounds().finish == ("a",)
+    plan = rounds(StepResult(failed={"a": Failure("internal", "disk full")}))
+    assert ids(plan.ended) == ("a",) and plan.ended[0].status is RequestStatus.FAILED and s.running_count == 0
 
 
 def test_reports_are_checked():
     s = sched()
     s.add(make("a"))
     s.add(make("b"))
-    admit_and_prefill(s, {"a": "k", "b": "j"}, calls=2, chunks=1)
-    plan = s.schedule()
+    rounds = admit_and_prefill(s, {"a": "k", "b": "j"}, calls=2)
+    plan = rounds()
     assert plan.step == ("a",)
     with pytest.raises(RuntimeError, match="before the last step was reported"):
         s.schedule()  # would step "a" twice for the same call
-    with pytest.raises(ValueError, match="not in the step"):
-        s.on_step_done(["b"])
-    with pytest.raises(ValueError, match="exceeds"):
-        s.on_step_done(["a"], {"a": 2})
-    assert s.get("a").calls_done == 0  # a rejected report changes nothing
+    with pytest.raises(ValueError, match="other than the one in flight"):
+        s.update(StepPlan(step=("b",)), StepResult())
     with pytest.raises(ValueError, match="expected PREFILLING"):
-        s.on_prefilled("a", "k", calls_total=1, chunks_total=1)
-    with pytest.raises(KeyError):
-        s.on_prefill_failed("ghost", "x")
-    s.on_step_done(["a"], {"a": 1})
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Introspection
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def test_queue_position_after_admissions_and_cancels():
-    s = sched(budget=2 * GiB)
-    for i, rid in enumerate("abcde"):
-        s.add(make(rid, arrival=i))
-    assert [s.queue_position(r) for r in "abcde"] == [0, 1, 2, 3, 4]
-    s.schedule()  # admits a, b
-    assert s.queue_position("a") is None and s.queue_position("c") == 0 and s.queue_position("e") == 2
-    s.cancel("d")
-    assert s.queue_position("e") == 1 and s.waiting_count == 2
-    s.add(make("f", arrival=10))
-    assert s.queue_position("f") == 2
-    assert s.queue_position("unknown") is None
-
-
-def test_progress_counters():
-    s = sched()
-    s.add(make("a"))
-    assert s.progress("a") == (0, 0)  # chunk count unknown before prefill
-    admit_and_prefill(s, {"a": "k"}, calls=4, chunks=2)
-    assert s.progress("a") == (0, 2)
-    for n in (0, 1, 0, 1):
-        s.on_step_done(s.schedule().step, {"a": n} if n else {})
-    r = s.get("a")
-    assert s.progress("a") == (2, 2) and r.calls_done == 4 and r.status is RequestStatus.FINISHED
-    assert r.reason == "finished"
-    s.schedule()
-    assert s.progress("a") is None
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Memory estimate and layering
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def test_scheduler_is_torch_free_and_self_contained():
-    source = Path(__file__).resolve().parents[1] / "magi_server" / "scheduler.py"
-    imported = set()
-    for node in ast.walk(ast.parse(source.read_text())):
-        if isinstance(node, ast.Import):
-            imported.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            imported.add(node.module or "")
-    assert not any(m.split(".")[0] in {"torch", "numpy", "threading", "os"} for m in imported)
-    assert all(m == "magi_server.params" for m in imported if m.startswith("magi_server"))
+        s.update(plan, prefilled({"a": "k"}, 1))
+    with pytest.raises(ValueError, match="expected FINISHING"):
+        s.update(plan, StepResult(closed=["b"]))
+    with pytest.raises(ValueError, match="unknown request"):
+        s.update(plan, StepResult(failed={"ghost": OOM}))
+    assert s.get("a").calls_done == 0  # a rejected report changes nothing
+    s.update(plan, StepResult())
+    assert s.get("a").calls_done == 1

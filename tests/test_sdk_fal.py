@@ -230,7 +230,7 @@ def test_cancel_and_failure_surface_as_sdk_errors(server):
 
 def test_tls_helper_certificate_verifies(tmp_path):
     """magi_server.serving.tls.init_tls: the server certificate verifies against the bundle for each host name."""
-    pytest.importorskip("cryptography", reason="magi_server.serving.tls needs the cryptography package")
+    pytest.importorskip("trustme", reason="magi_server.serving.tls needs trustme (the tls extra)")
     from magi_server.serving.tls import init_tls
 
     files = init_tls(tmp_path, ("localhost", "127.0.0.1"))

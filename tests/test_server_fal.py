@@ -326,9 +326,7 @@ def test_sync_client_disconnect_cancels_the_job(fal):
 
 
 def _estimate(pipeline, tmp_path, params: GenerationParams) -> int:
-    from magi_server.runtime.model_runner import PipelineExecutor
-
-    return PipelineExecutor(pipeline, tmp_path).request_memory_bytes(params)
+    return pipeline.runner.request_memory_bytes(params)
 
 
 def test_cancel_queued_and_running(tmp_path, pipeline):
@@ -436,3 +434,22 @@ def test_failed_job_result_is_its_error_status(fal):
     rid = _failed_job(ctx, "job timeout: exceeded its time limit", "timeout")
     r = queue.get(f"/{DISTILLED}/requests/{rid}")
     assert r.status_code == 504 and r.headers["x-fal-request-id"] == rid
+
+
+def test_idempotency_key_replays_the_same_request(fal):
+    ctx, queue, run = fal
+    key = {"Idempotency-Key": "fal-1"}
+    first = queue.post(f"/{DISTILLED}", json={"prompt": "rain", **FAST}, headers=key)
+    assert first.status_code == 200, first.text
+    before = counts(ctx)
+    again = queue.post(f"/{DISTILLED}", json={**FAST, "prompt": "rain"}, headers=key)
+    assert again.status_code == 200 and again.json()["request_id"] == first.json()["request_id"]
+    assert counts(ctx) == before
+    for path, other in ((DISTILLED, {"prompt": "snow", **FAST}), ("fal-ai/magi", {"prompt": "rain", **FAST})):
+        conflict = queue.post(f"/{path}", json=other, headers=key)
+        assert conflict.status_code == 409 and isinstance(conflict.json()["detail"], str), conflict.text
+        assert conflict.headers["x-fal-request-id"]
+    assert counts(ctx) == before
+    # the sync listener's run with the key answers the same request's output once it is done
+    out = run.post(f"/{DISTILLED}", json={"prompt": "rain", **FAST}, headers=key)
+    assert out.status_code == 200 and out.json()["video"]["file_name"] == f"{first.json()['request_id']}.mp4"

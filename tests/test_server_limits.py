@@ -92,7 +92,7 @@ def test_full_queue_answers_429_with_retry_after_and_stores_nothing(tmp_path, pi
         for _ in range(4):
             before_counts = ctx.store.count_by_status()
             before_uploads = sorted(p.name for p in ctx.uploads_dir.glob("*")) if ctx.uploads_dir.exists() else []
-            before_rejects = ctx.metrics.value("magi_jobs_rejected_total", {"reason": "queue_full"})
+            before_rejects = _m(_metrics(client), "magi_jobs_rejected_total", reason="queue_full")
             started = time.monotonic()
             r = client.post(MODEL, json=body)
             elapsed = time.monotonic() - started
@@ -111,7 +111,7 @@ def test_full_queue_answers_429_with_retry_after_and_stores_nothing(tmp_path, pi
         # nothing stored for the refused submit: no row, and its decoded input image was removed again
         assert ctx.store.count_by_status() == before_counts
         assert sorted(p.name for p in ctx.uploads_dir.glob("*")) == before_uploads
-        assert ctx.metrics.value("magi_jobs_rejected_total", {"reason": "queue_full"}) == before_rejects + 1
+        assert _m(_metrics(client), "magi_jobs_rejected_total", reason="queue_full") == before_rejects + 1
         # and it stays full while the first job runs: the waiting jobs are not let in behind its back (each
         # would free its slot and show "processing" while it only waits for the GPU)
         time.sleep(0.5)
@@ -349,7 +349,7 @@ def test_readiness_follows_the_engine(tmp_path, pipeline):
         assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1, r.text
         assert r.json()["data"] is None and "HTTP 5" not in r.json()["message"]
         assert ctx.store.count_by_status() == before
-        assert ctx.metrics.value("magi_jobs_rejected_total", {"reason": "engine_dead"}) == 1
+        assert _m(_metrics(client), "magi_jobs_rejected_total", reason="engine_dead") == 1
 
 
 def test_json_logs_carry_the_job_id_and_escape_control_characters():
@@ -366,3 +366,39 @@ def test_json_logs_carry_the_job_id_and_escape_control_characters():
     assert "\n" not in line and "\r" not in line
     payload = _json.loads(line)
     assert payload["job_id"] == "abc123" and payload["event"] == "finished" and "FORGED" in payload["msg"]
+
+
+# ------------------------------------------------------------------------------------------------ one contract
+
+
+def test_the_apis_name_the_same_parameter_for_the_same_bad_value(tmp_path, pipeline):
+    """A bad seed, frame count, size, step count or prompt is refused by every API, naming the same parameter:
+    WaveSpeed and fal share the contract's names, Magic Hour maps them to its fields (frames are its end_seconds, the
+    prompt its style.prompt) and has no seed or steps. The prompt cap is the contract's rule (params.validate,
+    here with a server cap of 100 characters), the rest are each API's own bounds."""
+    from fastapi.testclient import TestClient
+
+    from magi_server.serving.app import create_app
+
+    png = encode_png(np.full((36, 64, 3), 90, dtype=np.uint8))
+    image = "data:image/png;base64," + base64.b64encode(png).decode()
+    cases = [  # (WaveSpeed and fal fields, Magic Hour fields or None, the names: (WaveSpeed/fal, Magic Hour))
+        ({"seed": 2**40}, None, ("seed", None)),
+        ({"num_frames": 100_000}, {"end_seconds": 100_000 / 24}, ("num_frames", "end_seconds")),
+        ({"resolution": "1080p"}, {"resolution": "1080p"}, ("resolution", "resolution")),
+        ({"num_inference_steps": 3}, None, ("num_inference_steps", None)),
+        ({"prompt": "p" * 101}, {"style": {"prompt": "p" * 101}}, ("prompt", "style.prompt")),
+    ]
+    with running_server(_settings(tmp_path, max_prompt_chars=100), pipeline=pipeline) as (ctx, client), \
+            TestClient(create_app(ctx, "fal_queue")) as fal:
+        for fields, magichour, (name, magichour_name) in cases:
+            r = client.post(MODEL, json={"prompt": "x", **fields})
+            assert r.status_code == 400 and r.json()["message"].startswith(f"{name}:"), (fields, r.text)
+            r = fal.post("/fal-ai/magi", json={"prompt": "x", **fields})
+            assert r.status_code == 422 and [d["loc"] for d in r.json()["detail"]] == [["body", name]], (fields, r.text)
+            if magichour is not None:
+                r = client.post("/v1/image-to-video", json={"end_seconds": 1, "assets": {"image_file_path": image},
+                                                            **magichour})
+                assert r.status_code == 422 and r.json()["field"] == magichour_name, (magichour, r.text)
+        assert sum(ctx.store.count_by_status().values()) == 0
+        assert not ctx.uploads_dir.exists() or not list(ctx.uploads_dir.iterdir())

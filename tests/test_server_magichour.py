@@ -107,19 +107,27 @@ def wait_engine_idle(ctx, timeout=30.0) -> None:
 
 
 class GatedPipeline:
-    """The tiny pipeline, except that a job's prefill waits for ``gate``: the engine thread holds the first job in
-    "rendering" and every later one in "queued" until the test opens it."""
+    """The tiny pipeline, except that a served job's prefill waits for ``gate``: the engine thread holds the first
+    job in "rendering" and every later one in "queued" until the test opens it."""
 
     def __init__(self, pipe, gate: threading.Event) -> None:
         self._pipe = pipe
         self._gate = gate
+        self.runner = self  # build_context asks the pipeline's runner for the served one (with_outputs)
 
-    def prepare(self, inputs):
-        self._gate.wait(30)
-        return self._pipe.prepare(inputs)
+    def with_outputs(self, outputs_dir):
+        served = self._pipe.runner.with_outputs(outputs_dir)
+        prefill = served.prefill
+
+        def gated(*args, **kwargs):
+            self._gate.wait(30)
+            return prefill(*args, **kwargs)
+
+        served.prefill = gated
+        return served
 
     def __getattr__(self, name):
-        return getattr(self._pipe, name)
+        return getattr(self._pipe.runner, name)
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -472,3 +480,17 @@ def test_dead_engine_is_a_503_with_retry_after(tmp_path, pipeline):
         r = client.post(CREATE, json=body())
         assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and "message" in as_json(r)
         assert stored_state(ctx) == before  # no job, no stored image
+
+
+def test_idempotency_key_replays_the_same_project(server):
+    ctx, client = server
+    key = {"Idempotency-Key": "mh-1"}
+    first = client.post(CREATE, json=body(), headers=key)
+    assert first.status_code == 200, first.text
+    before = stored_state(ctx)
+    again = client.post(CREATE, json=body(), headers=key)
+    assert again.status_code == 200 and as_json(again)["id"] == first.json()["id"]
+    assert stored_state(ctx)[1] == before[1] and sum(stored_state(ctx)[0].values()) == 1  # one job, one image
+    conflict = client.post(CREATE, json=body(end_seconds=2.0), headers=key)
+    assert conflict.status_code == 409 and as_json(conflict)["message"].startswith("Idempotency-Key:")
+    assert stored_state(ctx)[1] == before[1] and sum(stored_state(ctx)[0].values()) == 1

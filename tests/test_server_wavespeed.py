@@ -187,3 +187,28 @@ def test_upload_names_are_not_patterns(server):
         assert client.get(f"/files/uploads/{name}").status_code == 404, name
     r = client.post(MODEL, json={"prompt": "x", "image": "http://testserver/files/uploads/*.png", "num_frames": 24})
     assert r.status_code == 400 and r.json()["message"].startswith("image:")
+
+
+def test_idempotency_key_replays_the_same_job(server):
+    ctx, client = server
+    png = encode_png(np.full((40, 72, 3), 100, dtype=np.uint8))
+    body = {"prompt": "a fox", "num_frames": 24, "seed": 5,
+            "image": "data:image/png;base64," + base64.b64encode(png).decode()}
+    key = {"Idempotency-Key": "order-42"}
+    first = client.post(MODEL, json=body, headers=key)
+    assert first.status_code == 200, first.text
+    stored = sorted(p.name for p in ctx.uploads_dir.glob("*"))
+    # the same body (in another key order) with the same key: the same job, and nothing new stored or started
+    again = client.post(MODEL, json=dict(reversed(list(body.items()))), headers=key)
+    assert again.status_code == 200 and again.json()["data"]["id"] == first.json()["data"]["id"]
+    assert sum(ctx.store.count_by_status().values()) == 1
+    assert sorted(p.name for p in ctx.uploads_dir.glob("*")) == stored
+    # the key with another body, or on another model: a 409 in the envelope, nothing stored
+    for path, other in ((MODEL, dict(body, seed=6)), ("/api/v3/wavespeed-ai/magi-1-4.5b", body)):
+        conflict = client.post(path, json=other, headers=key)
+        assert conflict.status_code == 409 and conflict.json()["data"] is None, conflict.text
+        assert conflict.json()["message"].startswith("Idempotency-Key:")
+    assert sum(ctx.store.count_by_status().values()) == 1
+    assert client.post(MODEL, json=body).json()["data"]["id"] != first.json()["data"]["id"]  # no key: a new job
+    too_long = client.post(MODEL, json=body, headers={"Idempotency-Key": "k" * 256})
+    assert too_long.status_code == 400 and too_long.json()["message"].startswith("Idempotency-Key:")

@@ -1,52 +1,54 @@
 """The engine's scheduler: which requests run, which share a model call, and when each one ends (no torch).
 
-Owns: the :class:`Request` records and their status machine, the bounded waiting queue, admission by a device
-memory budget, the choice of ONE batch of shape-compatible model calls per engine round, fairness between shapes,
-cancellation at safe points and deadlines. It decides; the runner executes. The engine thread drives it in the
-vLLM v1 / nano-vllm loop::
+Owns: the :class:`Request` records (a job's params, limits and counters) and their status machine, the waiting
+queue, admission (by a device memory budget, or by count when none is known), the choice of ONE batch of
+shape-compatible model calls per engine round, fairness between shapes, cancellation at safe points and running-time
+limits. It decides; the runner executes. The engine thread drives it in the vLLM v1 / nano-vllm loop::
 
     plan = scheduler.schedule()            # decide (microseconds, plain Python over counters)
-    result = runner.execute(plan)          # free plan.release, prefill plan.prefill, run plan.step as one batch
-    scheduler.on_prefilled(...) / on_prefill_failed(...) / on_step_done(...) / on_step_failed(...)   # update
+    result = <the runner executes plan>    # report plan.ended, close plan.finish, prefill plan.prefill, step plan.step
+    scheduler.update(plan, result)         # what happened: prefills, calls, closed outputs, failures
 
-Nothing here touches tensors, threads, clocks other than the injected one, files or the environment, so every rule
-is tested in microseconds with hand-made outcomes (tests/test_scheduler.py). Only the engine thread calls it.
+Nothing here touches tensors, threads, files or the environment, or a clock other than the injected one, so every
+rule is tested in microseconds with hand-made results (tests/test_scheduler.py). Only the engine thread calls it.
 
-Lifecycle (terminal states carry a reason string)::
+Lifecycle::
 
-    WAITING --admit--> PREFILLING --on_prefilled--> RUNNING --last call done--> FINISHED
-       |                   |  on_prefill_failed         |  on_step_failed
-       |                   +--------------------------> FAILED  (also "timeout", decided here)
-       +---cancel / deadline---------------------------> CANCELLED / FAILED
+    WAITING --admit--> PREFILLING --prefilled--> RUNNING --last call--> FINISHING --closed--> FINISHED
+       |                   |                        |                       |
+       +-- cancel ---------+-- cancel, time limit, -+-- output failed ------+--> CANCELLED / FAILED
+                               runner failure
 
 Semantics chosen where there was a choice:
 
-* A request ends FINISHED inside :meth:`Scheduler.on_step_done`, which returns the ids that finished so the engine
-  can emit "finished" at once; their runner state is freed through the *next* plan's ``release`` (one freeing path
-  for every ending).
-* ``StepPlan.release`` lists only requests that were admitted (the runner may hold state for them); a request that
-  ends while WAITING never reached the runner and appears only in ``StepPlan.failed``. The runner's release must
-  tolerate an id it holds nothing for (a prefill that failed half-way).
-* ``StepPlan.failed`` lists the endings the scheduler decided itself: ("timeout") and ("cancelled"). Failures the
-  runner reported (``on_prefill_failed``, ``on_step_failed``) are already known to the engine and appear only in
-  ``release``.
+* Every CANCELLED or FAILED ending, decided here or reported by the runner, is reported once, by the next plan's
+  ``ended``; the engine frees what the runner holds for it, then tells the client. FINISHED is not in ``ended``:
+  the runner's "closed" report is the finished event itself.
+* A FINISHING request ran its last call; the next plan's ``finish`` tells the engine to close its output and free
+  its tensors. It cannot be cancelled or time out any more (its output is complete but for the writing).
 * :meth:`Scheduler.cancel` is binding: once it returned True the request ends CANCELLED, even if the step in flight
-  was its last call, so the client never sees "cancel accepted" followed by "finished".
-* Once a plan has reported a request's ending the scheduler forgets it (the job store is the durable record), so
-  memory does not grow with the number of requests served.
+  was its last call or the runner reports a failure for it, so a client never sees "cancel accepted" followed by
+  another ending.
+* The running-time limit (``Request.timeout_s``) counts from admission, so a request that waited behind others is
+  not failed for time it never ran.
+* Once a request's ending is reported the scheduler forgets it (the job store is the durable record), so memory
+  does not grow with the number of requests served.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from enum import Enum
+
+from magi_server.params import GenerationParams
 
 
 class RequestStatus(Enum):
     WAITING = "waiting"  # submitted, not admitted
-    PREFILLING = "prefilling"  # admitted; the runner must prefill it (text, image/video encode, prefix K/V)
+    PREFILLING = "prefilling"  # admitted; the runner prepares it (text, image/video encode, prefix K/V)
     RUNNING = "running"  # prefilled, has model calls left
+    FINISHING = "finishing"  # all calls done; its output is being written
     FINISHED = "finished"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -55,48 +57,35 @@ class RequestStatus(Enum):
     def is_terminal(self) -> bool:
         return self in (RequestStatus.FINISHED, RequestStatus.FAILED, RequestStatus.CANCELLED)
 
-    @property
-    def is_admitted(self) -> bool:
-        return self in (RequestStatus.PREFILLING, RequestStatus.RUNNING)
 
-
-# Reasons the scheduler writes itself; other reasons come from the runner through the engine.
-REASON_CANCELLED = "cancelled"
-REASON_TIMEOUT = "timeout"
-REASON_FINISHED = "finished"
-
-
-@dataclass
+@dataclass(eq=False)
 class Request:
-    """One generation as the scheduler sees it: identity, ordering, limits, and counters.
+    """One job as the engine sees it: what to generate, its limits, and the scheduler's counters.
 
-    ``batch_hint`` (``GenerationParams.shape_key()``) is all that is known before prefill; the runner's
-    ``batch_key`` replaces it after prefill and is the only thing batching compares. ``est_bytes`` is the engine's
-    device-memory estimate (the engine computes it with :func:`magi_server.runtime.memory_model.request_memory_estimate`); 0 means "free", so the engine should always set it.
-    ``deadline`` is absolute, on the scheduler's clock.
+    ``est_bytes`` is the runner's device-memory estimate (ignored when admission is by count). ``timeout_s`` limits
+    running time, from admission. ``reserved``: the job holds one of the engine's queue slots until it leaves the
+    queue (admitted or ended); the engine gives the slot back and clears the flag.
     """
 
     id: str
-    batch_hint: tuple
-    arrival: float
-    priority: int = 0  # higher is admitted first; ties by arrival
-    deadline: float | None = None
+    params: GenerationParams
+    timeout_s: float | None = None
+    reserved: bool = False
     est_bytes: int = 0
-    # counters, set by the scheduler from the runner's reports
+    status: RequestStatus = RequestStatus.WAITING
+    # why it ended (FAILED / CANCELLED): a short code and the message a client reads
+    error_code: str = ""
+    error: str = ""
+    # set by the scheduler: the runner's batch key and call count after prefill, the deadline after admission
     batch_key: Hashable | None = None
     calls_total: int = 0
     calls_done: int = 0
-    chunks_total: int = 0
-    chunks_done: int = 0
-    status: RequestStatus = RequestStatus.WAITING
-    reason: str | None = None
-    # scheduler bookkeeping (not constructor arguments)
-    admitted_at: float | None = field(default=None, init=False)
-    cancel_requested: bool = field(default=False, init=False)
+    deadline: float | None = None
+    cancel_requested: bool = False
     # engine round of this request's last step (or of its prefill): "waited longest" is measured in rounds, which
     # never tie the way two readings of a coarse or fake clock do
-    last_round: int = field(default=0, init=False, repr=False)
-    seq: int = field(default=0, init=False, repr=False)  # submission order: the last tie-breaker
+    last_round: int = field(default=0, repr=False)
+    seq: int = field(default=0, repr=False)  # submission order: queue order and the last tie-breaker
 
     @property
     def calls_left(self) -> int:
@@ -105,72 +94,85 @@ class Request:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What the runner does this round, in this order: free ``release``, prefill ``prefill``, run ``step``.
+    """What the engine does this round, in this order.
 
-    ``step`` is ONE batch: requests whose next calls have the same ``batch_key`` and call index, run as one batched
-    model call (empty when idle). ``failed`` holds the (id, reason) endings the scheduler decided itself ("timeout",
-    "cancelled"); those that had been admitted are in ``release`` too.
+    ``ended``: report these CANCELLED/FAILED requests (``error_code``, ``error``) after freeing whatever the runner
+    holds for them. ``finish``: ids that ran their last call; close their outputs, then free their tensors.
+    ``prefill``: requests admitted this round, prefilled as one group. ``step``: ONE batch of ids whose next calls
+    have the same ``batch_key`` and call index, run as one batched model call (empty when no call is due).
     """
 
-    prefill: tuple[str, ...] = ()
+    ended: tuple[Request, ...] = ()
+    finish: tuple[str, ...] = ()
+    prefill: tuple[Request, ...] = ()
     step: tuple[str, ...] = ()
-    release: tuple[str, ...] = ()
-    failed: tuple[tuple[str, str], ...] = ()
 
     @property
     def is_idle(self) -> bool:
-        return not (self.prefill or self.step or self.release or self.failed)
+        return not (self.ended or self.finish or self.prefill or self.step)
 
 
-class QueueFull(Exception):
-    """The waiting queue is at ``max_waiting``; nothing was stored. Answer 429/503 with ``Retry-After``."""
+@dataclass(frozen=True)
+class Prefill:
+    """A prefill's outcome: requests with equal ``batch_key`` can share calls of the same index."""
 
-    def __init__(self, waiting: int, max_waiting: int, retry_after_s: float) -> None:
-        super().__init__(
-            f"queue full: {waiting} request(s) waiting (max_waiting={max_waiting}); retry in {retry_after_s:g}s"
-        )
-        self.waiting = waiting
-        self.max_waiting = max_waiting
-        self.retry_after_s = retry_after_s
+    batch_key: Hashable
+    calls_total: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a request failed (or was cancelled), as the client is told."""
+
+    error_code: str  # "invalid_input", "oom", "internal", ...
+    error: str  # what the client reads
+
+
+@dataclass
+class StepResult:
+    """What happened since the last update, per request. Every id of the plan's ``step`` not in ``failed`` ran its
+    call; the others are reports of the runner's background work (prefills, outputs) from any earlier plan."""
+
+    prefilled: dict[str, Prefill] = field(default_factory=dict)
+    closed: list[str] = field(default_factory=list)  # outputs written and closed: FINISHING -> FINISHED
+    failed: dict[str, Failure] = field(default_factory=dict)
+
+    def fail(self, request_id: str, failure: Failure) -> None:
+        self.failed.setdefault(request_id, failure)  # the first failure reported is the one the client reads
+
+
+CANCELLED_BY_CLIENT = Failure("cancelled", "cancelled by the client")
+TIME_LIMIT_EXCEEDED = Failure("timeout", "job timeout: exceeded its time limit")
 
 
 class Scheduler:
-    """Admission by memory budget, one compatible batch per round, fairness, cancellation and deadlines.
+    """Admission, one compatible batch per round, fairness, cancellation and running-time limits.
 
     ``memory_budget_bytes`` is the device memory left for per-request state once weights and fixed workspaces are
-    loaded; admitted (PREFILLING + RUNNING) requests' ``est_bytes`` never sum above it. ``retry_after_s`` is the hint
-    carried by :class:`QueueFull`.
+    loaded: PREFILLING and RUNNING requests' ``est_bytes`` never sum above it. ``None`` (no budget known) admits by
+    count instead: at most ``max_batch_size`` requests are admitted, FINISHING ones included, since a job whose
+    output is still being written is still processing (and would be re-run after a crash).
     """
 
     def __init__(
         self,
-        max_waiting: int,
-        memory_budget_bytes: int,
+        memory_budget_bytes: int | None,
         max_batch_size: int = 4,
         clock: Callable[[], float] = time.monotonic,
-        *,
-        retry_after_s: float = 5.0,
     ) -> None:
-        if max_waiting < 0:
-            raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
-        if memory_budget_bytes <= 0:
+        if memory_budget_bytes is not None and memory_budget_bytes <= 0:
             raise ValueError(f"memory_budget_bytes must be > 0, got {memory_budget_bytes}")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if retry_after_s < 0:
-            raise ValueError(f"retry_after_s must be >= 0, got {retry_after_s}")
-        self.max_waiting = max_waiting
         self.memory_budget_bytes = memory_budget_bytes
         self.max_batch_size = max_batch_size
-        self.retry_after_s = retry_after_s
         self._clock = clock
-        self._requests: dict[str, Request] = {}  # every request not yet forgotten, terminal ones included
-        self._waiting: list[Request] = []  # WAITING, in admission order (priority desc, arrival, seq)
-        self._admitted: dict[str, Request] = {}  # PREFILLING + RUNNING, in admission order
-        # endings decided between two plans, reported by the next one
-        self._pending_release: list[str] = []
-        self._pending_failed: list[tuple[str, str]] = []
-        self._in_flight: set[str] = set()  # ids of the last plan's step not yet reported
+        self._requests: dict[str, Request] = {}  # every request whose ending is not reported yet
+        self._waiting: dict[str, Request] = {}  # WAITING, in submission order
+        self._admitted: dict[str, Request] = {}  # PREFILLING, RUNNING and FINISHING, in admission order
+        self._ended: list[Request] = []  # endings decided since the last plan, reported by the next one
+        self._to_finish: list[str] = []  # became FINISHING since the last plan
+        self._in_flight: tuple[str, ...] = ()  # the last plan's step, until its update
         self._round = 0
         self._seq = 0
 
@@ -179,84 +181,74 @@ class Scheduler:
     # ----------------------------------------------------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
-        """Queue a new request (WAITING). Raises ValueError if it can never run, QueueFull if the queue is full;
-        in both cases nothing is stored."""
-        # 1. requests that can never run: fail loudly, they are not a capacity problem
+        """Queue a new request (WAITING). Raises ValueError, storing nothing, if it can never run."""
         if request.id in self._requests:
             raise ValueError(f"request {request.id!r} is already known to the scheduler")
-        if request.status is not RequestStatus.WAITING or request.calls_done or request.chunks_done:
+        if request.status is not RequestStatus.WAITING or request.calls_done:
             raise ValueError(f"request {request.id!r} must be new (WAITING, no progress), got {request.status.name}")
         if request.est_bytes < 0:
             raise ValueError(f"request {request.id!r}: est_bytes must be >= 0, got {request.est_bytes}")
-        if request.est_bytes > self.memory_budget_bytes:
+        if self.memory_budget_bytes is not None and request.est_bytes > self.memory_budget_bytes:
             raise ValueError(
                 f"request {request.id!r} needs about {request.est_bytes} bytes of device memory but the whole budget "
                 f"is {self.memory_budget_bytes}; ask for fewer frames or a smaller size"
             )
-        # 2. capacity: a bounded queue answers overflow at once instead of buffering without limit
-        if len(self._waiting) >= self.max_waiting:
-            raise QueueFull(len(self._waiting), self.max_waiting, self.retry_after_s)
         self._seq += 1
         request.seq = self._seq
         self._requests[request.id] = request
-        self._insert_waiting(request)
+        self._waiting[request.id] = request
 
     def cancel(self, request_id: str) -> bool:
-        """Cancel a request. WAITING: leaves the queue at once (reported by the next plan's ``failed``).
-        PREFILLING/RUNNING: marked, ended and released at the next :meth:`schedule` (the next safe point between
-        model calls; a call in flight completes). Unknown, terminal or already cancelled: False."""
+        """Cancel a request. WAITING: leaves the queue at once. PREFILLING/RUNNING: ends at the next
+        :meth:`schedule` (the next safe point between model calls; a call in flight completes). Either way the next
+        plan reports it. Unknown, FINISHING, ended or already cancelled: False."""
         request = self._requests.get(request_id)
-        if request is None or request.status.is_terminal or request.cancel_requested:
+        if request is None or request.cancel_requested or request.status not in (
+            RequestStatus.WAITING, RequestStatus.PREFILLING, RequestStatus.RUNNING
+        ):
             return False
         if request.status is RequestStatus.WAITING:
-            self._waiting.remove(request)
-            self._end(request, RequestStatus.CANCELLED, REASON_CANCELLED)
-            self._pending_failed.append((request.id, REASON_CANCELLED))
+            self._end(request, RequestStatus.CANCELLED, CANCELLED_BY_CLIENT)
         else:
             request.cancel_requested = True
         return True
 
     # ----------------------------------------------------------------------------------------------------------------
-    # One round
+    # One round: schedule, then update
     # ----------------------------------------------------------------------------------------------------------------
 
-    def schedule(self) -> StepPlan:
-        """Decide one engine round: reap, admit, then pick one batch."""
+    def schedule(self, *, admit: bool = True) -> StepPlan:
+        """Decide one engine round: reap, admit (unless ``admit`` is False), then pick one batch."""
         if self._in_flight:
             # stepping a request again before its last call was reported would run the same call twice
             raise RuntimeError(f"schedule() before the last step was reported: {sorted(self._in_flight)}")
         now = self._clock()
-        release, failed = self._pending_release, self._pending_failed
-        self._pending_release, self._pending_failed = [], []
-
         # 1. reap before any compute: cancelled and timed-out requests must not get another call
-        for request in list(self._waiting):
-            if _expired(request, now):
-                self._waiting.remove(request)
-                self._end(request, RequestStatus.FAILED, REASON_TIMEOUT)
-                failed.append((request.id, REASON_TIMEOUT))
         for request in list(self._admitted.values()):
-            if request.cancel_requested:
-                ending = (RequestStatus.CANCELLED, REASON_CANCELLED)
-            elif _expired(request, now):
-                ending = (RequestStatus.FAILED, REASON_TIMEOUT)
-            else:
+            if request.status is RequestStatus.FINISHING:
                 continue
-            self._end(request, *ending)
-            failed.append((request.id, ending[1]))
-            release.append(request.id)
+            if request.cancel_requested:
+                self._end(request, RequestStatus.CANCELLED, CANCELLED_BY_CLIENT)
+            elif request.deadline is not None and now >= request.deadline:
+                self._end(request, RequestStatus.FAILED, TIME_LIMIT_EXCEEDED)
 
-        # 2. admission by budget, in queue order: take while it fits, stop at the first misfit so a stream of small
-        # requests cannot starve a big one at the head (TGI's rule)
-        used = self.used_bytes
-        prefill: list[str] = []
-        while self._waiting and used + self._waiting[0].est_bytes <= self.memory_budget_bytes:
-            request = self._waiting.pop(0)
-            used += request.est_bytes
+        # 2. admission in queue order: take while it fits, stop at the first misfit so a stream of small requests
+        # cannot starve a big one at the head (TGI's rule)
+        prefill: list[Request] = []
+        capacity = self.max_batch_size if self.memory_budget_bytes is None else self.memory_budget_bytes
+        used = self.used
+        while admit and self._waiting:
+            request = next(iter(self._waiting.values()))
+            cost = 1 if self.memory_budget_bytes is None else request.est_bytes
+            if used + cost > capacity:
+                break
+            used += cost
+            del self._waiting[request.id]
             request.status = RequestStatus.PREFILLING
-            request.admitted_at = now
+            if request.timeout_s is not None:
+                request.deadline = now + request.timeout_s
             self._admitted[request.id] = request
-            prefill.append(request.id)
+            prefill.append(request)
 
         # 3. one batch
         step = self._pick_batch()
@@ -264,182 +256,108 @@ class Scheduler:
             self._round += 1
             for request in step:
                 request.last_round = self._round
-            self._in_flight = {r.id for r in step}
+            self._in_flight = tuple(r.id for r in step)
 
-        # the plan reports these endings; the job store keeps the record from here on
-        for rid in release:
-            self._requests.pop(rid, None)
-        for rid, _ in failed:
-            self._requests.pop(rid, None)
-        return StepPlan(
-            prefill=tuple(prefill),
-            step=tuple(r.id for r in step),
-            release=tuple(release),
-            failed=tuple(failed),
-        )
+        ended, self._ended = tuple(self._ended), []
+        finish, self._to_finish = tuple(self._to_finish), []
+        for request in ended:
+            del self._requests[request.id]  # reported now; the job store keeps the record from here on
+        return StepPlan(ended=ended, finish=finish, prefill=tuple(prefill), step=self._in_flight)
 
     def _pick_batch(self) -> list[Request]:
         """The batch of this round: the group (batch_key, call index) of the request that waited longest since its
-        last step (ties: oldest arrival), that request first, then the others of its group by the same order, at
+        last step (ties: submission order), that request first, then the others of its group by the same order, at
         most ``max_batch_size``. Stepping the longest-waiting request every round interleaves shapes round-robin:
         a running request waits at most as many rounds as there are running requests."""
         runnable = [r for r in self._admitted.values() if r.status is RequestStatus.RUNNING and r.calls_left > 0]
         if not runnable:
             return []
-        runnable.sort(key=_wait_order)
+        runnable.sort(key=lambda r: (r.last_round, r.seq))
         head = runnable[0]
         group = [r for r in runnable if r.batch_key == head.batch_key and r.calls_done == head.calls_done]
         return group[: self.max_batch_size]
 
-    # ----------------------------------------------------------------------------------------------------------------
-    # Runner reports (update)
-    # ----------------------------------------------------------------------------------------------------------------
+    def update(self, plan: StepPlan, result: StepResult) -> None:
+        """Apply what happened since ``plan`` (the last plan) was made. Everything is checked before anything
+        changes, so a report that does not fit the requests' states raises ValueError and changes nothing."""
+        if plan.step != self._in_flight:
+            raise ValueError(f"update for a step other than the one in flight: {plan.step} != {self._in_flight}")
+        for rid, prefill in result.prefilled.items():
+            self._expect(rid, RequestStatus.PREFILLING)
+            if prefill.calls_total < 1:
+                raise ValueError(f"request {rid!r}: calls_total must be >= 1, got {prefill.calls_total}")
+        for rid in result.closed:
+            self._expect(rid, RequestStatus.FINISHING)
+            if rid in result.failed:
+                raise ValueError(f"request {rid!r} reported both closed and failed")
+        for rid in result.failed:
+            self._expect(rid, RequestStatus.PREFILLING, RequestStatus.RUNNING, RequestStatus.FINISHING)
+        self._in_flight = ()
 
-    def on_prefilled(self, request_id: str, batch_key: Hashable, calls_total: int, chunks_total: int) -> None:
-        """PREFILLING -> RUNNING, with the call and chunk counts the runner's plan fixed."""
-        request = self._expect(request_id, RequestStatus.PREFILLING)
-        if calls_total < 1:
-            raise ValueError(f"request {request_id!r}: calls_total must be >= 1, got {calls_total}")
-        if chunks_total < 0:
-            raise ValueError(f"request {request_id!r}: chunks_total must be >= 0, got {chunks_total}")
-        request.batch_key = batch_key
-        request.calls_total = calls_total
-        request.chunks_total = chunks_total
-        request.status = RequestStatus.RUNNING
-        # it joins the rotation as if stepped this round: it goes after requests already waiting for a call
-        request.last_round = self._round
-
-    def on_prefill_failed(self, request_id: str, reason: str) -> None:
-        """PREFILLING -> FAILED (released next plan). A cancel already accepted still wins (ends CANCELLED)."""
-        request = self._expect(request_id, RequestStatus.PREFILLING)
-        if not request.cancel_requested:
-            self._end(request, RequestStatus.FAILED, reason)
-            self._pending_release.append(request.id)
-
-    def on_step_done(self, ids: Iterable[str], finished_chunks: Mapping[str, int] | None = None) -> tuple[str, ...]:
-        """Count one call for each of ``ids`` (part or all of the last plan's step) and the chunks it made clean.
-
-        Returns the ids that finished with this call: they are FINISHED now and released by the next plan.
-        Everything is checked before anything changes, so a bad report leaves the counters as they were.
-        """
-        ids = tuple(ids)
-        finished_chunks = dict(finished_chunks or {})
-        self._check_in_flight(ids)
-        stray = set(finished_chunks) - set(ids)
-        if stray:
-            raise ValueError(f"finished_chunks names requests that were not in this step: {sorted(stray)}")
-        for rid in ids:
+        for rid, prefill in result.prefilled.items():
             request = self._requests[rid]
-            n = finished_chunks.get(rid, 0)
-            if n < 0 or request.chunks_done + n > request.chunks_total:
-                raise ValueError(
-                    f"request {rid!r}: {n} finished chunk(s) on top of {request.chunks_done} exceeds its "
-                    f"{request.chunks_total}"
-                )
-        finished = []
-        for rid in ids:
+            request.batch_key = prefill.batch_key
+            request.calls_total = prefill.calls_total
+            request.status = RequestStatus.RUNNING
+            # it joins the rotation as if stepped this round: it goes after requests already waiting for a call
+            request.last_round = self._round
+        for rid, failure in result.failed.items():
             request = self._requests[rid]
-            self._in_flight.discard(rid)
+            if not request.cancel_requested:  # an accepted cancel wins: reaped as CANCELLED by the next plan
+                self._end(request, RequestStatus.FAILED, failure)
+        for rid in plan.step:
+            if rid in result.failed:
+                continue
+            request = self._requests[rid]
             request.calls_done += 1
-            request.chunks_done += finished_chunks.get(rid, 0)
-            # a cancel accepted earlier is binding: the request is reaped as CANCELLED instead
             if request.calls_left == 0 and not request.cancel_requested:
-                self._end(request, RequestStatus.FINISHED, REASON_FINISHED)
-                self._pending_release.append(rid)
-                finished.append(rid)
-        return tuple(finished)
-
-    def on_step_failed(self, ids: Iterable[str], reason: str) -> None:
-        """The call failed for ``ids`` only (a failing batch fails its own entries, nobody else's): FAILED, released
-        by the next plan. Ids of the step not named here are still in flight and must be reported too."""
-        ids = tuple(ids)
-        self._check_in_flight(ids)
-        for rid in ids:
-            request = self._requests[rid]
-            self._in_flight.discard(rid)
-            if not request.cancel_requested:
-                self._end(request, RequestStatus.FAILED, reason)
-                self._pending_release.append(rid)
+                request.status = RequestStatus.FINISHING
+                self._to_finish.append(rid)
+        for rid in result.closed:
+            request = self._requests.pop(rid)
+            request.status = RequestStatus.FINISHED
+            del self._admitted[rid]
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Introspection (metrics, status routes)
+    # Introspection
     # ----------------------------------------------------------------------------------------------------------------
 
     def get(self, request_id: str) -> Request | None:
         return self._requests.get(request_id)
 
-    def queue_position(self, request_id: str) -> int | None:
-        """0-based place among WAITING requests in admission order; None if not waiting."""
-        request = self._requests.get(request_id)
-        if request is None or request.status is not RequestStatus.WAITING:
-            return None
-        return self._waiting.index(request)
-
-    def progress(self, request_id: str) -> tuple[int, int] | None:
-        """(chunks_done, chunks_total); (0, 0) before prefill; None if unknown or forgotten."""
-        request = self._requests.get(request_id)
-        return None if request is None else (request.chunks_done, request.chunks_total)
-
     @property
-    def waiting_count(self) -> int:
-        return len(self._waiting)
+    def waiting(self) -> tuple[str, ...]:
+        """Ids of the WAITING requests, in admission order."""
+        return tuple(self._waiting)
 
     @property
     def running_count(self) -> int:
-        """Admitted requests (PREFILLING + RUNNING)."""
+        """Admitted requests (PREFILLING, RUNNING and FINISHING)."""
         return len(self._admitted)
 
     @property
-    def used_bytes(self) -> int:
-        """Sum of ``est_bytes`` of admitted requests."""
-        return sum(r.est_bytes for r in self._admitted.values())
-
-    @property
-    def has_work(self) -> bool:
-        """False when a schedule() would return an idle plan and nothing is admitted: the engine may block on its
-        inbox instead of spinning. (Deadlines of waiting requests still pass; wake up for them with a timeout.)"""
-        return bool(self._waiting or self._admitted or self._pending_release or self._pending_failed)
+    def used(self) -> int:
+        """Admission capacity in use: ``est_bytes`` of PREFILLING and RUNNING requests, or with admission by count
+        the number of admitted requests."""
+        if self.memory_budget_bytes is None:
+            return len(self._admitted)
+        return sum(r.est_bytes for r in self._admitted.values() if r.status is not RequestStatus.FINISHING)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Internals
     # ----------------------------------------------------------------------------------------------------------------
 
-    def _insert_waiting(self, request: Request) -> None:
-        key = _queue_order(request)
-        i = len(self._waiting)
-        # new requests usually go last; walk back past the ones they outrank (priority)
-        while i > 0 and _queue_order(self._waiting[i - 1]) > key:
-            i -= 1
-        self._waiting.insert(i, request)
-
-    def _end(self, request: Request, status: RequestStatus, reason: str) -> None:
+    def _end(self, request: Request, status: RequestStatus, why: Failure) -> None:
         request.status = status
-        request.reason = reason
+        request.error_code, request.error = why.error_code, why.error
+        self._waiting.pop(request.id, None)
         self._admitted.pop(request.id, None)
+        self._ended.append(request)
 
-    def _expect(self, request_id: str, status: RequestStatus) -> Request:
+    def _expect(self, request_id: str, *statuses: RequestStatus) -> None:
         request = self._requests.get(request_id)
         if request is None:
-            raise KeyError(f"unknown request {request_id!r}")
-        if request.status is not status:
-            raise ValueError(f"request {request_id!r} is {request.status.name}, expected {status.name}")
-        return request
-
-    def _check_in_flight(self, ids: tuple[str, ...]) -> None:
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"duplicate ids in a step report: {ids}")
-        unknown = [rid for rid in ids if rid not in self._in_flight]
-        if unknown:
-            raise ValueError(f"not in the step in flight: {unknown}")
-
-
-def _expired(request: Request, now: float) -> bool:
-    return request.deadline is not None and now >= request.deadline
-
-
-def _queue_order(request: Request) -> tuple:
-    return (-request.priority, request.arrival, request.seq)
-
-
-def _wait_order(request: Request) -> tuple:
-    return (request.last_round, request.arrival, request.seq)
+            raise ValueError(f"unknown request {request_id!r}")
+        if request.status not in statuses:
+            expected = " or ".join(s.name for s in statuses)
+            raise ValueError(f"request {request_id!r} is {request.status.name}, expected {expected}")

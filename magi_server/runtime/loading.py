@@ -5,6 +5,9 @@ Layouts (spec §3, §4.1, §5.1):
   single ``model.safetensors``. Keys are the reference attribute paths, no prefix.
 * VAE: ``<dir>/config.json`` (``_class_name`` "ViTVAE", ``ddconfig``) + ``diffusion_pytorch_model.safetensors``.
 * T5: ``<t5_pretrained>/t5-v1_1-xxl/`` as transformers saves it (or that folder itself).
+* The Hugging Face repo ``sand-ai/MAGI-1`` (spec §3): ``ckpt/magi/<variant>/<DiT folder>``, ``ckpt/vae``,
+  ``ckpt/t5/t5-v1_1-xxl``; ``magi-server download`` adds ``ckpt/special_tokens.npz``. :func:`find_downloaded_model`
+  finds a preset's folder in the Hugging Face cache, so ``--model 4.5B-distill`` works once it is downloaded.
 
 Every load is strict: a missing key, an unexpected key, a wrong shape, or an fp8 weight without its scales
 stops with a one-line error that names the key and the file. Each tensor is read once, cast to the dtype the
@@ -320,11 +323,12 @@ def _first_existing(*candidates: Path) -> Path | None:
 def resolve_model_folder(path: str | Path, config: str | Path | MagiConfig | None = None) -> MagiConfig:
     """The MagiConfig of a weights folder, with every path filled in.
 
-    ``path`` is a model folder as ``magi-server download`` writes it (``weights/4.5B_distill``) or any folder that
-    holds ``inference_weight[.fp8][.distill]/``. The architecture comes from ``config`` (a reference-style JSON or
-    a MagiConfig), else from ``<path>/magi_config.json``, else from the preset the folder is named after
-    (``4.5B_distill`` -> 4.5B-distill). The VAE, T5 and special tokens are taken from the config when it names
-    them, else from the folder or its parent (``vae/``, ``t5/``, ``special_tokens.npz``).
+    ``path`` is a model folder as the Hugging Face repo lays it out (``ckpt/magi/4.5B_distill``), the older
+    ``weights/4.5B_distill``, or any folder that holds ``inference_weight[.fp8][.distill]/``. The architecture
+    comes from ``config`` (a reference-style JSON or a MagiConfig), else from ``<path>/magi_config.json``, else
+    from the preset the folder is named after (``4.5B_distill`` -> 4.5B-distill). The VAE, T5 and special tokens
+    are taken from the config when it names them, else from the folder, its parent or its grandparent (``vae/``,
+    ``t5/``, ``special_tokens.npz``).
     """
     path = Path(path)
     if not path.is_dir():
@@ -347,7 +351,9 @@ def resolve_model_folder(path: str | Path, config: str | Path | MagiConfig | Non
     def pick(configured: str | None, *names: str) -> str | None:
         if configured and Path(configured).exists():
             return configured
-        found = _first_existing(*[base / n for n in names for base in (path, path.parent)])
+        # the folder, then upward: weights/4.5B_distill has them in its parent, the repo's ckpt/magi/4.5B_distill
+        # in its grandparent (ckpt/vae, ckpt/t5)
+        found = _first_existing(*[base / n for n in names for base in (path, path.parent, path.parent.parent)])
         return str(found) if found is not None else configured
 
     return resolved.replace(
@@ -356,3 +362,47 @@ def resolve_model_folder(path: str | Path, config: str | Path | MagiConfig | Non
         t5_pretrained=pick(resolved.t5_pretrained, "t5"),
         special_tokens=pick(resolved.special_tokens, SPECIAL_TOKENS_NAME),
     )
+
+
+# ------------------------------------------------------------------------------------- the Hugging Face repo
+
+HUB_REPO = "sand-ai/MAGI-1"
+HUB_SHARED_FOLDER = "ckpt"  # holds vae/, t5/ and the special tokens, the grandparent of every model folder
+
+
+def hub_model_folder(name: str) -> str:
+    """Where a real preset's model (``load``) folder is in the repo: ``4.5B-distill`` -> ``ckpt/magi/4.5B_distill``."""
+    return f"{HUB_SHARED_FOLDER}/magi/{canonical_preset_name(name).replace('-', '_')}"
+
+
+def hub_patterns(name: str, *, include_t5: bool = True) -> list[str]:
+    """The repo files one preset needs (``allow_patterns``): its DiT weight folder first, then the VAE and the T5."""
+    patterns = [
+        f"{hub_model_folder(name)}/{weight_subfolder(preset(name).dit)}/*",
+        f"{HUB_SHARED_FOLDER}/vae/*",
+    ]
+    if include_t5:
+        patterns.append(f"{HUB_SHARED_FOLDER}/t5/{T5_SUBFOLDER}/*")
+    return patterns
+
+
+def find_downloaded_model(name: str) -> Path:
+    """The model folder of real preset ``name`` in the Hugging Face cache, looked up without any network access.
+
+    huggingface_hub decides where its cache is (``HF_HOME`` / ``HF_HUB_CACHE``). A FileNotFoundError names the
+    command that downloads the weights.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    dit_pattern = hub_patterns(name)[0]
+    try:
+        # only the DiT pattern: the VAE and the T5 may have been skipped, from_pretrained says so if they are missing
+        root = Path(snapshot_download(HUB_REPO, allow_patterns=[dit_pattern], local_files_only=True))
+    except LocalEntryNotFoundError:
+        root = None
+    if root is None or not any(root.glob(dit_pattern)):
+        raise FileNotFoundError(
+            f"weights for {name} are not downloaded: run `magi-server download {name}` (or pass a weights folder)"
+        )
+    return root / hub_model_folder(name)

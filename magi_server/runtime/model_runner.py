@@ -1,22 +1,30 @@
-"""The engine's executor: a loaded MagiPipeline plus the per-request tensors of every admitted job, keyed by job id.
+"""The model runner: the loaded model (DiT, VAE, T5, special tokens) and the requests running on it.
 
-The engine decides (which jobs to prefill, which to step together, which to release); this class executes on the
-device and reports plain records back. Per job it owns the sampler state (canvas, captions, KV cache), the MP4
-writer that receives each chunk's frames once the chunk is final, and the chunk preview files that streaming
-clients fetch. Outputs are written to a temporary file and renamed into place when the job finishes, so a job that
-is re-run after a crash overwrites its own output instead of leaving a half file under the final name.
+Every video, served or offline, is made by the same four calls of :class:`ModelRunner`: :meth:`~ModelRunner.prefill`
+(validate, load the image/video, encode the prompt with T5 and the prefix with the VAE, plan the calls, draw the
+seeded noise), :meth:`~ModelRunner.advance` (one batched model call), :meth:`~ModelRunner.decode_chunk` (a final
+chunk to uint8 frames) and :meth:`~ModelRunner.open_video` (the MP4 they are appended to). ``MagiPipeline`` loops
+over them for one request; the engine drives them for many, through the record-based interface below. So offline
+and served output are the same bytes by construction.
 
-Only the model calls run on the engine thread. Two worker threads of this executor do the rest, so the running jobs'
+For the engine the runner owns the per-request state of every admitted job, keyed by job id: the sampler state
+(canvas, captions, KV cache), the MP4 writer that receives each chunk's frames once the chunk is final, and the
+chunk preview files that streaming clients fetch. The engine decides (which jobs to prefill, which to step together,
+which to release); the runner executes on the device and reports plain records back. Outputs are written to a
+temporary file and renamed into place when the job finishes, so a job that is re-run after a crash overwrites its
+own output instead of leaving a half file under the final name.
+
+Only the model calls run on the engine thread. Two worker threads of the runner do the rest, so the running jobs'
 next call never waits for them:
 
-* the *prefill* worker validates a request and encodes its prompt (T5, seconds on a CPU), image or video, and opens
-  its output. The jobs the engine admitted in one round are prepared as one group and reported together, so jobs
-  admitted together still start in lock-step and share their model calls;
+* the *prefill* worker runs :meth:`~ModelRunner.prefill` and opens the output. The jobs the engine admitted in one
+  round are prepared as one group and reported together, so jobs admitted together still start in lock-step and
+  share their model calls;
 * the *output* worker decodes each finished chunk with the VAE (on its own CUDA stream on a GPU), appends its frames
   to the job's MP4 and writes the chunk preview, then closes the MP4 when the job finishes. One thread serves every
   job, in submission order, so a job's chunks are written in order and its close comes after all of them.
 
-Results come back through :meth:`PipelineExecutor.poll` on the engine thread (records ``Prefilled``, ``ChunkDone``,
+Results come back through :meth:`ModelRunner.poll` on the engine thread (records ``Prefilled``, ``ChunkDone``,
 ``Finished``, ``JobFailed``); the workers call the wake-up function the engine registered whenever one is ready.
 All bookkeeping of which jobs exist happens on the engine thread; the workers only compute and post.
 """
@@ -27,20 +35,45 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 
-from magi_server.params import GenerationParams
+from magi_server.media.video import InputError, Mp4Writer, load_image, load_video, resize_image
+from magi_server.models.config import MagiConfig
+from magi_server.models.text_encoder import CaptionTokenOptions, SpecialTokens, build_chunk_captions
+from magi_server.models.vae import TileConfig, decode_to_frames, encode_video_uint8
+from magi_server.params import GenerationParams, ModelLimits, ParamError
 from magi_server.runtime.memory_model import request_memory_estimate
-from magi_server.runtime.pipeline import MagiPipeline
-from magi_server.runtime.sampler import LatentChunk, SamplerState, sampler_step_batch
-from magi_server.media.video import Mp4Writer
+from magi_server.runtime.sampler import LatentChunk, SamplerSettings, SamplerState, plan_request, sampler_step_batch, start_sampler
 
 log = logging.getLogger("magi_server.runtime.model_runner")
+
+PREFIX_VIDEO_FRAMES = 32  # v2v conditions on the first 32 frames of the video (8 latent frames), as the reference
+
+
+def model_limits(config: MagiConfig) -> ModelLimits:
+    """What a model config adds to the request contract's limits (read without loading any weights)."""
+    s = config.sampling
+    return ModelLimits(window_size=s.window_size, kv_quarters=len(s.noise2clean_kvrange),
+                       temporal_downsample=s.temporal_downsample_factor)
+
+
+def plan_frames_for_output(num_frames: int, task: str) -> int:
+    """The MAGI-1 ``num_frames`` that yields the fewest whole chunks covering ``num_frames`` output frames.
+
+    MAGI-1 emits 24-frame chunks; an i2v request also spends one latent frame on the image, so asking MAGI-1 for
+    ``num_frames`` there would start one chunk more than needed (96 frames -> 120). Used when the output is trimmed.
+    """
+    latents = -(-num_frames // 4)
+    if task == "i2v":
+        return max(4, 4 * (latents - 1))
+    return 4 * latents
 
 
 @dataclass(frozen=True)
@@ -82,7 +115,7 @@ class Finished:
 class JobFailed:
     kind: ClassVar[str] = "failed"
     job_id: str
-    stage: str  # "prefill" (bad input: InputError names the parameter) or "output" (decode, encode or close)
+    stage: str  # "prefill" (bad input: a ParamError names the parameter) or "output" (decode, encode or close)
     error: Exception
 
 
@@ -92,7 +125,6 @@ class _Job:
     params: GenerationParams
     state: SamplerState | None  # None once released (a finishing job's output may still be closing)
     writer: Mp4Writer
-    frames_wanted: int | None  # trim the output to this many frames (hosted-API semantics); None: keep all
     started: float
     chunks_total: int
     # set on the engine thread only; the output worker reads them to skip work nobody will collect
@@ -104,6 +136,11 @@ class _Job:
     frames_written: int = 0
     chunks_done: int = 0
     previews: list[str] = field(default_factory=list)
+
+    @property
+    def frames_wanted(self) -> int | None:
+        """Trim the output to this many frames (hosted-API semantics); None: keep every frame of whole chunks."""
+        return self.params.num_frames if self.params.trim_to_frames else None
 
 
 @dataclass
@@ -117,21 +154,9 @@ class _Prepared:
     error: Exception | None = None
 
 
-def plan_frames_for_output(num_frames: int, task: str) -> int:
-    """The MAGI-1 ``num_frames`` that yields the fewest whole chunks covering ``num_frames`` output frames.
-
-    MAGI-1 emits 24-frame chunks; an i2v request also spends one latent frame on the image, so asking MAGI-1 for
-    ``num_frames`` there would start one chunk more than needed (96 frames -> 120). Used when the output is trimmed.
-    """
-    latents = -(-num_frames // 4)
-    if task == "i2v":
-        return max(4, 4 * (latents - 1))
-    return 4 * latents
-
-
 class _Worker:
     """One daemon thread running submitted callables in submission order (the order is the point). Started on the
-    first submit, so an executor built only to answer ``memory_facts`` starts no thread."""
+    first submit, so a runner that only answers memory questions or serves the offline pipeline starts no thread."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -166,13 +191,37 @@ class _Worker:
                 log.exception("%s task failed", self.name)
 
 
-class PipelineExecutor:
-    def __init__(self, pipe: MagiPipeline, outputs_dir: str | Path, *, chunk_previews: bool = True) -> None:
-        self.pipe = pipe
-        self.outputs_dir = Path(outputs_dir)
-        self.outputs_dir.mkdir(parents=True, exist_ok=True)
+class ModelRunner:
+    """DiT + VAE + T5 + special tokens on a device, and the requests running on them."""
+
+    def __init__(
+        self,
+        dit,
+        vae,
+        text_encoder,
+        special_tokens: SpecialTokens | None,
+        config: MagiConfig,
+        *,
+        device: torch.device | str = "cpu",
+        tiles: TileConfig | None = None,
+        caption_options: CaptionTokenOptions = CaptionTokenOptions(),
+        outputs_dir: str | Path | None = None,
+        chunk_previews: bool = True,
+    ) -> None:
+        self.dit = dit
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.special_tokens = special_tokens
+        self.config = config
+        self.device = torch.device(device)
+        self.tiles = tiles or TileConfig(tile_sample_min_length=config.sampling.fps // 2)
+        self.caption_options = caption_options
+        # the engine's side: where served outputs go (None for the offline pipeline's runner)
+        self.outputs_dir = None if outputs_dir is None else Path(outputs_dir)
+        if self.outputs_dir is not None:
+            self.outputs_dir.mkdir(parents=True, exist_ok=True)
         self.chunk_previews = chunk_previews
-        self.batch_sizes: list[int] = []  # size of every batched model call run (observability and tests)
+        self.batch_sizes: Counter[int] = Counter()  # batched model calls run, by batch size (bounded by max batch)
         # engine thread only
         self._jobs: dict[str, _Job] = {}
         self._prefilling: dict[str, object] = {}  # job id -> token of its prefill in flight (a re-run gets a new one)
@@ -185,30 +234,170 @@ class PipelineExecutor:
         self._output_stream = None  # the output worker's CUDA stream, made by that thread on first use
         self._closing = threading.Event()  # shutdown(): the prefill worker skips what it has not begun
 
-    def set_wakeup(self, wakeup: Callable[[], None]) -> None:
-        """``wakeup()`` is called from a worker thread whenever :meth:`poll` has something new."""
-        self._wakeup = wakeup
+    def with_outputs(self, outputs_dir: str | Path, *, chunk_previews: bool = True) -> "ModelRunner":
+        """A runner over the same loaded model, with no requests yet, whose served jobs write into
+        ``outputs_dir`` (what the composition root hands the engine; the weights are shared, not copied)."""
+        return ModelRunner(
+            self.dit, self.vae, self.text_encoder, self.special_tokens, self.config, device=self.device,
+            tiles=self.tiles, caption_options=self.caption_options, outputs_dir=outputs_dir,
+            chunk_previews=chunk_previews,
+        )
 
-    # ------------------------------------------------------------------------------------------ what a job costs
+    @property
+    def kv_cache_device(self) -> torch.device:
+        """Where requests keep their clean-chunk K/V between calls: the CPU (pinned) when the config's
+        ``kv_offload`` is on and the model runs on a GPU (spec §11.4: only one clean chunk is read per call, so the
+        upload is small against the call), else the model's device."""
+        if self.config.kv_offload and self.device.type == "cuda":
+            return torch.device("cpu")
+        return self.device
+
+    # -------------------------------------------------------------------------------------- what a request may be
+    def model_limits(self) -> ModelLimits:
+        """The limits this model adds to the request contract (:func:`magi_server.params.validate`)."""
+        return model_limits(self.config)
+
     def request_memory_bytes(self, params: GenerationParams) -> int:
         """Device bytes admission charges a job (:func:`request_memory_estimate` of :meth:`memory_facts`)."""
         return request_memory_estimate(**self.memory_facts(params)).total_bytes
 
     def memory_facts(self, params: GenerationParams) -> dict:
-        """The arguments of :func:`magi_server.runtime.memory_model.request_memory_estimate` for a job (no tensors touched):
-        what admission charges it, checked against the planner's op accounting of this code."""
-        s = self.pipe.config.sampling
+        """The arguments of :func:`magi_server.runtime.memory_model.request_memory_estimate` for a job (no tensors
+        touched): what admission charges it, checked against the planner's op accounting of this code."""
+        s = self.config.sampling
         frames = plan_frames_for_output(params.num_frames, params.task) if params.trim_to_frames else params.num_frames
         return dict(
-            dit=self.pipe.dit.config, width=params.width, height=params.height, num_frames=frames,
+            dit=self.dit.config, width=params.width, height=params.height, num_frames=frames,
             num_steps=params.num_inference_steps or s.num_steps, window_size=params.window_size or s.window_size,
             cfg_number=s.cfg_number, prefix_frames=1 if params.task == "i2v" else 0,
             chunk_width=s.chunk_width, noise2clean_kvrange=tuple(s.noise2clean_kvrange),
-            clean_chunk_kvrange=s.clean_chunk_kvrange, max_piece_tokens=self.pipe.dit.max_piece_tokens,
-            kv_offload=self.pipe.kv_cache_device != self.pipe.device,
+            clean_chunk_kvrange=s.clean_chunk_kvrange, max_piece_tokens=self.dit.max_piece_tokens,
+            kv_offload=self.kv_cache_device != self.device,
         )
 
-    # ------------------------------------------------------------------------------------------------- prefill
+    # ------------------------------------------------------------------------ one request: the steps every path runs
+    @torch.no_grad()
+    def prefill(
+        self,
+        params: GenerationParams,
+        *,
+        image=None,
+        video=None,
+        video_latents: torch.Tensor | None = None,
+        prompt_embeds=None,
+        prompt_attention_mask=None,
+        noise: torch.Tensor | None = None,
+    ) -> SamplerState:
+        """Everything before a request's first model call: encode the image/video prefix, plan the calls, build the
+        per-chunk captions and draw the seeded noise. Returns the request's sampler state. ``params`` passed
+        :func:`magi_server.params.validate` at its entry point (the HTTP edge, the CLI, ``MagiPipeline``); what only
+        shows here raises :class:`ParamError` naming the parameter (InputError: an unreadable image or video).
+
+        ``image`` / ``video``: any source :func:`load_image` / :func:`load_video` read, or an (H, W, 3) uint8 array;
+        by default the request's stored ``image_path`` / ``video_path``. ``video_latents``: a prefix already in
+        latent space. ``prompt_embeds`` + ``prompt_attention_mask`` replace the T5 encode of ``params.prompts``;
+        ``noise`` replaces the seeded draw (the golden fixtures pass the reference's).
+        """
+        dit_cfg = self.dit.config
+        settings = SamplerSettings.from_config(self.config, num_steps=params.num_inference_steps,
+                                               window_size=params.window_size)
+        frames = plan_frames_for_output(params.num_frames, params.task) if params.trim_to_frames else params.num_frames
+
+        # 1. the conditioning prefix (i2v image = 1 latent frame; v2v video; or latents given directly)
+        prefix = self.encode_prefix(params, image=image, video=video, video_latents=video_latents)
+        plan = plan_request(
+            settings, num_frames=frames, prefix_frames=0 if prefix is None else prefix.shape[2],
+            latent_height=params.height // 8, latent_width=params.width // 8,
+            patch_size=dit_cfg.patch_size, t_patch_size=dit_cfg.t_patch_size,
+        )
+        layout = plan.layout
+
+        # 2. captions: T5 (or the given embeddings), special tokens, null captions, per chunk
+        embeds, masks = self._prompt_embeddings(params.prompts, prompt_embeds, prompt_attention_mask,
+                                                layout.num_denoised_chunks)
+        captions, caption_masks = build_chunk_captions(
+            embeds, masks, self.dit.y_embedder.null_caption_embedding.detach().float().cpu(), layout.num_chunks,
+            layout.num_clean_chunks, self.special_tokens, self.caption_options,
+        )
+
+        # 3. the noise canvas: first draw after seeding, on the device (spec §6.2)
+        shape = (1, dit_cfg.latent_channels, layout.latent_frames, params.height // 8, params.width // 8)
+        if noise is not None:
+            noise = torch.as_tensor(noise)
+            if tuple(noise.shape) != shape:
+                raise ParamError("latents", f"must have shape {shape} for this request, got {tuple(noise.shape)}")
+            noise = noise.to(device=self.device, dtype=torch.float32)
+        else:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+            noise = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+        return start_sampler(
+            plan, settings, noise=noise, captions=captions.to(self.device),
+            caption_masks=caption_masks.to(self.device), prefix=prefix, num_layers=dit_cfg.num_layers,
+            cache_dtype=self.dit.compute_dtype, cache_device=self.kv_cache_device,
+            cache_pinned=self.kv_cache_device != self.device,
+        )
+
+    def encode_prefix(self, params: GenerationParams, *, image=None, video=None,
+                      video_latents: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The conditioning prefix latents (1, C, P, h, w) of a request, or None for text-to-video."""
+        if video_latents is not None:
+            return torch.as_tensor(video_latents).to(self.device)
+        image = params.image_path if image is None else image
+        video = params.video_path if video is None else video
+        s = self.config.sampling
+        if image is not None:
+            pixels = _as_image(image, params.width, params.height)[None]  # (1, H, W, 3)
+        elif video is not None:
+            pixels = load_video(video, width=params.width, height=params.height, fps=s.fps,
+                                max_frames=PREFIX_VIDEO_FRAMES)
+            if pixels.shape[0] < 4:
+                raise InputError("video", f"needs at least 4 frames after resampling to {s.fps} fps, got {pixels.shape[0]}")
+        else:
+            return None
+        clip = torch.from_numpy(np.ascontiguousarray(pixels)).permute(3, 0, 1, 2)[None].to(self.device)
+        mean = encode_video_uint8(self.vae, clip, self.tiles)
+        # the reference scales the bf16 mean in bf16: the prefix latent stays bf16 (spec §5.2 step 6)
+        return mean * s.scale_factor
+
+    def _prompt_embeddings(self, prompts: Sequence[str], prompt_embeds, prompt_attention_mask, num_denoised: int):
+        if prompt_embeds is not None:
+            if isinstance(prompt_embeds, torch.Tensor):
+                return prompt_embeds.float().cpu(), torch.as_tensor(prompt_attention_mask).cpu()
+            return [e.float().cpu() for e in prompt_embeds], [torch.as_tensor(m).cpu() for m in prompt_attention_mask]
+        if len(prompts) > num_denoised:
+            raise ParamError("prompt", f"{len(prompts)} prompts for a video of {num_denoised} chunks; give at most "
+                                       "one per chunk")
+        embeds, masks = self.text_encoder.encode(list(prompts))
+        embeds, masks = embeds.float().cpu(), masks.cpu()
+        if len(prompts) == 1:
+            return embeds[0], masks[0]
+        per_chunk = [min(i, len(prompts) - 1) for i in range(num_denoised)]  # the last prompt for the rest
+        return [embeds[i] for i in per_chunk], [masks[i] for i in per_chunk]
+
+    @torch.no_grad()
+    def advance(self, states: Sequence[SamplerState]) -> list[LatentChunk | None]:
+        """One batched model call: the next call of each of these requests (all at the same call of the same
+        plan). Returns, per request, the chunk this call made final, if any."""
+        self.batch_sizes[len(states)] += 1
+        return sampler_step_batch(self.dit, list(states))
+
+    @torch.no_grad()
+    def decode_chunk(self, chunk: LatentChunk) -> np.ndarray:
+        """uint8 frames (T, H, W, 3) of one emitted chunk (tiles of fps/2 frames; one latent frame -> one frame)."""
+        scale = self.config.sampling.scale_factor
+        frames = decode_to_frames(self.vae, chunk.latents / scale, self.tiles, uint8_output=True)
+        return frames.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+    def open_video(self, path: str | Path, width: int, height: int) -> Mp4Writer:
+        """The MP4 a request's decoded frames are appended to (renamed into place on close)."""
+        return Mp4Writer(path, width, height, fps=self.config.sampling.fps)
+
+    # ------------------------------------------------------------------------------------------ the engine's side
+    def set_wakeup(self, wakeup: Callable[[], None]) -> None:
+        """``wakeup()`` is called from a worker thread whenever :meth:`poll` has something new."""
+        self._wakeup = wakeup
+
     def output_name(self, job_id: str) -> str:
         return f"{job_id}.mp4"
 
@@ -219,7 +408,9 @@ class PipelineExecutor:
 
     def start_prefill(self, jobs: Sequence[tuple[str, GenerationParams]]) -> None:
         """Queue the prefill of these jobs as one group on the prefill worker; :meth:`poll` reports a ``Prefilled``
-        or a ``JobFailed`` (bad input raises InputError there, naming the parameter) for each, all in one poll."""
+        or a ``JobFailed`` (bad input raises ParamError there, naming the parameter) for each, all in one poll."""
+        if self.outputs_dir is None:
+            raise RuntimeError("this runner has no outputs folder; serve through runner.with_outputs(folder)")
         group = []
         for job_id, params in jobs:
             self.release(job_id)  # a re-run after a crash starts from nothing
@@ -233,49 +424,35 @@ class PipelineExecutor:
         """Prefill worker: prepare each job of the group; one result item for all of them."""
         results = []
         try:
-            with torch.no_grad():
-                for job_id, params, token in group:
-                    if self._closing.is_set():
-                        break
-                    try:
-                        results.append(self._prepare(job_id, params, token))
-                    except Exception as exc:
-                        results.append(_Prepared(job_id, token, error=exc))
+            for job_id, params, token in group:
+                if self._closing.is_set():
+                    break
+                try:
+                    results.append(self._prepare(job_id, params, token))
+                except Exception as exc:
+                    results.append(_Prepared(job_id, token, error=exc))
         finally:
             self._post(("prefill", results))  # always: the engine holds new submits until the group is reported
 
     def _prepare(self, job_id: str, params: GenerationParams, token: object) -> _Prepared:
-        """Validate, encode the prompt and the image/video, draw the noise, open the output. Raises InputError."""
-        pipe = self.pipe
-        frames_wanted = params.num_frames if params.trim_to_frames else None
-        plan_frames = plan_frames_for_output(params.num_frames, params.task) if frames_wanted else params.num_frames
-        inputs = pipe.validate(
-            prompt=list(params.prompts) if len(params.prompts) > 1 else params.prompts[0],
-            image=params.image_path, video=params.video_path, num_frames=plan_frames, height=params.height,
-            width=params.width, num_inference_steps=params.num_inference_steps, window_size=params.window_size, seed=params.seed,
-            output_type="mp4",
-        )
         started = time.monotonic()
-        state = pipe.prepare(inputs)
-        writer = Mp4Writer(self.outputs_dir / self.output_name(job_id), params.width, params.height,
-                           fps=pipe.config.sampling.fps)
+        state = self.prefill(params)
+        writer = self.open_video(self.outputs_dir / self.output_name(job_id), params.width, params.height)
         plan = state.plan
-        job = _Job(job_id, params, state, writer, frames_wanted, started, chunks_total=len(plan.emissions))
-        batch_key = (inputs.settings, plan.layout, plan.tokens_per_chunk, tuple(state.canvas.shape))
-        return _Prepared(job_id, token, job=job, info=PrefillInfo(batch_key, plan.num_calls, len(plan.emissions)))
+        job = _Job(job_id, params, state, writer, started, chunks_total=state.chunks_total)
+        batch_key = (state.settings, plan.layout, plan.tokens_per_chunk, tuple(state.canvas.shape))
+        return _Prepared(job_id, token, job=job, info=PrefillInfo(batch_key, plan.num_calls, state.chunks_total))
 
-    # ---------------------------------------------------------------------------------------------------- step
     def step(self, job_ids: list[str]) -> list[str]:
         """One batched model call for these jobs. Returns the ids whose call made a chunk final; the chunk's decode
         and write are queued on the output worker and reported by :meth:`poll` as ``ChunkDone``."""
         jobs = [self._jobs[job_id] for job_id in job_ids]
-        self.batch_sizes.append(len(jobs))
-        chunks = sampler_step_batch(self.pipe.dit, [job.state for job in jobs])
+        chunks = self.advance([job.state for job in jobs])
         ready = None
-        if self.pipe.device.type == "cuda" and any(chunk is not None for chunk in chunks):
+        if self.device.type == "cuda" and any(chunk is not None for chunk in chunks):
             # the output worker's stream must not read the chunk before this thread's stream has written it
             ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.pipe.device))
+            ready.record(torch.cuda.current_stream(self.device))
         done = []
         for job_id, job, chunk in zip(job_ids, jobs, chunks):
             if chunk is not None:
@@ -288,8 +465,8 @@ class PipelineExecutor:
         if job.dropped or job.failed:
             return
         try:
-            with torch.no_grad(), self._device_stream(chunk.latents, ready):
-                frames = self.pipe.decode_chunk(chunk)
+            with self._device_stream(chunk.latents, ready):
+                frames = self.decode_chunk(chunk)
             if job.frames_wanted is not None:
                 frames = frames[: max(0, job.frames_wanted - job.frames_written)]
             preview = None
@@ -301,8 +478,7 @@ class PipelineExecutor:
                 preview_writer = None
                 if self.chunk_previews:
                     preview = f"{job.job_id}.chunk{chunk.index}.mp4"
-                    preview_writer = Mp4Writer(self.outputs_dir / preview, job.params.width, job.params.height,
-                                               fps=self.pipe.config.sampling.fps)
+                    preview_writer = self.open_video(self.outputs_dir / preview, job.params.width, job.params.height)
                     job.preview_writer = preview_writer
                     if job.dropped:  # released meanwhile; release() may have looked before it was set
                         preview_writer.abort()
@@ -334,7 +510,7 @@ class PipelineExecutor:
             yield
             return
         if self._output_stream is None:
-            self._output_stream = torch.cuda.Stream(self.pipe.device)
+            self._output_stream = torch.cuda.Stream(self.device)
         stream = self._output_stream
         stream.wait_event(ready)
         # the latents were allocated on the engine's stream: keep their memory from being reused there while this
@@ -372,7 +548,6 @@ class PipelineExecutor:
             log.exception("could not abort the output of job %s", job.job_id)
         self._post(("output", job, JobFailed(job.job_id, "output", exc)))
 
-    # ---------------------------------------------------------------------------------------------- results
     def _post(self, item) -> None:
         self._results.put(item)
         self._wakeup()
@@ -440,10 +615,26 @@ class PipelineExecutor:
         self._output_worker.stop(timeout)
 
     def empty_device_cache(self) -> None:
-        if self.pipe.device.type == "cuda":
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def device_memory_bytes(self) -> int | None:
-        if self.pipe.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.pipe.device)
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
         return None
+
+
+def _as_image(image, width: int, height: int) -> np.ndarray:
+    """(height, width, 3) uint8. Encoded images are decoded and stretched in one ffmpeg pass, as the reference
+    does (a JPEG is scaled in its decoder's YUV, not after conversion to RGB)."""
+    if isinstance(image, np.ndarray):
+        array = image
+    elif isinstance(image, torch.Tensor):
+        array = image.cpu().numpy()
+    else:
+        return load_image(image, width=width, height=height)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise InputError("image", f"an array must be (H, W, 3) uint8 RGB, got {array.shape} {array.dtype}")
+    return resize_image(array, width, height)

@@ -68,14 +68,6 @@ class SamplerSettings:
             prev_chunks_scale=s.prev_chunks_scale,
         )
 
-    def step_problem(self) -> str | None:
-        """Why ``num_steps`` cannot be used with this window (None when it can)."""
-        divisors = {self.window_size, len(self.noise2clean_kvrange) or 1}
-        if self.num_steps < 1 or any(self.num_steps % d for d in divisors):
-            allowed = " and ".join(str(d) for d in sorted(divisors))
-            return f"must be a positive multiple of {allowed} (window_size and the kv-range quarters)"
-        return None
-
 
 @dataclass(frozen=True)
 class LatentChunk:

@@ -4,7 +4,8 @@ Real checkpoints are tens of GB, so the embedded default is a tiny random model 
 runs the whole flow (submit, poll, download an MP4) on a laptop CPU. Its video is noise-like; that is expected.
 This module owns:
 
-* :func:`write_tiny_weights`: write a complete weights folder laid out exactly like ``magi-server download``'s,
+* :func:`write_tiny_weights`: write a complete weights folder in a layout the loader reads (the model folder with
+  ``vae/``, ``t5/`` and the special tokens beside it),
   so the loaders in :mod:`magi_server.runtime.loading` serve the tiny and the real model through one code path::
 
       root/tiny/inference_weight.distill/   model.safetensors.index.json + 2 shards (the DiT)
@@ -40,7 +41,7 @@ from magi_server.runtime.loading import INDEX_NAME, T5_SUBFOLDER, VAE_WEIGHTS_NA
 
 TINY_NOTICE = (
     "tiny preset: random weights, the video is noise-like until real weights are given "
-    "(magi-server download 4.5B-distill, then serve --model weights/4.5B_distill)"
+    "(magi-server download 4.5B-distill, then serve --model 4.5B-distill)"
 )
 
 MODEL_FOLDER = "tiny"

@@ -9,32 +9,16 @@ import re
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from magi_server.serving.common import ServerContext, resolve_upload
 from magi_server.serving.jobs import JobStatus
+from magi_server.serving.metrics import method_label
 
 log = logging.getLogger("magi_server.serving.app")
 
 OUTPUT_NAME = re.compile(r"^[0-9a-f]{32}(\.chunk\d{1,5})?\.mp4$")
-
-
-def describe_metrics(ctx: ServerContext) -> None:
-    m = ctx.metrics
-    m.describe("magi_http_requests_total", "HTTP requests by route and status code")
-    m.describe("magi_jobs_submitted_total", "jobs accepted, by API")
-    m.describe("magi_jobs_rejected_total", "submits refused before anything was stored, by reason")
-    m.describe("magi_jobs_finished_total", "jobs that reached a terminal state, by outcome")
-    m.describe("magi_generation_seconds", "time from prefill to the finished MP4")
-    m.describe("magi_queue_depth", "jobs waiting for the GPU")
-    m.describe("magi_jobs", "jobs in the store, by status")
-    m.describe("magi_gpu_memory_used_bytes", "device memory allocated by the model and jobs")
-    m.describe("magi_engine_alive", "1 when the GPU loop is running")
-    m.gauge("magi_queue_depth", lambda: ctx.engine.queue_depth)
-    m.gauge("magi_jobs", lambda: {(("status", s.value),): n for s, n in ctx.store.count_by_status().items()})
-    m.gauge("magi_gpu_memory_used_bytes", lambda: ctx.executor.device_memory_bytes())
-    m.gauge("magi_engine_alive", lambda: 1.0 if ctx.engine.alive() else 0.0)
 
 
 # -------------------------------------------------------------------------------------------------- middleware
@@ -91,6 +75,38 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class CountRequests:
+    """Counts every answer in ``magi_http_requests_total``; on the fal listeners also marks it as ours.
+
+    Plain ASGI (no BaseHTTPMiddleware): it only looks at the response start, so bodies stream through untouched.
+    """
+
+    def __init__(self, app, metrics, mark_fal_answers: bool) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.mark_fal_answers = mark_fal_answers
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                if self.metrics is not None:
+                    # labels from small fixed sets only (route templates, standard methods), or each odd request
+                    # would add a series for good; routing has put the matched route into the scope by now
+                    route = getattr(scope.get("route"), "path", "unmatched")
+                    self.metrics.http_requests.labels(route=route, method=method_label(scope["method"]),
+                                                      code=str(message["status"])).inc()
+                headers = list(message.get("headers", []))
+                if self.mark_fal_answers and not any(name.lower() == b"x-fal-request-id" for name, _ in headers):
+                    # fal-client replays 5xx answers without this header as ingress errors: mark every answer ours
+                    message = {**message, "headers": [*headers, (b"x-fal-request-id", uuid.uuid4().hex.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, counted_send)
+
+
 # ---------------------------------------------------------------------------------------------------------- app
 
 
@@ -99,18 +115,7 @@ def create_app(ctx: ServerContext, role: str = "main") -> FastAPI:
     tells sync from queue calls only by host/port, so each gets its own listener)."""
     app = FastAPI(title="magi-server", docs_url="/docs" if role == "main" else None, redoc_url=None)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        if ctx.metrics is not None:
-            ctx.metrics.inc("magi_http_requests_total",
-                            {"route": path, "method": request.method, "code": str(response.status_code)})
-        if role != "main" and "x-fal-request-id" not in response.headers:
-            # fal-client replays 5xx answers without this header as ingress errors: mark every answer as ours
-            response.headers["x-fal-request-id"] = uuid.uuid4().hex
-        return response
+    app.add_middleware(CountRequests, metrics=ctx.metrics, mark_fal_answers=(role != "main"))
 
     if role == "main":
         from magi_server.serving.adapters import wavespeed
@@ -171,7 +176,8 @@ def _add_common_routes(app: FastAPI, ctx: ServerContext) -> None:
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(ctx.metrics.render(), media_type="text/plain; version=0.0.4")
+        body, content_type = ctx.metrics.exposition()
+        return Response(body, headers={"content-type": content_type})
 
     _add_file_routes(app, ctx)
 

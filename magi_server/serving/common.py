@@ -1,44 +1,68 @@
-"""What every wire protocol shares: the server context, field validation, image intake and the submit flow.
+"""What every wire protocol shares: the server context, the request-model types, auth, refusals, image intake,
+uploads and the submit flow.
 
-The provider adapters (wavespeed.py, fal.py, magichour.py) only translate: provider body -> GenerationParams,
-Job -> provider envelope. Everything that must behave the same whatever the protocol lives here:
+The provider adapters (wavespeed.py, fal.py, magichour.py) only translate: a provider's pydantic request model ->
+GenerationParams, Job -> provider envelope. Everything that must behave the same whatever the protocol lives here:
 
-* field validators that never let a bad value through (NaN, lone surrogates, bools posing as ints, out-of-range
-  numbers, unknown enums) and raise :class:`FieldError` naming the field, which each adapter renders in its
-  provider's error format (a 4xx, never a 5xx);
+* the field types the request models are made of (:data:`Int`, :data:`Text`), which let no bad value through
+  (NaN, lone surrogates, bools posing as ints, out-of-range numbers, unknown enums);
+* :class:`ProviderRoute`: whatever refuses a request (the request model, the contract's :func:`validate`, a
+  dependency such as :func:`api_key_auth`, a full queue) is answered in the route's own provider's error format,
+  always a 4xx (or 503) and never a 5xx;
 * image intake: fetch (http(s) with the SSRF rules of video.load_image, data: URIs, or our own upload URLs),
-  decode, center-crop to the target aspect ratio, store as a PNG in the uploads folder *before* a job exists;
-* the submit flow: reserve a queue slot (429 when full, nothing stored), write the job durably, hand it to the
-  engine; and the EventHub that streams job events to SSE clients.
+  decode, center-crop to the target aspect ratio, store as a PNG in the uploads folder once the request is valid;
+* uploads: one way to store bytes, one presigned-URL ticket flow (WaveSpeed and Magic Hour);
+* the submit flow: reserve a queue slot (429 when full, nothing stored), write the job durably (once per
+  Idempotency-Key), hand it to the engine; and one cancel.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import hmac
+import json
+import logging
 import math
 import re
 import secrets
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from fastapi import Header, Request, Security
+from fastapi import params as fastapi_params
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from fastapi.routing import APIRoute
+from fastapi.security import APIKeyHeader
+from pydantic import AfterValidator, BeforeValidator, Field, Strict
+from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException
 
-from magi_server.params import RESOLUTION_SIZES, output_size
-from magi_server.serving.settings import ServerSettings
 from magi_server.engine.loop import Engine, QueueFullError
+from magi_server.media.video import InputError, SourcePolicy, encode_png, load_image
+from magi_server.params import (ASPECT_RATIOS, RESOLUTIONS, GenerationParams, ModelLimits, ParamError, output_size,
+                                resolve_seed, validate)
 from magi_server.serving.events import EventHub
-from magi_server.serving.jobs import Job, JobStatus, JobStore
-from magi_server.params import ASPECT_RATIOS, MAX_SEED, GenerationParams, ParamError
-from magi_server.media.video import InputError, SourcePolicy, load_image
+from magi_server.serving.jobs import (MAX_IDEMPOTENCY_KEY_LEN, IdempotencyConflict, Job, JobStatus, JobStore,
+                                      JobStoreError)
+from magi_server.serving.settings import ServerSettings
 
-ASPECTS = ASPECT_RATIOS
+log = logging.getLogger("magi_server.serving.common")
 
-
-FieldError = ParamError  # a request field is invalid; ``field`` is its name as the client wrote it
+MAX_IMAGE_REF_CHARS = 30_000_000  # a data: URI carries the whole image; the body limit caps it anyway
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+UPLOAD_URL_TTL_S = 3600.0  # how long a presigned upload URL takes its one PUT
+IDEMPOTENCY_TTL_S = 24 * 3600.0  # Stripe keeps keys at least this long
+# the upload PUTs read the raw bytes of the file (declared so /docs shows it; FastAPI cannot infer it)
+RAW_BODY = {"requestBody": {"required": True, "content": {
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 
 
 class Overloaded(Exception):
@@ -49,109 +73,44 @@ class Overloaded(Exception):
 
 class Unavailable(Overloaded):
     """The GPU loop is dead or stopping: a job accepted now would sit queued until a restart (answer 503 with
-    Retry-After; nothing is stored). A subclass so adapters that only know Overloaded still refuse it safely."""
+    Retry-After; nothing is stored). A subclass so code that only knows Overloaded still refuses it safely."""
 
     def __init__(self, retry_after_s: float, reason: str) -> None:
         super().__init__(retry_after_s)
         self.reason = reason
 
 
-# ------------------------------------------------------------------------------------------------ validation
+# ------------------------------------------------------------------------------------------ request-model types
 
 
-def _has_surrogate(text: str) -> bool:
-    return any(0xD800 <= ord(ch) <= 0xDFFF for ch in text)
+def _integral(value):
+    # JSON has one number type: 8.0 is the integer 8 (8.5, NaN, strings and booleans are not integers)
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def req_str(body: dict, name: str, *, max_chars: int, allow_empty: bool = False) -> str:
-    if name not in body or body[name] is None:
-        raise FieldError(name, "field required", "missing")
-    return opt_str(body, name, max_chars=max_chars, allow_empty=allow_empty)
-
-
-def opt_str(body: dict, name: str, *, max_chars: int = 100_000, allow_empty: bool = True) -> str | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise FieldError(name, f"must be a string, got {type(value).__name__}", "type_error")
-    if _has_surrogate(value):
-        raise FieldError(name, "contains an unpaired UTF-16 surrogate (invalid unicode)")
+def _plain_text(value: str) -> str:
+    try:
+        value.encode("utf-8")  # in C: a 30 MB data URI is checked in milliseconds
+    except UnicodeEncodeError:
+        raise PydanticCustomError("string_unicode", "contains an unpaired UTF-16 surrogate (invalid unicode)") from None
     if "\x00" in value:
-        raise FieldError(name, "contains a NUL character")
-    if len(value) > max_chars:
-        raise FieldError(name, f"is {len(value)} characters long; at most {max_chars} allowed")
-    if not allow_empty and not value.strip():
-        raise FieldError(name, "must not be empty")
+        raise PydanticCustomError("string_nul", "contains a NUL character")
     return value
 
 
-def opt_int(body: dict, name: str, *, low: int, high: int, default: int | None = None,
-            allow_numeric_string: bool = False) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        raise FieldError(name, f"must be an integer in [{low}, {high}], got a boolean", "type_error")
-    # ASCII digits only: str.isdigit() also accepts "²", which int() then rejects
-    if isinstance(value, str) and allow_numeric_string and re.fullmatch(r"-?[0-9]{1,30}", value.strip()):
-        value = int(value.strip())
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise FieldError(name, f"must be a finite integer in [{low}, {high}], got {value}")
-        if not value.is_integer():
-            raise FieldError(name, f"must be an integer in [{low}, {high}], got {value}", "type_error")
-        value = int(value)
-    if not isinstance(value, int):
-        raise FieldError(name, f"must be an integer in [{low}, {high}], got {type(value).__name__}", "type_error")
-    if not low <= value <= high:
-        raise FieldError(name, f"must be in [{low}, {high}], got {value}")
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("string_blank", "must not be empty")
     return value
 
 
-def opt_number(body: dict, name: str, *, low: float, high: float, default: float | None = None) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise FieldError(name, f"must be a number in [{low}, {high}]", "type_error")
-    if not math.isfinite(value):
-        raise FieldError(name, f"must be a finite number, got {value}")
-    if not low <= value <= high:
-        raise FieldError(name, f"must be in [{low}, {high}], got {value}")
-    return float(value)
-
-
-def opt_bool(body: dict, name: str, default: bool) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise FieldError(name, "must be true or false", "type_error")
-    return value
-
-
-def opt_enum(body: dict, name: str, allowed: tuple, default):
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or value not in allowed:
-        shown = ", ".join(repr(a) for a in allowed)
-        raise FieldError(name, f"must be one of {shown}, got {value!r}")
-    return value
-
-
-def resolve_seed(value: int | None) -> int:
-    """-1 / absent = random in [0, 2^31 - 1] (api-compat.md §5); the effective seed is stored with the job."""
-    if value is None or value == -1:
-        return secrets.randbelow(MAX_SEED + 1)
-    return value
-
-
-def check_body(body: Any) -> dict:
-    if not isinstance(body, dict):
-        raise FieldError("body", "must be a JSON object")
-    return body
+Int = Annotated[int, Strict(), BeforeValidator(_integral)]
+Text = Annotated[str, Strict(), AfterValidator(_plain_text)]
+Prompt = Annotated[Text, Field(min_length=1), AfterValidator(_not_blank)]  # WaveSpeed and fal require the text
+Resolution = Literal[RESOLUTIONS]
+AspectRatio = Literal[("auto", *ASPECT_RATIOS)]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=MAX_IDEMPOTENCY_KEY_LEN,
+                                              description="a repeat with the same key and body answers the same job")]
 
 
 # ----------------------------------------------------------------------------------------------- the context
@@ -162,14 +121,15 @@ class ServerContext:
     settings: ServerSettings
     store: JobStore
     engine: Engine
-    executor: Any  # PipelineExecutor (or a test double)
+    executor: Any  # the model runner (runtime.model_runner.ModelRunner) or a test double
     model_name: str  # what /health/ready reports
     notice: str = ""  # e.g. the tiny preset's "noise-like video" warning
     hub: EventHub = field(default_factory=EventHub)
     metrics: Any = None
-    uploads: dict = field(default_factory=dict)  # upload token -> file path (also persisted on disk)
+    uploads: dict = field(default_factory=dict)  # upload token -> its ticket (see open_upload)
     webhook_secret: str = field(default_factory=lambda: "whsec_" + secrets.token_hex(24))
     started_at: float = field(default_factory=time.time)
+    model_limits: ModelLimits = field(default_factory=ModelLimits)  # the served model's (the composition root's)
 
     @property
     def outputs_dir(self) -> Path:
@@ -178,6 +138,11 @@ class ServerContext:
     @property
     def uploads_dir(self) -> Path:
         return Path(self.settings.outputs_dir) / "uploads"
+
+    @property
+    def limits(self) -> ModelLimits:
+        """What :func:`validate` checks requests against: the model's limits and this server's prompt cap."""
+        return replace(self.model_limits, max_prompt_chars=self.settings.max_prompt_chars)
 
     def file_url(self, name: str) -> str:
         return f"{self.settings.base_url()}/files/{name}"
@@ -205,20 +170,116 @@ def find_job(ctx: "ServerContext", job_id: str, owner: str, api: str) -> Job | N
     return job if job is not None and job.api == api else None
 
 
-def bearer_token(headers) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header (scheme case-insensitive), else None."""
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
+def cancel_job(ctx: ServerContext, job_id: str) -> Job | None:
+    """Make the job's row final now (compare-and-set: None when it ended first); the engine stops the work at its
+    next safe point."""
+    cancelled = ctx.store.cancel(job_id)
+    ctx.engine.cancel(job_id)
+    if cancelled is not None:  # its streams and sync waiters hear of the end now, not at the engine's safe point
+        ctx.hub.publish(job_id, "status", status=JobStatus.CANCELLED)
+    return cancelled
 
 
-def authorize_bearer(ctx: "ServerContext", headers) -> tuple[bool, str]:
-    """(allowed, tenant) for a Bearer-authenticated API (WaveSpeed, Magic Hour)."""
-    token = bearer_token(headers)
-    if ctx.settings.api_keys and not ctx.key_is_valid(token):
-        return False, ""
-    return True, ctx.owner_of(token)
+def api_key_auth(ctx: ServerContext, scheme: str):
+    """A dependency answering the caller's tenant for ``Authorization: <scheme> <key>`` ("Bearer" for WaveSpeed and
+    Magic Hour, "Key" for fal); a 401 when keys are configured and this is not one of them. It is declared as an
+    OpenAPI security scheme, so /docs has a field for the key."""
+    header = APIKeyHeader(name="Authorization", scheme_name=f"{scheme}Auth", auto_error=False,
+                          description=f"'{scheme} <key>' (only when the server was started with API keys)")
+
+    def tenant(authorization: str | None = Security(header)) -> str:
+        given, _, key = (authorization or "").partition(" ")
+        key = key.strip() if given.lower() == scheme.lower() else ""
+        if not ctx.key_is_valid(key or None):
+            raise HTTPException(401, f"missing or invalid API key: send 'Authorization: {scheme} <key>'",
+                                headers={"WWW-Authenticate": scheme})
+        return ctx.owner_of(key or None)
+
+    return tenant
+
+
+# ------------------------------------------------------------------------------------------------- refusals
+
+
+def field_name(loc) -> str:
+    """A pydantic error location as the client wrote the field: ``("body", "assets", "image_file_path")`` ->
+    ``assets.image_file_path``, ``("body", "items", 0, "type")`` -> ``items[0].type``; the body itself is ``body``."""
+    name = ""
+    for part in loc[1:] if len(loc) > 1 else loc:
+        name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else str(part)
+    return name
+
+
+def describe(error: dict) -> str:
+    """``<field>: <reason>``, as WaveSpeed's and Magic Hour's error messages read."""
+    msg = error["msg"]
+    return f"{field_name(error['loc'])}: {msg[:1].lower()}{msg[1:]}"
+
+
+def _is_json(content_type: str) -> bool:
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return not kind or kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+class ProviderRoute(APIRoute):
+    """A route of one provider's API. Whatever refuses a request (its JSON, the request model, the contract's
+    :func:`validate`, a dependency, the queue, the job store) is answered by the subclass's :meth:`refuse` or
+    :meth:`refuse_fields` in that provider's error format. FastAPI's exception handlers are app-wide, and one app
+    serves several providers: the route knows whose it is."""
+
+    def refuse(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+        raise NotImplementedError
+
+    def refuse_fields(self, errors: list[dict]) -> Response:
+        """``errors``: ``{"loc", "msg", "type"}`` as pydantic reports them, in the order the fields are declared."""
+        raise NotImplementedError
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+        takes_json = self.body_field is not None and not isinstance(self.body_field.field_info, fastapi_params.Form)
+
+        async def handle(request: Request) -> Response:
+            try:
+                if takes_json:
+                    await _check_json(request)
+                return await handler(request)
+            except RequestValidationError as exc:
+                return self.refuse_fields([{"loc": tuple(e["loc"]), "msg": e["msg"], "type": e["type"]}
+                                           for e in exc.errors()])
+            except ParamError as exc:
+                return self.refuse_fields([{"loc": ("body", exc.param), "msg": exc.message, "type": exc.kind}])
+            except HTTPException as exc:
+                return self.refuse(exc.status_code, str(exc.detail), exc.headers)
+            except Overloaded as exc:
+                retry = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+                if isinstance(exc, Unavailable):  # its reason (a device error) stays in /health/ready and the log
+                    return self.refuse(503, "the server cannot run jobs now: the GPU loop is not running; retry "
+                                            "later", retry)
+                return self.refuse(429, "the queue is full; retry later", retry)
+            except IdempotencyConflict as exc:
+                return self.refuse(409, f"Idempotency-Key: {exc}")
+            except JobStoreError:
+                return self.refuse(503, "the job store is unavailable; retry later", {"Retry-After": "5"})
+
+        return handle
+
+
+async def _check_json(request: Request) -> None:
+    """A JSON body that does not parse is a validation error of the body, which the provider's route renders;
+    FastAPI would answer a 5000-digit number, deep nesting or bad UTF-8 with a bare 400 of its own. (FastAPI then
+    parses the body again, from the cached bytes.)"""
+    body = await request.body()
+    if body and _is_json(request.headers.get("content-type", "")):
+        try:
+            json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise RequestValidationError([{"type": "json_invalid", "loc": ("body",),
+                                           "msg": f"the body is not valid JSON: {str(exc)[:200]}"}]) from None
+
+
+def error_responses(model, *statuses: int) -> dict:
+    """``responses=`` for a route: the error statuses it answers, each with the provider's error body."""
+    return {status: {"model": model} for status in statuses}
 
 
 # ---------------------------------------------------------------------------------------------- image intake
@@ -245,7 +306,7 @@ def center_crop_to_aspect(image: np.ndarray, width: int, height: int) -> np.ndar
 
 
 def read_image_field(ctx: ServerContext, value: str, field_name: str) -> np.ndarray:
-    """Decode an image given as an http(s) URL, a data: URI, bare base64, or one of our upload URLs."""
+    """Decode an image given as an http(s) URL, a data: URI, bare base64, or one of our upload URLs. Blocking."""
     local = resolve_upload(ctx, value)
     try:
         if local is not None:
@@ -253,42 +314,26 @@ def read_image_field(ctx: ServerContext, value: str, field_name: str) -> np.ndar
         if value.startswith(("http://", "https://", "data:")):
             policy = SourcePolicy(allow_paths=False, allow_private_hosts=ctx.settings.allow_private_image_hosts)
             return load_image(value, param=field_name, policy=policy)
-        # bare base64 (WaveSpeed accepts it as a harmless extension)
-        import base64
-        import binascii
-
-        try:
+        try:  # bare base64 (WaveSpeed accepts it as a harmless extension)
             raw = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
-            raise FieldError(field_name, "must be an http(s) URL, a data: URI or base64 image bytes") from None
+            raise ParamError(field_name, "must be an http(s) URL, a data: URI or base64 image bytes") from None
         return load_image(raw, param=field_name)
     except InputError as exc:
-        message = str(exc).split(": ", 1)[-1]
-        raise FieldError(field_name, message, "media_error") from None
+        raise ParamError(field_name, exc.message, "media_error") from None
+    except ParamError:
+        raise
+    except Exception:  # a fetch failure the loader did not classify is still the reference's fault, not a 5xx
+        log.warning("%s could not be read", field_name, exc_info=True)
+        raise ParamError(field_name, "could not be fetched or decoded", "media_error") from None
 
 
-def store_image(ctx: ServerContext, image: np.ndarray) -> str:
-    """Save an accepted input image as PNG in the uploads folder; returns its path (the job's image_path)."""
-    from magi_server.media.video import encode_png
-
-    ctx.uploads_dir.mkdir(parents=True, exist_ok=True)
-    path = ctx.uploads_dir / f"input-{uuid.uuid4().hex}.png"
-    tmp = path.with_suffix(".part")
-    tmp.write_bytes(encode_png(image))
-    tmp.replace(path)
-    return str(path)
-
-
-def save_upload(ctx: ServerContext, data: bytes, suffix: str) -> tuple[str, Path]:
-    """Store uploaded bytes under an unguessable token; returns (token, path)."""
-    ctx.uploads_dir.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(24)
-    safe_suffix = "".join(ch for ch in suffix.lower() if ch.isalnum())[:8] or "bin"
-    path = ctx.uploads_dir / f"{token}.{safe_suffix}"
-    tmp = ctx.uploads_dir / f".{token}.part"
+def _write_atomically(path: Path, data: bytes) -> None:
+    # a reader (a create request, a download) sees the old bytes or the new ones, never half
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
     tmp.write_bytes(data)
     tmp.replace(path)
-    return token, path
 
 
 def resolve_upload(ctx: ServerContext, value: str) -> Path | None:
@@ -310,65 +355,124 @@ def resolve_upload(ctx: ServerContext, value: str) -> Path | None:
     return None
 
 
-def image_params(ctx: ServerContext, image: np.ndarray | None, resolution: str, aspect: str) -> tuple[int, int, str | None]:
-    """(width, height, stored image path) for a request, after resolving "auto" and center-cropping the image."""
-    if aspect == "auto":
-        aspect = pick_aspect(image) if image is not None else "16:9"
-    if (resolution, aspect) not in RESOLUTION_SIZES:
-        raise FieldError("resolution", f"{resolution!r} is not supported for MAGI-1 (480p or 720p)")
-    width, height = output_size(resolution, aspect, ctx.settings.resolution_scale)
-    path = None
-    if image is not None:
-        path = store_image(ctx, center_crop_to_aspect(image, width, height))
-    return width, height, path
+# --------------------------------------------------------------------------------------------------- uploads
+
+
+def save_upload(ctx: ServerContext, data: bytes, suffix: str) -> Path:
+    """Store uploaded bytes as ``<unguessable token>.<suffix>`` in the uploads folder; returns the path."""
+    safe_suffix = "".join(ch for ch in suffix.lower() if ch.isalnum())[:8] or "bin"
+    path = ctx.uploads_dir / f"{secrets.token_urlsafe(24)}.{safe_suffix}"
+    _write_atomically(path, data)
+    return path
+
+
+def open_upload(ctx: ServerContext, api: str, suffix: str) -> Path:
+    """A presigned-URL ticket (WaveSpeed's and Magic Hour's upload flows): an empty placeholder fixes the file's
+    name, and so the URL it is read from, before its one PUT. The placeholder's stem is the token that makes the PUT
+    URL unguessable; :func:`receive_upload` takes the bytes. Tickets nobody used are forgotten here."""
+    now = time.time()
+    for token, ticket in list(ctx.uploads.items()):
+        if ticket["expires"] < now:
+            ctx.uploads.pop(token, None)
+            if ticket["path"].is_file() and ticket["path"].stat().st_size == 0:
+                ticket["path"].unlink(missing_ok=True)
+    path = save_upload(ctx, b"", suffix)
+    ctx.uploads[path.stem] = {"api": api, "path": path, "expires": now + UPLOAD_URL_TTL_S}
+    return path
+
+
+async def receive_upload(ctx: ServerContext, api: str, token: str, request: Request) -> None:
+    """The PUT of a ticket's bytes: unauthenticated (the SDKs PUT with a bare HTTP client, so the unguessable URL
+    is the credential), one per ticket; 404 for an unknown or expired one, 413 above the size limit."""
+    ticket = ctx.uploads.get(token)
+    if ticket is None or ticket["api"] != api or ticket["expires"] < time.time():
+        raise HTTPException(404, "unknown or expired upload URL")
+    data = bytearray()
+    async for part in request.stream():
+        data.extend(part)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes")
+    await asyncio.to_thread(_write_atomically, ticket["path"], bytes(data))
+    ctx.uploads.pop(token, None)
 
 
 # ------------------------------------------------------------------------------------------------ submitting
 
 
+def build_params(ctx: ServerContext, *, prompt: str, image: np.ndarray | None, resolution: str, aspect: str,
+                 num_frames: int, steps: int, seed: int | None, fields: Mapping[str, str]) -> GenerationParams:
+    """A provider request as the contract's GenerationParams, checked by :func:`validate` against the served
+    model's limits; a refusal names the provider's field (``fields`` maps the contract's parameter names to the
+    provider's). The input image, center-cropped to the output's aspect ratio, is stored only once the request is
+    valid, so a refused request leaves nothing behind."""
+    if aspect == "auto":
+        aspect = pick_aspect(image) if image is not None else "16:9"
+    width, height = output_size(resolution, aspect, ctx.settings.resolution_scale)
+    image_path = ctx.uploads_dir / f"input-{uuid.uuid4().hex}.png" if image is not None else None
+    try:
+        params = validate(GenerationParams(
+            prompts=(prompt,), width=width, height=height, num_frames=num_frames, num_inference_steps=steps,
+            seed=resolve_seed(seed), image_path=None if image_path is None else str(image_path), trim_to_frames=True,
+        ), ctx.limits)
+    except ParamError as exc:
+        raise ParamError(fields.get(exc.param, exc.param), exc.message, exc.kind) from None
+    if image_path is not None:
+        _write_atomically(image_path, encode_png(center_crop_to_aspect(image, width, height)))
+    return params
+
+
+def fingerprint(*parts) -> str:
+    """What makes two submits "the same request" for an Idempotency-Key: the route and the validated body."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def submit_job(ctx: ServerContext, *, api: str, model: str, params: GenerationParams, owner: str,
-               meta: dict | None = None) -> Job:
+               meta: dict | None = None, idempotency_key: str | None = None, request_fingerprint: str = "") -> Job:
     """Reserve a queue slot (Overloaded when full, Unavailable when the engine is dead: nothing stored either
-    way), store the job durably, hand it to the engine."""
+    way), store the job durably, hand it to the engine. With an ``idempotency_key``, a repeat of an earlier submit
+    (same key and ``request_fingerprint``) answers that submit's job and starts nothing; the key with another
+    request raises IdempotencyConflict. The stored input image of a request that made no job is removed."""
     try:
         if not ctx.engine.accepting():
             # reliability goal 11: no job is accepted into a dead GPU loop (readiness is already 503)
             raise Unavailable(ctx.engine.retry_after_s, ctx.engine.dead_reason or "the GPU loop is not running")
         ctx.engine.try_reserve()
     except (QueueFullError, Unavailable) as exc:
-        if params.image_path:
-            Path(params.image_path).unlink(missing_ok=True)
+        _discard_input(params)
         full = isinstance(exc, QueueFullError)
         if ctx.metrics is not None:
-            ctx.metrics.inc("magi_jobs_rejected_total", {"reason": "queue_full" if full else "engine_dead"})
+            ctx.metrics.jobs_rejected.labels(reason="queue_full" if full else "engine_dead").inc()
         if full:
             raise Overloaded(exc.retry_after_s) from None
         raise
     try:
-        job = ctx.store.create(Job.new(api, model, params, owner=owner, meta=meta or {}))
+        job, created = Job.new(api, model, params, owner=owner, meta=meta or {}), True
+        if idempotency_key is None:
+            job = ctx.store.create(job)
+        else:
+            job, created = ctx.store.create_idempotent(job, idempotency_key, request_fingerprint,
+                                                       ttl_s=IDEMPOTENCY_TTL_S)
     except BaseException:
         ctx.engine.unreserve()
+        _discard_input(params)
         raise
+    if not created:  # a repeat: the first submit's job stands
+        ctx.engine.unreserve()
+        _discard_input(params)
+        return job
     ctx.engine.submit(job.id, job.params, reserved=True)
     if ctx.metrics is not None:
-        ctx.metrics.inc("magi_jobs_submitted_total", {"api": api})
-    ctx.hub.publish(job.id, {"event": "status", "status": JobStatus.QUEUED.value})
+        ctx.metrics.jobs_submitted.labels(api=api).inc()
+    ctx.hub.publish(job.id, "status", status=JobStatus.QUEUED)
     return job
 
 
-async def wait_for_terminal_async(ctx: ServerContext, job_id: str, timeout_s: float, poll_s: float = 0.05) -> Job | None:
-    deadline = time.monotonic() + timeout_s
-    job = ctx.store.get(job_id)
-    while job is not None and not job.is_terminal and time.monotonic() < deadline:
-        await asyncio.sleep(poll_s)
-        job = ctx.store.get(job_id)
-    return job
+def _discard_input(params: GenerationParams) -> None:
+    if params.image_path:
+        Path(params.image_path).unlink(missing_ok=True)
 
 
 def iso_time(ts: float | None) -> str | None:
     if ts is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int((ts % 1) * 1000):03d}Z"
-
-
-ASPECT_CHOICES = ("auto",) + ASPECTS

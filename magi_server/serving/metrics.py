@@ -1,98 +1,102 @@
-"""A small Prometheus registry (one per app, no globals) and its text exposition for ``/metrics``.
+"""The server's Prometheus metrics, kept by prometheus-client in a registry per app context (no module globals,
+never the library's default registry), and their exposition for ``/metrics``.
 
-Counters and histograms are updated by the HTTP middleware and the engine-event bridge; gauges (queue depth,
-jobs by status, GPU memory) are read at scrape time from their owners through callbacks, so they cannot drift.
+Counters and the histogram are updated by the HTTP middleware, the submit path and the engine-event bridge. Gauges
+(queue depth, jobs by status, GPU memory, engine liveness) are read from their owners at scrape time, so they
+cannot drift. Label values must come from small fixed sets: :func:`method_label` folds made-up HTTP methods.
 """
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-DEFAULT_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 3600)
+if TYPE_CHECKING:
+    from prometheus_client import Metric
+
+# prometheus_client is imported where it is used: importing it fills its global default registry with process
+# collectors that read /proc, and importing magi_server must open no files (tests/test_imports.py)
+
+GENERATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 3600)
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 
-def _label_text(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    parts = []
-    for key in sorted(labels):
-        value = str(labels[key]).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-        parts.append(f'{key}="{value}"')
-    return "{" + ",".join(parts) + "}"
+def method_label(method: str) -> str:
+    """The method as a label value: a client can send any token as a method, and each would be a new series."""
+    return method if method in HTTP_METHODS else "other"
+
+
+@dataclass(frozen=True)
+class GaugeReaders:
+    """Where each gauge reads its value at scrape time; ``gpu_memory_bytes`` returns None off-GPU (no sample)."""
+
+    queue_depth: Callable[[], int]
+    jobs_by_status: Callable[[], Mapping[str, int]]
+    gpu_memory_bytes: Callable[[], int | None]
+    engine_alive: Callable[[], bool]
+
+
+class _ScrapeTimeGauges:
+    """A prometheus-client collector: the registry calls :meth:`collect` on each scrape."""
+
+    def __init__(self, read: GaugeReaders) -> None:
+        from prometheus_client.core import GaugeMetricFamily
+
+        self.read = read
+        self.gauge_family = GaugeMetricFamily
+
+    def collect(self) -> Iterator[Metric]:
+        for build in (self._queue_depth, self._jobs, self._gpu_memory, self._engine_alive):
+            try:
+                metric = build()
+            except Exception:  # a failing owner must not break the whole scrape: that gauge is left out
+                continue
+            if metric is not None:
+                yield metric
+
+    def _queue_depth(self) -> Metric:
+        return self.gauge_family("magi_queue_depth", "jobs waiting for the GPU", value=self.read.queue_depth())
+
+    def _jobs(self) -> Metric:
+        family = self.gauge_family("magi_jobs", "jobs in the store, by status", labels=["status"])
+        for status, count in sorted(self.read.jobs_by_status().items()):
+            family.add_metric([status], count)
+        return family
+
+    def _gpu_memory(self) -> Metric | None:
+        used = self.read.gpu_memory_bytes()
+        if used is None:
+            return None
+        return self.gauge_family("magi_gpu_memory_used_bytes", "device memory allocated by the model and jobs",
+                                 value=used)
+
+    def _engine_alive(self) -> Metric:
+        return self.gauge_family("magi_engine_alive", "1 when the GPU loop is running",
+                                 value=1.0 if self.read.engine_alive() else 0.0)
 
 
 class Metrics:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counters: dict[str, dict[tuple, float]] = {}
-        self._histograms: dict[str, dict[tuple, list[float]]] = {}
-        self._buckets: dict[str, tuple[float, ...]] = {}
-        self._help: dict[str, str] = {}
-        self._gauges: dict[str, Callable[[], dict[tuple, float] | float | None]] = {}
+    """One server's metrics. Update them through the attributes, e.g. ``jobs_submitted.labels(api="fal").inc()``."""
 
-    def describe(self, name: str, text: str) -> None:
-        self._help[name] = text
+    def __init__(self, gauges: GaugeReaders | None = None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
 
-    def inc(self, name: str, labels: dict[str, str] | None = None, value: float = 1.0) -> None:
-        key = tuple(sorted((labels or {}).items()))
-        with self._lock:
-            series = self._counters.setdefault(name, {})
-            series[key] = series.get(key, 0.0) + value
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter("magi_http_requests_total", "HTTP requests by route template, method and "
+                                     "status code", ["route", "method", "code"], registry=r)
+        self.jobs_submitted = Counter("magi_jobs_submitted_total", "jobs accepted, by API", ["api"], registry=r)
+        self.jobs_rejected = Counter("magi_jobs_rejected_total", "submits refused before anything was stored, "
+                                     "by reason", ["reason"], registry=r)
+        self.jobs_finished = Counter("magi_jobs_finished_total", "jobs that reached a terminal state, by outcome",
+                                     ["outcome"], registry=r)
+        self.generation_seconds = Histogram("magi_generation_seconds", "time from prefill to the finished MP4",
+                                            buckets=GENERATION_BUCKETS, registry=r)
+        if gauges is not None:
+            r.register(_ScrapeTimeGauges(gauges))
 
-    def observe(self, name: str, value: float, labels: dict[str, str] | None = None,
-                buckets: tuple[float, ...] = DEFAULT_BUCKETS) -> None:
-        key = tuple(sorted((labels or {}).items()))
-        with self._lock:
-            self._buckets.setdefault(name, buckets)
-            series = self._histograms.setdefault(name, {})
-            counts = series.setdefault(key, [0.0] * (len(self._buckets[name]) + 2))  # buckets..., +Inf/count, sum
-            for i, bound in enumerate(self._buckets[name]):
-                if value <= bound:
-                    counts[i] += 1
-            counts[-2] += 1
-            counts[-1] += value
+    def exposition(self) -> tuple[bytes, str]:
+        """The body and content type of a ``/metrics`` answer."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    def gauge(self, name: str, read: Callable[[], dict[tuple, float] | float | None]) -> None:
-        """``read`` returns a value, or {labels-tuple: value}, or None when unknown."""
-        self._gauges[name] = read
-
-    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
-        key = tuple(sorted((labels or {}).items()))
-        with self._lock:
-            return self._counters.get(name, {}).get(key, 0.0)
-
-    def render(self) -> str:
-        lines: list[str] = []
-        with self._lock:
-            counters = {n: dict(s) for n, s in self._counters.items()}
-            histograms = {n: {k: list(v) for k, v in s.items()} for n, s in self._histograms.items()}
-        for name in sorted(counters):
-            lines.append(f"# HELP {name} {self._help.get(name, name)}")
-            lines.append(f"# TYPE {name} counter")
-            for key, value in sorted(counters[name].items()):
-                lines.append(f"{name}{_label_text(dict(key))} {value:g}")
-        for name in sorted(histograms):
-            lines.append(f"# HELP {name} {self._help.get(name, name)}")
-            lines.append(f"# TYPE {name} histogram")
-            for key, counts in sorted(histograms[name].items()):
-                labels = dict(key)
-                for i, bound in enumerate(self._buckets[name]):
-                    lines.append(f"{name}_bucket{_label_text({**labels, 'le': f'{bound:g}'})} {counts[i]:g}")
-                lines.append(f"{name}_bucket{_label_text({**labels, 'le': '+Inf'})} {counts[-2]:g}")
-                lines.append(f"{name}_count{_label_text(labels)} {counts[-2]:g}")
-                lines.append(f"{name}_sum{_label_text(labels)} {counts[-1]:g}")
-        for name in sorted(self._gauges):
-            try:
-                value = self._gauges[name]()
-            except Exception:  # a failing reader must not break the whole scrape
-                continue
-            if value is None:
-                continue
-            lines.append(f"# HELP {name} {self._help.get(name, name)}")
-            lines.append(f"# TYPE {name} gauge")
-            if isinstance(value, dict):
-                for key, v in sorted(value.items()):
-                    lines.append(f"{name}{_label_text(dict(key))} {v:g}")
-            else:
-                lines.append(f"{name} {value:g}")
-        return "\n".join(lines) + "\n"
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -10,12 +10,12 @@ server needs a certificate its clients trust. :func:`init_tls` writes, into one 
 * ``bundle.pem``: certifi's public CAs (when certifi is installed) plus ``ca.pem``, for ``SSL_CERT_FILE`` in client
   processes. ``SSL_CERT_FILE`` replaces the default bundle, so the public CAs keep other https calls working.
 
-Optional: it needs the ``cryptography`` package, imported only when called, so the server runs without it.
+The certificates are made by trustme (the ``tls`` extra: ``pip install 'magi-server[tls]'``), imported only when
+called, so the server runs without it.
 """
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,67 +40,31 @@ def init_tls(directory: str | os.PathLike, hosts: tuple[str, ...] = DEFAULT_HOST
              include_public_cas: bool = True) -> TLSFiles:
     """Create the CA, the server certificate for ``hosts`` and the trust bundle in ``directory``."""
     try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+        import trustme
     except ImportError:
-        raise RuntimeError("creating certificates needs the 'cryptography' package (pip install cryptography), "
+        raise RuntimeError("creating certificates needs trustme (pip install 'magi-server[tls]'), "
                            "or bring your own certificate and key") from None
     if not hosts:
         raise ValueError("give at least one host name or IP address")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
-    start = now - datetime.timedelta(minutes=5)  # tolerate small clock differences between machines
-    # 825 days: the longest validity Apple's TLS clients accept for a server certificate
-    end = now + datetime.timedelta(days=days)
+    ca = trustme.CA(organization_name="magi-server", organization_unit_name="magi-server local CA")
+    # 825 days: the longest validity Apple's TLS clients accept for a server certificate; starting 5 minutes ago
+    # tolerates small clock differences between machines
+    leaf = ca.issue_cert(*hosts, common_name=hosts[0], not_before=now - datetime.timedelta(minutes=5),
+                         not_after=now + datetime.timedelta(days=days))
 
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "magi-server local CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    pem = serialization.Encoding.PEM
     files = TLSFiles(ca_cert=out / "ca.pem", server_cert=out / "server.pem", server_key=out / "server-key.pem",
                      bundle=out / "bundle.pem")
-    ca_pem = ca_cert.public_bytes(pem)
+    ca_pem = ca.cert_pem.bytes()
     files.ca_cert.write_bytes(ca_pem)
-    files.server_cert.write_bytes(cert.public_bytes(pem))
-    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    files.server_cert.write_bytes(leaf.cert_chain_pems[0].bytes())
     files.server_key.unlink(missing_ok=True)
     # created owner-only, never world-readable even for an instant
     fd = os.open(files.server_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
-        handle.write(key_pem)
+        handle.write(leaf.private_key_pem.bytes())
     public = b""
     if include_public_cas:
         try:

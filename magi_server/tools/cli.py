@@ -15,11 +15,10 @@ from pathlib import Path
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from magi_server.tools.download import HF_ENDPOINT, DownloadError, download
+    from magi_server.tools.download import DownloadError, download
 
-    endpoint = args.endpoint or os.environ.get("HF_ENDPOINT") or HF_ENDPOINT
     try:
-        download(args.variant, args.dir, endpoint=endpoint, include_t5=not args.skip_t5, probe_timeout=args.timeout)
+        download(args.variant, args.dir, include_t5=not args.skip_t5)
     except DownloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -85,8 +84,8 @@ def _load_pipeline(args: argparse.Namespace, config, device: str):
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from magi_server.params import ParamError
     from magi_server.tools.generate import model_config, parse_job
-    from magi_server.media.video import InputError
 
     # The library logs through `logging` (the tiny-preset notice is a warning); show it as a plain line.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
@@ -98,18 +97,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             for flag, value in (("prompt", args.prompt), ("image", args.image), ("video", args.video),
                                 ("seed", args.seed), ("output", args.output)):
                 if value is not None:
-                    raise InputError(flag, "not with --batch: put it in the JSONL lines")
+                    raise ParamError(flag, "not with --batch: put it in the JSONL lines")
             if args.out_dir is None:
-                raise InputError("out_dir", "required with --batch")
+                raise ParamError("out_dir", "required with --batch")
             if not Path(args.batch).is_file():
-                raise InputError("batch", f"file not found: {args.batch!r}")
+                raise ParamError("batch", f"file not found: {args.batch!r}")
         else:
             if args.out_dir is not None:
-                raise InputError("out_dir", "only with --batch; use -o for one video")
+                raise ParamError("out_dir", "only with --batch; use -o for one video")
             fields = dict(flags, prompt=args.prompt, image=args.image, video=args.video, seed=args.seed)
             fields = {k: v for k, v in fields.items() if v is not None}
             if args.output is not None and (Path(args.output).is_dir() or not args.output.strip()):
-                raise InputError("output", f"must be a file path, got {args.output!r}")
+                raise ParamError("output", f"must be a file path, got {args.output!r}")
         config = model_config(args.model, args.config)
         if args.batch is not None:
             # the batch-wide defaults are checked once here rather than failing every line the same way
@@ -117,7 +116,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         else:
             job = parse_job(fields, config)
         device = _device(args.device)
-    except InputError as exc:
+    except ParamError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -134,14 +133,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace, config, flags: dict, job, load, progress: bool) -> int:
     """The part after the cheap checks: load the model once, then one video (``job``) or the batch."""
+    from magi_server.params import ParamError
     from magi_server.tools.generate import run_batch, run_job
-    from magi_server.media.video import InputError
 
     if args.batch is not None:
         try:
             summary = run_batch(Path(args.batch), Path(args.out_dir), config, load, defaults=flags,
                                 model=args.model, progress=progress)
-        except InputError as exc:
+        except ParamError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         except (FileNotFoundError, ValueError) as exc:
@@ -158,7 +157,7 @@ def _generate(args: argparse.Namespace, config, flags: dict, job, load, progress
         return 2
     try:
         result = run_job(pipe, job, output, progress=progress)
-    except InputError as exc:
+    except ParamError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - one line instead of a traceback; the cause is in the message
@@ -175,6 +174,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from magi_server.serving.settings import ServerSettings
     from magi_server.composition import serve
     from magi_server.media.video import InputError
+    from magi_server.tools.generate import model_config
 
     handler = logging.StreamHandler()
     if args.log_format == "json":
@@ -201,7 +201,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     scale = args.resolution_scale if args.resolution_scale is not None else (0.125 if tiny else 1.0)
     try:
         budget = _serving_memory_budget(args.model, device, args.device_memory)
-    except ValueError as exc:
+        model_config(args.model)  # e.g. a preset not downloaded yet: one line naming the command, before any loading
+    except ValueError as exc:  # InputError is one
         print(f"error: {exc}", file=sys.stderr)
         return 2
     settings = ServerSettings(
@@ -290,17 +291,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from magi_server.tools.download import variant_names
+    from magi_server.models.config import REAL_PRESETS
 
     parser = argparse.ArgumentParser(prog="magi-server", description="Self-hosted MAGI-1 video generation server.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     dl = sub.add_parser("download", help="download one MAGI-1 variant (plus the shared VAE, T5 and special tokens)")
-    dl.add_argument("variant", help=f"one of: {', '.join(variant_names())}")
-    dl.add_argument("--dir", default="weights", help="weights folder (default: weights)")
-    dl.add_argument("--endpoint", default=None, help="Hugging Face endpoint (default: $HF_ENDPOINT or huggingface.co)")
+    dl.add_argument("variant", help=f"one of: {', '.join(REAL_PRESETS)}")
+    dl.add_argument("--dir", default=None, metavar="PATH",
+                    help="a plain folder to download into (default: the Hugging Face cache, $HF_HOME or $HF_HUB_CACHE; "
+                         "$HF_TOKEN, $HF_ENDPOINT and $HF_HUB_OFFLINE apply too)")
     dl.add_argument("--skip-t5", action="store_true", help="do not download the 19 GB T5-XXL encoder")
-    dl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the hub before giving up")
     dl.set_defaults(func=_cmd_download)
 
     gen = sub.add_parser(
@@ -328,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--out-dir", metavar="DIR", help="where --batch writes its MP4s and batch_report.json")
     mod = gen.add_argument_group("model")
     mod.add_argument("--model", default="tiny", metavar="PRESET|DIR",
-                     help="weights folder (from magi-server download) or 'tiny' (default: tiny, random weights)")
+                     help="a preset that magi-server download fetched (e.g. 4.5B-distill, found in the Hugging Face "
+                          "cache), a weights folder, or 'tiny' (default: tiny, random weights)")
     mod.add_argument("--config", metavar="JSON", help="reference-style MAGI-1 config overriding the folder's")
     mod.add_argument("--device", metavar="{cpu,cuda}",
                      help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
@@ -341,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     srv = sub.add_parser("serve", help="serve the WaveSpeed, fal and Magic Hour APIs over the loaded model")
-    srv.add_argument("--model", default="tiny", help="preset name or weights folder (default: tiny, random weights)")
+    srv.add_argument("--model", default="tiny", metavar="PRESET|DIR",
+                     help="a preset that magi-server download fetched (e.g. 4.5B-distill, found in the Hugging Face "
+                          "cache), a weights folder, or 'tiny' (default: tiny, random weights)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--db", default="magi-server.db", help="SQLite job store (default: magi-server.db)")

@@ -1,175 +1,91 @@
-"""The weight manifest of the six MAGI-1 variants and ``magi-server download`` (through huggingface_hub).
+"""``magi-server download``: one MAGI-1 variant from ``sand-ai/MAGI-1`` into the shared Hugging Face cache.
 
-Layout written under ``--dir`` (default ``weights/``), which ``--model DIR`` and ``MagiPipeline`` read:
+The repo's layout (spec §3) and the files each preset needs are :mod:`magi_server.runtime.loading`'s
+(``hub_patterns``), so the loader finds what this command stores: ``--model 4.5B-distill`` looks in the same cache.
+A user who already has ``sand-ai/MAGI-1`` cached downloads nothing again. huggingface_hub itself reads ``HF_HOME`` /
+``HF_HUB_CACHE`` (where the cache is), ``HF_TOKEN``, ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE``. With ``--dir`` the same
+files go to a plain folder instead (``<dir>/ckpt/magi/4.5B_distill``, ``<dir>/ckpt/vae``, ``<dir>/ckpt/t5``).
 
-    weights/
-      4.5B_distill/inference_weight.distill/   model.safetensors.index.json + shards   (one folder per variant)
-      vae/                                      config.json + diffusion_pytorch_model.safetensors (shared)
-      t5/t5-v1_1-xxl/                           T5-XXL encoder + tokenizer (shared)
-      special_tokens.npz                        caption special tokens (shared)
-
-``weights/manifest.json`` in the repository is this module's :func:`manifest` written out (a test keeps the two
-equal). Nothing here runs at import; the network is touched only by :func:`download`.
+The caption special tokens are not on the Hub: they come from the reference's GitHub repo (sha256 checked) and are
+stored as ``ckpt/special_tokens.npz`` beside ``vae/`` and ``t5/``, where the loader looks for them.
 """
 from __future__ import annotations
 
 import hashlib
-import shutil
-import socket
-import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from types import MappingProxyType
 
-HF_REPO = "sand-ai/MAGI-1"
-HF_ENDPOINT = "https://huggingface.co"
+from magi_server.models.config import REAL_PRESETS, canonical_preset_name
+from magi_server.runtime.loading import (
+    HUB_REPO,
+    HUB_SHARED_FOLDER,
+    SPECIAL_TOKENS_NAME,
+    hub_model_folder,
+    hub_patterns,
+)
+
 REFERENCE_COMMIT = "6ff822e74ded50611e81e1d0e115146b5c4dd2a5"
 SPECIAL_TOKENS_URL = (
     f"https://raw.githubusercontent.com/SandAI-org/MAGI-1/{REFERENCE_COMMIT}/example/assets/special_tokens.npz"
 )
 SPECIAL_TOKENS_SHA256 = "b54bc664d5f4a722dfd8bb22201c025df61f22acddc07c0a2529d7b5cd6be5a7"
-
-_VARIANTS = MappingProxyType({
-    # preset name: (subfolder in the repo and under --dir, DiT weight folder, approx. download size in GB)
-    "24B-base": ("24B_base", "inference_weight", 48),
-    "24B-distill": ("24B_distill", "inference_weight.distill", 48),
-    "24B-distill-quant": ("24B_distill_quant", "inference_weight.fp8.distill", 26),
-    "4.5B-base": ("4.5B_base", "inference_weight", 9),
-    "4.5B-distill": ("4.5B_distill", "inference_weight.distill", 9),
-    "4.5B-distill-quant": ("4.5B_distill_quant", "inference_weight.fp8.distill", 5),
-})
-
-
-def manifest() -> dict:
-    """Where every part of every variant lives in the Hugging Face repo and under the local weights folder."""
-    variants = {}
-    for name, (folder, sub, size_gb) in _VARIANTS.items():
-        variants[name] = {
-            "hf_repo": HF_REPO,
-            "hf_dit_folder": f"ckpt/magi/{folder}/{sub}",
-            "local_dir": folder,
-            "dit_weights": f"{folder}/{sub}",
-            "expected_files": [f"{folder}/{sub}/model.safetensors.index.json", f"{folder}/{sub}/model-*-of-*.safetensors"],
-            "approx_size_gb": size_gb,
-            "serve": f"magi-server serve --model weights/{folder}",
-        }
-    return {
-        "hf_repo": HF_REPO,
-        "variants": variants,
-        "shared": {
-            "vae": {
-                "hf_folder": "ckpt/vae",
-                "local_dir": "vae",
-                "expected_files": ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"],
-                "approx_size_gb": 1.2,
-            },
-            "t5": {
-                "hf_folder": "ckpt/t5/t5-v1_1-xxl",
-                "local_dir": "t5/t5-v1_1-xxl",
-                "expected_files": [
-                    "t5/t5-v1_1-xxl/config.json",
-                    "t5/t5-v1_1-xxl/spiece.model",
-                    "t5/t5-v1_1-xxl/tokenizer_config.json",
-                    "t5/t5-v1_1-xxl/special_tokens_map.json",
-                    "t5/t5-v1_1-xxl/pytorch_model.bin.index.json",
-                    "t5/t5-v1_1-xxl/pytorch_model-*-of-*.bin",
-                ],
-                "approx_size_gb": 19,
-            },
-            "special_tokens": {
-                "url": SPECIAL_TOKENS_URL,
-                "local_file": "special_tokens.npz",
-                "sha256": SPECIAL_TOKENS_SHA256,
-            },
-        },
-    }
-
-
-def variant_names() -> list[str]:
-    return list(_VARIANTS)
+_APPROX_DIT_GB = {"24B-base": 48, "24B-distill": 48, "24B-distill-quant": 26, "4.5B-base": 9, "4.5B-distill": 9,
+                  "4.5B-distill-quant": 5}  # the shared VAE adds about 1.2 GB, the T5 about 19 GB
 
 
 class DownloadError(RuntimeError):
     """The download could not run; the message says what to fetch by hand and where to put it."""
 
 
-def manual_instructions(variant: str, target: Path) -> str:
-    info = manifest()["variants"][variant]
-    shared = manifest()["shared"]
-    return (
-        f"Download these from https://huggingface.co/{HF_REPO} on a machine that is online and copy them here:\n"
-        f"  {info['hf_dit_folder']}/  ->  {target / info['dit_weights']}/\n"
-        f"  {shared['vae']['hf_folder']}/  ->  {target / 'vae'}/\n"
-        f"  {shared['t5']['hf_folder']}/  ->  {target / 't5' / 't5-v1_1-xxl'}/\n"
-        f"  {SPECIAL_TOKENS_URL}  ->  {target / 'special_tokens.npz'}\n"
-        f"Then run: magi-server serve --model {target / info['local_dir']}"
-    )
-
-
-def _reachable(url: str, timeout: float) -> bool:
-    parsed = urllib.parse.urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+def manual_instructions(name: str, target: Path | None, include_t5: bool = True) -> str:
+    root = target if target is not None else Path("DIR")
+    lines = [f"Fetch these from https://huggingface.co/{HUB_REPO} on a machine that is online and copy them here:"]
+    lines += [f"  {pattern[:-1]}  ->  {root / pattern[:-2]}/" for pattern in hub_patterns(name, include_t5=include_t5)]
+    lines.append(f"  {SPECIAL_TOKENS_URL}  ->  {root / HUB_SHARED_FOLDER / SPECIAL_TOKENS_NAME}")
+    lines.append(f"(or copy a Hugging Face cache that holds them), then run: "
+                 f"magi-server serve --model {root / hub_model_folder(name)}")
+    return "\n".join(lines)
 
 
 def download(
     variant: str,
-    target: str | Path = "weights",
+    target: str | Path | None = None,
     *,
-    endpoint: str = HF_ENDPOINT,
-    special_tokens_url: str = SPECIAL_TOKENS_URL,
     include_t5: bool = True,
-    probe_timeout: float = 5.0,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Fetch one variant (plus the shared VAE, T5 and special tokens) into ``target``; returns the model folder.
-
-    Fails within ``probe_timeout`` seconds when the hub cannot be reached, with instructions for a manual copy.
-    """
-    from magi_server.models.config import canonical_preset_name
+    """Fetch one variant (its DiT folder, the shared VAE and T5, the special tokens) into the Hugging Face cache,
+    or into the plain folder ``target``; returns the model folder. Files already there are not fetched again."""
+    from huggingface_hub import constants, snapshot_download
 
     name = canonical_preset_name(variant)
-    if name not in _VARIANTS:
-        raise DownloadError(f"unknown variant {variant!r}; choose one of {', '.join(_VARIANTS)}")
-    target = Path(target)
-    info = manifest()["variants"][name]
-    if not _reachable(endpoint, probe_timeout):
-        raise DownloadError(f"cannot reach {endpoint} (offline?).\n" + manual_instructions(name, target))
-
-    from huggingface_hub import snapshot_download
-
-    staging = target / ".hf-staging"
-    patterns = [f"{info['hf_dit_folder']}/*", "ckpt/vae/*"]
-    if include_t5:
-        patterns.append("ckpt/t5/t5-v1_1-xxl/*")
-    log(f"downloading {name} from {endpoint}/{HF_REPO} into {target} (about {info['approx_size_gb']} GB + shared parts)")
+    if name not in REAL_PRESETS:
+        raise DownloadError(f"unknown variant {variant!r}; choose one of {', '.join(REAL_PRESETS)}")
+    target = Path(target) if target is not None else None
+    patterns = hub_patterns(name, include_t5=include_t5)
+    log(f"{name}: {HUB_REPO} {' '.join(patterns)} (about {_APPROX_DIT_GB[name]} GB + shared parts) into "
+        f"{target or 'the Hugging Face cache'}")
     try:
-        snapshot_download(repo_id=HF_REPO, allow_patterns=patterns, local_dir=str(staging), endpoint=endpoint)
+        root = Path(snapshot_download(HUB_REPO, allow_patterns=patterns, local_dir=target))
     except Exception as exc:  # the hub client raises many types; all mean the same to the user
-        raise DownloadError(f"download from {endpoint} failed: {exc}\n" + manual_instructions(name, target)) from exc
+        raise DownloadError(f"download of {name} failed: {exc}\n" + manual_instructions(name, target, include_t5)) \
+            from exc
+    # offline, huggingface_hub returns a cached snapshot without checking that it holds these patterns
+    missing = [p[:-2] for p in patterns if not any(root.glob(p))]
+    if missing:
+        raise DownloadError(f"{root} lacks {', '.join(missing)} and the Hub cannot be asked (offline?)\n"
+                            + manual_instructions(name, target, include_t5))
 
-    moves = [(staging / info["hf_dit_folder"], target / info["dit_weights"]), (staging / "ckpt/vae", target / "vae")]
-    if include_t5:
-        moves.append((staging / "ckpt/t5/t5-v1_1-xxl", target / "t5" / "t5-v1_1-xxl"))
-    for source, dest in moves:
-        if source.is_dir():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if dest.exists():
-                shutil.rmtree(dest)
-            shutil.move(str(source), str(dest))
-    shutil.rmtree(staging, ignore_errors=True)
-
-    tokens = target / "special_tokens.npz"
+    tokens = root / HUB_SHARED_FOLDER / SPECIAL_TOKENS_NAME
     if not tokens.is_file():
-        log(f"downloading special_tokens.npz from {special_tokens_url}")
-        fetch_special_tokens(special_tokens_url, tokens)
-    log(f"done: magi-server serve --model {target / info['local_dir']}")
-    return target / info["local_dir"]
+        if constants.HF_HUB_OFFLINE:
+            raise DownloadError(f"HF_HUB_OFFLINE is set and {tokens} is missing: copy {SPECIAL_TOKENS_URL} there")
+        log(f"downloading {SPECIAL_TOKENS_NAME} from {SPECIAL_TOKENS_URL}")
+        fetch_special_tokens(SPECIAL_TOKENS_URL, tokens)
+    model = root / hub_model_folder(name)
+    log(f"{name} is in {model}\nrun: magi-server serve --model {model if target is not None else name}")
+    return model
 
 
 def fetch_special_tokens(url: str, dest: Path, timeout: float = 60.0) -> None:

@@ -4,15 +4,17 @@ Owns:
 
 * the output-size rules (:data:`RESOLUTIONS`, :func:`resolve_size`): ``resolution`` + ``aspect_ratio``, or an
   explicit ``width`` and ``height``, or the model config's default size;
-* turning a mapping of user fields into a checked :class:`Job` (:func:`parse_job`). The CLI flags and every JSONL
-  line go through this one function, so a batch line accepts exactly what the flags accept and fails the same way;
-* the cheap checks that need only the model config, done before any model is loaded (a typo must not cost a
-  model load): sizes, frame and step counts, seeds, prompt counts, that local input files exist;
+* turning a mapping of user fields into the request contract's :class:`~magi_server.params.GenerationParams`
+  (:func:`parse_job`), checked by :func:`magi_server.params.validate` against the model config's limits, the rules
+  every entry point shares. The CLI flags and every JSONL line go through this one function, so a batch line
+  accepts exactly what the flags accept and fails the same way;
+* the checks that need only the model config, done before any model is loaded (a typo must not cost a model
+  load): the contract's, plus prompt counts per chunk and that local input files exist;
 * running a job with a progress bar (:func:`run_job`) and running a whole batch, resumably, with a report
   (:func:`run_batch`).
 
-Every problem with user input raises or records :class:`~magi_server.media.video.InputError`, whose message starts with
-the field name. Nothing here reads environment variables: the CLI (the composition root) passes everything in.
+Every problem with user input raises or records :class:`~magi_server.params.ParamError`, whose ``param`` is the
+field name. Nothing here reads environment variables: the CLI (the composition root) passes everything in.
 """
 from __future__ import annotations
 
@@ -23,22 +25,21 @@ import secrets
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TextIO
 
-from magi_server.params import RESOLUTION_SIZES
+from magi_server import params as contract
+from magi_server.params import GenerationParams, ParamError
 from magi_server.media.video import InputError
 
-# (width, height) per resolution and aspect ratio. Every side is a multiple of 16 (the DiT patches 16x16 pixels),
-# which is why 480p 16:9 is 832x480 rather than 848x480 (spec §11.1).
-# one size table for the CLI and the server (config.RESOLUTION_SIZES: equal pixel area within a tier)
+# (width, height) per resolution and aspect ratio: the contract's one size table (the server's too), by tier
 RESOLUTIONS: Mapping[str, Mapping[str, tuple[int, int]]] = MappingProxyType({
-    tier: MappingProxyType({aspect: RESOLUTION_SIZES[(tier, aspect)] for aspect in ("16:9", "9:16", "1:1")})
-    for tier in ("480p", "720p")
+    tier: MappingProxyType({aspect: contract.RESOLUTION_SIZES[(tier, aspect)] for aspect in contract.ASPECT_RATIOS})
+    for tier in contract.RESOLUTIONS
 })
-ASPECT_RATIOS = ("16:9", "9:16", "1:1", "auto")
+ASPECT_RATIOS = (*contract.ASPECT_RATIOS, "auto")
 _ASPECT_VALUES = MappingProxyType({"16:9": 16 / 9, "9:16": 9 / 16, "1:1": 1.0})
 
 # The fields a JSONL line (or the CLI, under the same names) may carry. Unknown fields are refused: a misspelt
@@ -53,21 +54,6 @@ SIZE_FIELDS = ("resolution", "aspect_ratio", "width", "height")
 _DEFAULT_GROUPS = (SIZE_FIELDS, ("frames", "num_frames"), ("steps", "num_inference_steps"))
 
 REPORT_NAME = "batch_report.json"
-RANDOM_SEED_BOUND = 2**31  # the pipeline draws random seeds below this too
-
-
-@dataclass(frozen=True)
-class Job:
-    """One checked request: everything the pipeline needs, nothing loaded yet."""
-
-    prompts: tuple[str, ...]
-    image: str | None
-    video: str | None
-    num_frames: int
-    width: int
-    height: int
-    steps: int
-    seed: int  # drawn here when the user gave none, so that it can be reported even if the run fails
 
 
 @dataclass
@@ -111,7 +97,7 @@ def model_config(model: str, config: str | os.PathLike | None = None):
     before the slow part.
     """
     from magi_server.models.config import PRESET_NAMES, MagiConfig, canonical_preset_name, preset
-    from magi_server.runtime.loading import CheckpointError, resolve_model_folder
+    from magi_server.runtime.loading import CheckpointError, find_downloaded_model, resolve_model_folder
 
     loaded = None
     if config is not None:
@@ -131,11 +117,10 @@ def model_config(model: str, config: str | os.PathLike | None = None):
     if name == "tiny":
         return loaded if loaded is not None else preset("tiny")
     if name is not None:
-        raise InputError(
-            "model",
-            f"weights for {name} not found at {model!r}: run `magi-server download {name}` and pass the folder it "
-            f"prints (e.g. --model weights/{name.replace('-', '_')})",
-        )
+        try:
+            return resolve_model_folder(find_downloaded_model(name), loaded)
+        except (CheckpointError, ValueError, OSError) as exc:
+            raise InputError("model", str(exc)) from None
     raise InputError("model", f"{model!r} is neither a weights folder nor a preset ({', '.join(PRESET_NAMES)})")
 
 
@@ -153,39 +138,31 @@ def resolve_size(
 ) -> tuple[int, int]:
     """(width, height) from the size fields.
 
-    ``width`` + ``height`` (both, multiples of 16) win; else ``resolution`` (480p / 720p) with ``aspect_ratio``
-    (default auto: the image's nearest aspect when ``image_size`` is given, else 16:9) looks up
-    :data:`RESOLUTIONS`; else ``default`` (the model config's size). ``image_size`` returns the input image's
-    (width, height) and is only called for aspect "auto", since it may decode or download the image.
+    ``width`` + ``height`` (both; :func:`magi_server.params.validate` checks their values) win; else ``resolution``
+    (480p / 720p) with ``aspect_ratio`` (default auto: the image's nearest aspect when ``image_size`` is given, else
+    16:9) looks up :data:`RESOLUTIONS`; else ``default`` (the model config's size). ``image_size`` returns the input
+    image's (width, height) and is only called for aspect "auto", since it may decode or download the image.
     """
-    from magi_server.runtime.pipeline import MAX_SIDE
-
     resolution, aspect = fields.get("resolution"), fields.get("aspect_ratio")
     width, height = fields.get("width"), fields.get("height")
     if width is not None or height is not None:
         if resolution is not None:
-            raise InputError("resolution", "give either resolution (with aspect_ratio) or width and height, not both")
+            raise ParamError("resolution", "give either resolution (with aspect_ratio) or width and height, not both")
         if aspect is not None:
-            raise InputError("aspect_ratio", "only applies with resolution; width and height already fix the shape")
+            raise ParamError("aspect_ratio", "only applies with resolution; width and height already fix the shape")
         if width is None or height is None:
-            raise InputError("height" if height is None else "width", "give both width and height")
-        size = []
-        for name, value in (("width", width), ("height", height)):
-            value = _int(name, value, 16, MAX_SIDE)
-            if value % 16:
-                raise InputError(name, f"must be a multiple of 16 (the DiT patches 16x16 pixels), got {value}")
-            size.append(value)
-        return size[0], size[1]
+            raise ParamError("height" if height is None else "width", "give both width and height")
+        return width, height
     if resolution is None:
         if aspect is not None:
-            raise InputError("aspect_ratio", f"only applies with resolution ({', '.join(RESOLUTIONS)})")
+            raise ParamError("aspect_ratio", f"only applies with resolution ({', '.join(RESOLUTIONS)})")
         return default
-    key = resolution.lower() if isinstance(resolution, str) else resolution
+    key = resolution.lower() if isinstance(resolution, str) else None
     if key not in RESOLUTIONS:
-        raise InputError("resolution", f"must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
+        raise ParamError("resolution", f"must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
     aspect = "auto" if aspect is None else aspect
     if aspect not in ASPECT_RATIOS:
-        raise InputError("aspect_ratio", f"must be one of {', '.join(ASPECT_RATIOS)}, got {aspect!r}")
+        raise ParamError("aspect_ratio", f"must be one of {', '.join(ASPECT_RATIOS)}, got {aspect!r}")
     if aspect == "auto":
         aspect = nearest_aspect(*image_size()) if image_size is not None else "16:9"
     return RESOLUTIONS[key][aspect]
@@ -194,63 +171,61 @@ def resolve_size(
 # --------------------------------------------------------------------------------------------------------- jobs
 
 
-def parse_job(fields: Mapping[str, Any], config, *, base_dir: Path | None = None) -> Job:
-    """Check one request's fields against ``config`` (a MagiConfig) and return the Job; raises InputError.
+def parse_job(fields: Mapping[str, Any], config, *, base_dir: Path | None = None) -> GenerationParams:
+    """Check one request's fields against ``config`` (a MagiConfig) and return the request; raises ParamError.
 
-    ``base_dir``: relative image / video paths are taken from there (a batch's own folder) instead of the
-    working directory. URLs and data: URIs are not fetched here, only by the pipeline (except for
-    aspect_ratio "auto", which needs the image's size).
+    The seed is drawn here when the request has none, so that it can be reported even if the run fails. A refusal
+    of :func:`magi_server.params.validate` names the field as the request wrote it (``frames`` / ``steps`` are
+    accepted for ``num_frames`` / ``num_inference_steps``). ``base_dir``: relative image / video paths are taken
+    from there (a batch's own folder) instead of the working directory. URLs and data: URIs are not fetched here,
+    only by the pipeline (except for aspect_ratio "auto", which needs the image's size).
     """
     from magi_server.runtime.chunking import chunk_layout
-    from magi_server.runtime.pipeline import MAX_FRAMES, MAX_SEED
-    from magi_server.runtime.sampler import SamplerSettings
+    from magi_server.runtime.model_runner import model_limits
+    from magi_server.runtime.pipeline import as_prompts
 
     unknown = [k for k in fields if k not in FIELDS]
     if unknown:
-        raise InputError(str(unknown[0]), f"unknown field; a request may have {', '.join(FIELDS)}")
+        raise ParamError(str(unknown[0]), f"unknown field; a request may have {', '.join(FIELDS)}")
     s = config.sampling
-
-    prompts = _prompts(fields.get("prompt"))
     image = _source("image", fields.get("image"), base_dir)
     video = _source("video", fields.get("video"), base_dir)
-    if image is not None and video is not None:
-        raise InputError("video", "give either image (image-to-video) or video (video-to-video), not both")
-
     frames_key = _alias(fields, "frames", "num_frames")
-    frames = _int(frames_key, fields.get(frames_key, s.num_frames), 1, MAX_FRAMES)
-    if image is None and video is None and frames < s.temporal_downsample_factor:
-        raise InputError(frames_key, f"must be at least {s.temporal_downsample_factor} for text-to-video, got {frames}")
-
     steps_key = _alias(fields, "steps", "num_inference_steps")
-    steps = _int(steps_key, fields.get(steps_key, s.num_steps), 1, 1000)
-    problem = SamplerSettings.from_config(config, num_steps=steps).step_problem()
-    if problem:
-        raise InputError(steps_key, f"{steps} {problem}")
-
     width, height = resolve_size(
         fields, (s.video_size_w, s.video_size_h), (lambda: _image_size(image)) if image is not None else None
     )
+    prompt = fields.get("prompt")
+    params = GenerationParams(
+        prompts=() if prompt is None else as_prompts(prompt), width=width, height=height,
+        num_frames=fields.get(frames_key, s.num_frames), num_inference_steps=fields.get(steps_key, s.num_steps),
+        seed=contract.resolve_seed(fields.get("seed")), image_path=image, video_path=video,
+    )
+    written = {"num_frames": frames_key, "num_inference_steps": steps_key}
+    try:
+        contract.validate(params, model_limits(config))
+    except ParamError as exc:
+        raise ParamError(written.get(exc.param, exc.param), exc.message, exc.kind) from None
+    params = replace(params, width=int(width), height=int(height), num_frames=int(params.num_frames),
+                     num_inference_steps=int(params.num_inference_steps))  # 48.0 -> 48, now that it passed
 
     # The pipeline checks this only after encoding the image; for t2v and i2v the chunk count is known now. (For
     # v2v it depends on the decoded video's length, so the pipeline is left to judge.)
-    if video is None and len(prompts) > 1:
-        layout = chunk_layout(frames, 1 if image is not None else 0, s.chunk_width, s.temporal_downsample_factor)
-        if len(prompts) > layout.num_denoised_chunks:
-            raise InputError(
+    if video is None and len(params.prompts) > 1:
+        layout = chunk_layout(params.num_frames, 1 if image is not None else 0, s.chunk_width,
+                              s.temporal_downsample_factor)
+        if len(params.prompts) > layout.num_denoised_chunks:
+            raise ParamError(
                 "prompt",
-                f"{len(prompts)} prompts for a video of {layout.num_denoised_chunks} chunks "
+                f"{len(params.prompts)} prompts for a video of {layout.num_denoised_chunks} chunks "
                 f"({s.chunk_width * s.temporal_downsample_factor} frames each); give at most one per chunk",
             )
-
-    seed = fields.get("seed")
-    random_seed = seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed == -1)
-    seed = secrets.randbelow(RANDOM_SEED_BOUND) if random_seed else _int("seed", seed, 0, MAX_SEED, random=True)
-    return Job(prompts, image, video, frames, width, height, steps, seed)
+    return params
 
 
-def run_job(pipe, job: Job, output: Path, *, progress: bool = True, position: int = 0, leave: bool = True,
-            desc: str = "sampling"):
-    """Generate ``job`` into ``output`` (an MP4), with a tqdm bar over the sampler's model calls."""
+def run_job(pipe, params: GenerationParams, output: Path, *, progress: bool = True, position: int = 0,
+            leave: bool = True, desc: str = "sampling"):
+    """Generate ``params`` into ``output`` (an MP4), with a tqdm bar over the sampler's model calls."""
     from tqdm import tqdm
 
     bar = tqdm(total=None, unit="call", desc=desc, position=position, leave=leave, disable=not progress,
@@ -263,11 +238,11 @@ def run_job(pipe, job: Job, output: Path, *, progress: bool = True, position: in
             bar.refresh()
         bar.update(done - bar.n)
 
-    prompt = job.prompts[0] if len(job.prompts) == 1 else list(job.prompts)
     try:
         return pipe(
-            prompt, image=job.image, video=job.video, num_frames=job.num_frames, height=job.height, width=job.width,
-            num_inference_steps=job.steps, seed=job.seed, output_type="mp4", output_path=output,
+            list(params.prompts), image=params.image_path, video=params.video_path, num_frames=params.num_frames,
+            height=params.height, width=params.width, num_inference_steps=params.num_inference_steps,
+            window_size=params.window_size, seed=params.seed, output_type="mp4", output_path=output,
             callback_on_step=on_step,
         )
     finally:
@@ -296,7 +271,7 @@ def run_batch(
     renames a finished file into place, so an existing output is complete and a rerun resumes an interrupted
     batch. A bad line is reported with its number and the run goes on. ``defaults`` (the CLI's size / frames /
     steps flags) apply to lines that do not set that group themselves. ``load_pipeline`` is called once, and
-    only if some line needs generating. Raises InputError for a batch file that cannot be read at all.
+    only if some line needs generating. Raises ParamError for a batch file that cannot be read at all.
     """
     from tqdm import tqdm
 
@@ -309,12 +284,12 @@ def run_batch(
     previous_seeds = _previous_seeds(report_path)
 
     results: list[LineResult] = []
-    pending: list[tuple[int, Job, str]] = []
+    pending: list[tuple[int, GenerationParams, str]] = []
     claimed: dict[str, int] = {}
 
     def fail(number: int, exc: Exception, output: str | None = None, seed: int | None = None) -> None:
         param = getattr(exc, "param", None)
-        message = str(exc) if isinstance(exc, (InputError, _LineError)) else f"{type(exc).__name__}: {exc}"
+        message = str(exc) if isinstance(exc, (ParamError, _LineError)) else f"{type(exc).__name__}: {exc}"
         results.append(LineResult(number, "failed", output=output, seed=seed, param=param, error=message))
         tqdm.write(f"line {number}: {message}", file=stderr)
 
@@ -334,14 +309,14 @@ def run_batch(
                 raise _LineError(f"must be a JSON object, got {type(fields).__name__}")
             name = _output_name(fields.get("output"), number)
             if name in claimed:
-                raise InputError("output", f"{name} is also the output of line {claimed[name]}")
+                raise ParamError("output", f"{name} is also the output of line {claimed[name]}")
             claimed[name] = number
             if (out_dir / name).exists():
                 results.append(LineResult(number, "skipped", output=name, seed=previous_seeds.get(name)))
                 continue
             request = _with_defaults(defaults, {k: v for k, v in fields.items() if k != "output"})
             pending.append((number, parse_job(request, config, base_dir=batch_file.parent), name))
-        except (InputError, _LineError) as exc:
+        except (ParamError, _LineError) as exc:
             fail(number, exc, output=name)
 
     total = len(results) + len(pending)
@@ -355,8 +330,6 @@ def run_batch(
             try:
                 out = run_job(pipe, job, out_dir / name, progress=progress, position=1, leave=False,
                               desc=f"line {number}")
-            except InputError as exc:
-                fail(number, exc, output=name, seed=job.seed)
             except Exception as exc:  # noqa: BLE001 - one line's crash (OOM, encoder failure) must not end the batch
                 fail(number, exc, output=name, seed=job.seed)
             else:
@@ -382,7 +355,7 @@ def _read_batch(path: Path) -> list[tuple[int, str | UnicodeDecodeError]]:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise InputError("batch", f"cannot read {str(path)!r} ({exc.strerror or exc})") from None
+        raise ParamError("batch", f"cannot read {str(path)!r} ({exc.strerror or exc})") from None
     lines: list[tuple[int, str | UnicodeDecodeError]] = []
     for number, raw in enumerate(data.splitlines(), start=1):
         try:
@@ -400,7 +373,7 @@ def _output_name(value: Any, number: int) -> str:
         not isinstance(value, str) or not value.lower().endswith(".mp4") or value.startswith(".")
         or "/" in value or "\\" in value or value.strip() != value or len(value) > 255
     ):
-        raise InputError("output", f"must be a plain file name ending in .mp4 (written inside the out dir), "
+        raise ParamError("output", f"must be a plain file name ending in .mp4 (written inside the out dir), "
                                    f"got {value!r}")
     return value
 
@@ -449,33 +422,11 @@ def _write_report(path: Path, results: list[LineResult], *, batch_file: Path, ou
 # ------------------------------------------------------------------------------------------------------ helpers
 
 
-def _int(name: str, value: Any, low: int, high: int, *, random: bool = False) -> int:
-    allowed = f"an integer in [{low}, {high}]" + (" or -1 for random" if random else "")
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(name, f"must be {allowed}, got {value!r}")
-    if not low <= value <= high:
-        raise InputError(name, f"must be {allowed}, got {value}")
-    return value
-
-
 def _alias(fields: Mapping[str, Any], short: str, long: str) -> str:
     """Which of two names for one field the request used (the short one if neither); both is an error."""
     if short in fields and long in fields:
-        raise InputError(long, f"give either {short} or {long}, not both")
+        raise ParamError(long, f"give either {short} or {long}, not both")
     return long if long in fields else short
-
-
-def _prompts(value: Any) -> tuple[str, ...]:
-    if value is None:
-        raise InputError("prompt", "required: a string, or a list of strings (one per chunk, the last one repeats)")
-    prompts = (value,) if isinstance(value, str) else value
-    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise InputError("prompt", "must be a string or a non-empty list of strings")
-    if any(not p.strip() for p in prompts):
-        raise InputError("prompt", "must not be empty")
-    return tuple(prompts)
 
 
 def _is_remote(source: str) -> bool:

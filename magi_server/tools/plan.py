@@ -325,6 +325,7 @@ class _Session:
         import torch
 
         from magi_server.runtime.loading import build_dit
+        from magi_server.runtime.model_runner import model_limits
         from magi_server.runtime.sampler import SamplerSettings, plan_request
         from magi_server.runtime.timesteps import init_t
 
@@ -333,7 +334,7 @@ class _Session:
         self.inputs = inputs
         self.rooflines = [p.roofline() for p in profiles]
         self.settings = SamplerSettings.from_config(config, num_steps=inputs.steps, window_size=inputs.window)
-        problem = self.settings.step_problem()
+        problem = model_limits(config).step_problem(self.settings.num_steps, self.settings.window_size)
         if problem:
             raise ValueError(f"steps {self.settings.num_steps}: {problem}")
         dit = config.dit

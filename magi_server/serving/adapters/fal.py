@@ -1,9 +1,9 @@
 """fal's queue and sync protocol (fal-client 1.0.3), for the MAGI apps: api-compat.md §3.
 
 Owns: the fal app table (``fal-ai/magi/image-to-video``, ``fal-ai/magi-distilled`` and the two cheap siblings
-``fal-ai/magi`` and ``fal-ai/magi-distilled/image-to-video``), the fal input schema -> GenerationParams, the queue
+``fal-ai/magi`` and ``fal-ai/magi-distilled/image-to-video``), their input models -> GenerationParams, the queue
 routes (submit, status, result, cancel) and the sync route, ``Authorization: Key`` auth, and fal's response and
-error shapes. It is mounted twice by ``server.create_app``: on the queue listener (``sync=False``) and on the sync
+error shapes. It is mounted twice by ``app.create_app``: on the queue listener (``sync=False``) and on the sync
 listener (``sync=True``), because fal-client posts to the same ``/{app_id}`` path on both and tells them apart only
 by host:port.
 
@@ -13,62 +13,121 @@ Wire rules that drive the code below:
   the output video) is built from the request's own scheme and host: whatever host:port the client reached us on,
   and trusts the certificate of, is where it comes back to.
 * fal-client replays 502/503/504 answers that carry no ``x-fal-request-id`` (it takes them for ingress errors), so
-  every answer of this router carries that header, including the 5xx of a failed job and of a bug.
+  every answer of these listeners carries that header (the app's middleware), including the 5xx of a failed job
+  and of a bug.
 * Bad input is a 422 ``{"detail": [{"loc": ["body", field], "msg", "type"}]}`` (FastAPI style; fal-client
   raises ``FalClientHTTPError`` with ``detail`` as the message), raised before anything is stored, never a 5xx.
+* The module has no ``from __future__ import annotations``: each app's submit route is annotated with that app's
+  input model, which FastAPI must see as a class, not as a string to look up.
 * A failed or cancelled request still reports status ``COMPLETED`` (with ``error`` / ``error_type``); its error
   reaches the client through the result call's status code.
 """
-from __future__ import annotations
-
 import asyncio
-import json
 import logging
 import re
-import uuid
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, BeforeValidator, Field, StrictBool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from magi_server.params import MAX_SEED, GenerationParams
 from magi_server.serving.common import (
-    ASPECT_CHOICES,
-    FieldError,
-    Overloaded,
+    MAX_IMAGE_REF_CHARS,
+    AspectRatio,
+    IdempotencyKey,
+    Int,
+    Prompt,
+    ProviderRoute,
+    Resolution,
     ServerContext,
-    Unavailable,
+    Text,
+    api_key_auth,
+    build_params,
+    cancel_job,
+    error_responses,
     find_job,
-    image_params,
+    fingerprint,
     iso_time,
-    opt_bool,
-    opt_enum,
-    opt_int,
     read_image_field,
-    req_str,
-    resolve_seed,
     submit_job,
-    wait_for_terminal_async,
 )
+from magi_server.serving.events import wait_for_terminal
 from magi_server.serving.jobs import Job, JobStatus
-from magi_server.params import GenerationParams
 
 log = logging.getLogger("magi_server.serving.adapters.fal")
 
 REQUEST_ID_HEADER = "x-fal-request-id"
-MAX_FAL_SEED = 2**32 - 1  # api-compat.md §5: fal seeds outside [0, 2^32 - 1] are refused
-MAX_IMAGE_URL_CHARS = 30_000_000  # a data: URI carries the whole image; the body limit caps it anyway
-DISCONNECT_POLL_S = 0.25  # how often a waiting sync request looks whether its client hung up
+_ASCII_INT = re.compile(r"[+-]?[0-9]{1,30}")
+
+
+# ---------------------------------------------------------------------------------------------- request models
+
+
+def _numeric_string(value):
+    # fal's inputs are pydantic's lax integers: "16" is 16. ASCII digits only: str.isdigit() also takes "²" or "١",
+    # and a 5000-digit string would trip int()'s limit
+    return int(value) if isinstance(value, str) and _ASCII_INT.fullmatch(value.strip()) else value
+
+
+FalInt = Annotated[Int, BeforeValidator(_numeric_string)]
+Steps = Annotated[Literal[4, 8, 16, 32, 64], BeforeValidator(_numeric_string)]
+DistilledSteps = Annotated[Literal[4, 8, 16, 32], BeforeValidator(_numeric_string)]
+
+
+class _Prompt(BaseModel):
+    prompt: Prompt
+
+
+class _ImagePrompt(_Prompt):
+    # the other shapes read_image_field knows (bare base64, upload tokens) are WaveSpeed/Magic Hour extensions
+    image_url: Text = Field(max_length=MAX_IMAGE_REF_CHARS, pattern=r"^(?i:https?://|data:)",
+                            description="the first frame: an http(s) URL or a data: URI")
+
+
+class _Options(BaseModel):
+    # the fal schema's own defaults (not the server's hosted-API defaults: fal exposes them)
+    num_frames: FalInt = Field(96, ge=96, le=192)
+    seed: FalInt | None = Field(None, ge=0, le=MAX_SEED, description="absent: random; the output carries the seed")
+    resolution: Resolution = "720p"
+    aspect_ratio: AspectRatio = Field("auto", description="auto: the image's; 16:9 without one")
+    enable_safety_checker: StrictBool = True  # accepted for schema parity; no safety classifier runs here (README)
+
+
+# One model per app kind. The mixin order puts the fields in fal's schema order (prompt, image_url, num_frames, ...),
+# which is the order a 422 lists them in. Unknown fields (image_url for a text app) are ignored, as fal does.
+class TextToVideoInput(_Options, _Prompt):
+    num_inference_steps: Steps = 16
+
+
+class ImageToVideoInput(_Options, _ImagePrompt):
+    num_inference_steps: Steps = 16
+
+
+class DistilledTextToVideoInput(_Options, _Prompt):
+    num_inference_steps: DistilledSteps = 16
+
+
+class DistilledImageToVideoInput(_Options, _ImagePrompt):
+    num_inference_steps: DistilledSteps = 16
+
+
+class FalError(BaseModel):
+    detail: str
+
+
+ERRORS = error_responses(FalError, 401, 404, 503)  # what any route may answer (and FastAPI's 422); others add theirs
 
 
 @dataclass(frozen=True)
 class FalApp:
     app_id: str
-    needs_image: bool  # image-to-video: image_url required; text-to-video apps ignore it like any unknown field
-    steps: tuple[int, ...]
+    input: type[BaseModel]
 
     @property
     def base(self) -> str:
@@ -80,14 +139,11 @@ class FalApp:
 # The two seed apps (api-compat.md §3.5) and two siblings that cost nothing once the routing exists. Every one runs
 # the loaded model: the server holds one checkpoint, whatever the app name says (api-compat.md §8.2).
 FAL_APPS = (
-    FalApp("fal-ai/magi/image-to-video", needs_image=True, steps=(4, 8, 16, 32, 64)),
-    FalApp("fal-ai/magi", needs_image=False, steps=(4, 8, 16, 32, 64)),
-    FalApp("fal-ai/magi-distilled", needs_image=False, steps=(4, 8, 16, 32)),
-    FalApp("fal-ai/magi-distilled/image-to-video", needs_image=True, steps=(4, 8, 16, 32)),
+    FalApp("fal-ai/magi/image-to-video", ImageToVideoInput),
+    FalApp("fal-ai/magi", TextToVideoInput),
+    FalApp("fal-ai/magi-distilled", DistilledTextToVideoInput),
+    FalApp("fal-ai/magi-distilled/image-to-video", DistilledImageToVideoInput),
 )
-DEFAULT_NUM_FRAMES = 96  # the fal schema's own defaults (not the server's hosted-API defaults: fal exposes them)
-DEFAULT_STEPS = 16
-DEFAULT_RESOLUTION = "720p"
 
 # job error_code -> (HTTP status of the result call, fal error_type). The 5xx carry x-fal-request-id, so fal-client
 # raises at once instead of replaying them.
@@ -100,24 +156,26 @@ FAILURE_STATUS = MappingProxyType({
     "interrupted": (500, "interrupted"),
     "internal": (500, "internal_error"),
 })
-# names the pipeline uses in its InputError messages -> the fal field a client should fix
-PIPELINE_FIELDS = MappingProxyType({
+# contract parameter -> the fal field a client should fix
+FIELDS = MappingProxyType({
     "prompt": "prompt", "image": "image_url", "num_frames": "num_frames", "num_inference_steps": "num_inference_steps",
     "seed": "seed", "width": "resolution", "height": "resolution",
 })
-_ASCII_INT = re.compile(r"[+-]?[0-9]{1,30}")
 
 
 def app_base(app_id: str) -> str:
     return "/".join(app_id.split("/")[:2])
 
 
-class InvalidInput(Exception):
-    """One or more fields are invalid; ``errors`` is FastAPI's ``detail`` list."""
-
-    def __init__(self, errors: list[dict]) -> None:
-        super().__init__(f"{len(errors)} invalid field(s)")
-        self.errors = errors
+def to_params(ctx: ServerContext, body: BaseModel) -> GenerationParams:
+    """A valid fal input -> GenerationParams; fetches and stores the image. Raises ParamError naming the field.
+    Blocking: run it in a thread."""
+    image_url = getattr(body, "image_url", None)
+    return build_params(
+        ctx, prompt=body.prompt, image=None if image_url is None else read_image_field(ctx, image_url, "image_url"),
+        resolution=body.resolution, aspect=body.aspect_ratio, num_frames=body.num_frames,
+        steps=body.num_inference_steps, seed=body.seed, fields=FIELDS,
+    )
 
 
 # --------------------------------------------------------------------------------------------------- responses
@@ -134,118 +192,30 @@ def fal_json(body, status_code: int = 200, request_id: str | None = None, header
     return response
 
 
-def invalid(errors: list[dict]) -> JSONResponse:
-    return fal_json({"detail": errors}, 422)
+class FalRoute(ProviderRoute):
+    """fal's refusals: ``{"detail": "<message>"}``, a bad field a 422 with FastAPI's ``detail`` list. An unexpected
+    exception becomes a logged fal-style 500 here, inside the middleware that puts ``x-fal-request-id`` on every
+    answer, rather than the app-wide handler's bare 500 outside it."""
 
+    def refuse(self, status, message, headers=None):
+        return fal_json({"detail": message}, status, headers=headers)
 
-class FalRoute(APIRoute):
-    """Every answer of the fal routes carries ``x-fal-request-id`` (a fresh id when the handler set none), and an
-    unexpected exception becomes a logged 500 with that header rather than the app-wide handler's bare 500."""
+    def refuse_fields(self, errors):
+        return fal_json({"detail": [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]}, 422)
 
     def get_route_handler(self):
         handler = super().get_route_handler()
 
-        async def with_request_id(request: Request) -> Response:
+        async def or_internal_error(request: Request):
             try:
-                response = await handler(request)
-            except HTTPException as exc:
-                response = fal_json({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+                return await handler(request)
+            except ClientDisconnect:
+                raise  # while receiving the body: the server's body-size limit has answered already
             except Exception:
-                if not getattr(request.state, "fal_body_read", True):
-                    # raised while receiving the body: it belongs to the layer that raised it (the server's
-                    # body-size limit), not to this route, so it must not be dressed up as our own 500
-                    raise
                 log.exception("unhandled error on %s %s", request.method, request.url.path)
-                response = fal_json({"detail": "internal error; see the server log", "error_type": "internal_error"},
-                                    500)
-            if REQUEST_ID_HEADER not in response.headers:
-                response.headers[REQUEST_ID_HEADER] = uuid.uuid4().hex
-            return response
+                return fal_json({"detail": "internal error; see the server log", "error_type": "internal_error"}, 500)
 
-        return with_request_id
-
-
-# ------------------------------------------------------------------------------------------------------- input
-
-
-def _int_field(body: dict, name: str, *, low: int, high: int, default: int | None) -> int | None:
-    """opt_int, plus pydantic's lax numeric strings ("16"), limited to ASCII digits: str.isdigit() also accepts
-    "²" or "١", which int() then refuses or reads in another script, and a 5000-digit string trips int()'s limit."""
-    value = body.get(name)
-    if isinstance(value, str):
-        text = value.strip()
-        if not _ASCII_INT.fullmatch(text):
-            raise FieldError(name, f"must be an integer in [{low}, {high}], got {value[:40]!r}", "type_error")
-        return opt_int({name: int(text)}, name, low=low, high=high, default=default)
-    return opt_int(body, name, low=low, high=high, default=default)
-
-
-def _image_url(body: dict) -> str:
-    value = body.get("image_url")
-    if value is None:
-        raise FieldError("image_url", "field required", "missing")
-    if not isinstance(value, str):
-        raise FieldError("image_url", f"must be a string, got {type(value).__name__}", "type_error")
-    # the other shapes read_image_field knows (bare base64, upload tokens) are WaveSpeed/Magic Hour extensions
-    if not value[:8].lower().startswith(("http://", "https://", "data:")):
-        raise FieldError("image_url", "must be an http(s) URL or a data: URI", "value_error")
-    if len(value) > MAX_IMAGE_URL_CHARS:
-        raise FieldError("image_url", f"is longer than {MAX_IMAGE_URL_CHARS} characters")
-    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in value) or "\x00" in value:
-        raise FieldError("image_url", "contains invalid characters")
-    return value
-
-
-def parse_input(ctx: ServerContext, app: FalApp, body) -> GenerationParams:
-    """fal input JSON -> GenerationParams. Collects every invalid field (FastAPI reports them all), then fetches
-    and stores the image only once the rest is valid. Raises InvalidInput. Blocking: run it in a thread."""
-    if not isinstance(body, dict):
-        raise InvalidInput([detail_error(None, "Input should be a valid dictionary (a JSON object)", "dict_type")])
-    errors: list[dict] = []
-
-    def check(parse):
-        try:
-            return parse()
-        except FieldError as exc:
-            errors.append(detail_error(exc.field, exc.message, exc.kind))
-            return None
-
-    def steps() -> int:
-        value = _int_field(body, "num_inference_steps", low=min(app.steps), high=max(app.steps), default=DEFAULT_STEPS)
-        if value not in app.steps:
-            raise FieldError("num_inference_steps",
-                             f"must be one of {', '.join(map(str, app.steps))} for {app.app_id}, got {value}")
-        return value
-
-    prompt = check(lambda: req_str(body, "prompt", max_chars=ctx.settings.max_prompt_chars))
-    image_ref = check(lambda: _image_url(body)) if app.needs_image else None
-    num_frames = check(lambda: _int_field(body, "num_frames", low=96, high=192, default=DEFAULT_NUM_FRAMES))
-    seed = check(lambda: _int_field(body, "seed", low=0, high=MAX_FAL_SEED, default=None))
-    resolution = check(lambda: opt_enum(body, "resolution", ("480p", "720p"), DEFAULT_RESOLUTION))
-    aspect = check(lambda: opt_enum(body, "aspect_ratio", ASPECT_CHOICES, "auto"))
-    num_steps = check(steps)
-    # accepted for schema parity; no safety classifier runs here (README)
-    check(lambda: opt_bool(body, "enable_safety_checker", True))
-    if errors:
-        raise InvalidInput(errors)
-
-    image = None
-    if image_ref is not None:
-        try:
-            image = read_image_field(ctx, image_ref, "image_url")
-        except FieldError as exc:
-            raise InvalidInput([detail_error("image_url", exc.message, exc.kind)]) from None
-        except Exception:  # a fetch failure the loader did not classify is still the URL's fault, not a 5xx
-            log.warning("image_url could not be read", exc_info=True)
-            raise InvalidInput([detail_error("image_url", "could not be fetched or decoded", "media_error")]) from None
-    try:
-        width, height, image_path = image_params(ctx, image, resolution, aspect)
-    except FieldError as exc:
-        raise InvalidInput([detail_error(exc.field, exc.message, exc.kind)]) from None
-    return GenerationParams(
-        prompts=(prompt,), width=width, height=height, num_frames=num_frames, num_inference_steps=num_steps,
-        seed=resolve_seed(seed), image_path=image_path, trim_to_frames=True,
-    )
+        return or_internal_error
 
 
 # ------------------------------------------------------------------------------------------------------ output
@@ -275,8 +245,9 @@ def failure_response(job: Job) -> JSONResponse:
     """The result call of a failed or cancelled request: the status code and body the model run ended with."""
     status, error_type = FAILURE_STATUS.get(job.error_code, (500, "internal_error"))
     if status == 422:
+        # the store keeps a failure as the text of its ParamError, "<param>: <message>"
         head, sep, rest = job.error.partition(": ")
-        field = PIPELINE_FIELDS.get(head) if sep else None
+        field = FIELDS.get(head) if sep else None
         detail = [detail_error(field, rest if field else job.error, error_type)]
     elif job.status is JobStatus.CANCELLED:
         detail = "Request was cancelled"
@@ -292,13 +263,13 @@ def _log(ts: float | None, message: str, level: str = "INFO") -> dict:
 
 def job_logs(ctx: ServerContext, job: Job) -> list[dict]:
     """Progress lines from the durable record (so they survive a restart), timed by the event hub's chunk events
-    when those carry a time ("ts"), else by the job's start."""
+    while the hub keeps them, else by the job's start."""
     p = job.params
     lines = []
     if job.started_at is not None:
         lines.append(_log(job.started_at, f"started: {p.num_frames} frames at {p.width}x{p.height}, "
                                           f"{p.num_inference_steps} steps, seed {p.seed}"))
-    chunk_times = {e.get("index"): e.get("ts") for e in ctx.hub.since(job.id, 0) if e.get("event") == "chunk"}
+    chunk_times = {e.data["index"]: e.ts for e in ctx.hub.since(job.id) if e.kind == "chunk"}
     for k in range(job.progress_done):
         lines.append(_log(chunk_times.get(k) or job.started_at, f"chunk {k + 1}/{job.progress_total} done"))
     if job.status is JobStatus.COMPLETED:
@@ -331,19 +302,6 @@ def status_body(ctx: ServerContext, job: Job, base: str, with_logs: bool) -> dic
 # ------------------------------------------------------------------------------------------------------ router
 
 
-def _api_key(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "key" or not token.strip():
-        return None
-    return token.strip()
-
-
-def _flag(value: str | None) -> bool | None:
-    if value is None:
-        return False
-    return {"true": True, "1": True, "false": False, "0": False}.get(value.strip().lower())
-
-
 async def _client_gone(request: Request) -> bool:
     """True once the client has hung up; False when that cannot be told (then the request is never cancelled)."""
     try:
@@ -358,44 +316,15 @@ async def _client_gone(request: Request) -> bool:
 
 def build_router(ctx: ServerContext, *, sync: bool) -> APIRouter:
     """The fal routes of one listener: the queue API (``sync=False``) or the sync ``fal.run`` API (``sync=True``)."""
-    router = APIRouter(route_class=FalRoute)
+    router = APIRouter(route_class=FalRoute, responses=ERRORS, strict_content_type=False)
+    tenant = api_key_auth(ctx, "Key")
 
-    def authorize(request: Request) -> tuple[JSONResponse | None, str]:
-        key = _api_key(request)
-        if ctx.settings.api_keys and not ctx.key_is_valid(key):
-            return fal_json({"detail": "missing or invalid API key: send 'Authorization: Key <FAL_KEY>'"}, 401,
-                            headers={"WWW-Authenticate": "Key"}), ""
-        return None, ctx.owner_of(key)
-
-    async def accept(request: Request, app: FalApp, owner: str) -> Job | JSONResponse:
-        """Parse, validate and store a request; a Job, or the error answer (nothing stored then)."""
-        request.state.fal_body_read = False
-        try:
-            raw = await request.body()
-        except ClientDisconnect:
-            return fal_json({"detail": "client disconnected"}, 499)
-        request.state.fal_body_read = True
-
-        def parse_and_submit() -> Job:
-            try:
-                body = json.loads(raw)
-            except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a 5000-digit number, deep nesting
-                raise InvalidInput([detail_error(None, f"the body is not valid JSON: {str(exc)[:200]}",
-                                                 "json_invalid")]) from None
-            params = parse_input(ctx, app, body)
-            return submit_job(ctx, api="fal", model=app.app_id, params=params, owner=owner,
-                              meta={"app": app.app_id})
-
-        try:
-            return await asyncio.to_thread(parse_and_submit)
-        except InvalidInput as exc:
-            return invalid(exc.errors)
-        except Unavailable as exc:  # the GPU loop is down: not a full queue, and not worth a blind retry
-            return fal_json({"detail": "the server is not ready (GPU loop down); retry later"}, 503,
-                            headers={"Retry-After": str(max(1, int(exc.retry_after_s)))})
-        except Overloaded as exc:
-            return fal_json({"detail": "the queue is full; retry later"}, 429,
-                            headers={"Retry-After": str(max(1, int(exc.retry_after_s)))})
+    async def accept(app: FalApp, body: BaseModel, owner: str, idempotency_key: str | None) -> Job:
+        """Validate, store the image and the job (nothing stored when refused)."""
+        return await asyncio.to_thread(
+            lambda: submit_job(ctx, api="fal", model=app.app_id, params=to_params(ctx, body), owner=owner,
+                               meta={"app": app.app_id}, idempotency_key=idempotency_key,
+                               request_fingerprint=fingerprint(app.app_id, body.model_dump(mode="json"))))
 
     def find(request_id: str, owner: str, route_app: str) -> Job | None:
         job = find_job(ctx, request_id, owner, "fal")
@@ -407,38 +336,34 @@ def build_router(ctx: ServerContext, *, sync: bool) -> APIRouter:
             return None
         return job
 
-    def not_found(request_id: str) -> JSONResponse:
-        # never echo a client's path into a header (the wrapper adds a fresh x-fal-request-id)
-        return fal_json({"detail": f"Request {request_id} not found"}, 404)
+    def found(request_id: str, owner: str, route_app: str) -> Job:
+        job = find(request_id, owner, route_app)
+        if job is None:  # never echo a client's path into a header: the id goes into the body only
+            raise HTTPException(404, f"Request {request_id} not found")
+        return job
 
     # ------------------------------------------------------------------------------------------- submit / run
     def submit_route(app: FalApp):
-        async def submit(request: Request):
-            refused, owner = authorize(request)
-            if refused is not None:
-                return refused
-            if request.query_params.get("fal_webhook"):
+        async def submit(request: Request, body: app.input, owner: str = Depends(tenant),
+                         fal_webhook: str | None = Query(None, description="not supported: poll status_url"),
+                         idempotency_key: IdempotencyKey = None):
+            if fal_webhook:
                 # silently dropping it would leave the caller waiting for a callback that never comes
-                return invalid([detail_error("fal_webhook", "webhooks are not supported by this server; poll "
-                                             "status_url instead", "value_error", where="query")])
-            job = await accept(request, app, owner)
-            if isinstance(job, Response):
-                return job
+                raise RequestValidationError([{"loc": ("query", "fal_webhook"), "type": "value_error",
+                                               "msg": "webhooks are not supported by this server; poll status_url "
+                                                      "instead"}])
+            job = await accept(app, body, owner, idempotency_key)
             position = ctx.engine.queue_position(job.id)
-            body = {"status": "IN_QUEUE", "request_id": job.id, "gateway_request_id": job.id,
-                    **queue_urls(base_url(request), job), "queue_position": 0 if position is None else position}
-            return fal_json(body, 200, job.id)
+            answer = {"status": "IN_QUEUE", "request_id": job.id, "gateway_request_id": job.id,
+                      **queue_urls(base_url(request), job), "queue_position": 0 if position is None else position}
+            return fal_json(answer, 200, job.id)
 
         return submit
 
     def run_route(app: FalApp):
-        async def run(request: Request):
-            refused, owner = authorize(request)
-            if refused is not None:
-                return refused
-            job = await accept(request, app, owner)
-            if isinstance(job, Response):
-                return job
+        async def run(request: Request, body: app.input, owner: str = Depends(tenant),
+                      idempotency_key: IdempotencyKey = None):
+            job = await accept(app, body, owner, idempotency_key)
             job = await wait_while_connected(request, job)
             if job is None:  # the client went away: nobody can fetch this result, so free the GPU
                 return fal_json({"detail": "client disconnected"}, 499)
@@ -462,21 +387,17 @@ def build_router(ctx: ServerContext, *, sync: bool) -> APIRouter:
         # lost when its zero-timeout probe is cancelled), so a task blocks on receive() instead: once the body has
         # been read, the only message left to arrive is http.disconnect.
         gone = asyncio.ensure_future(_client_gone(request))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + ctx.settings.sync_timeout_s
+        ended = asyncio.ensure_future(wait_for_terminal(ctx, job.id, ctx.settings.sync_timeout_s))
         try:
-            while not job.is_terminal:
-                left = deadline - loop.time()
-                if left <= 0:
-                    return job
-                job = await wait_for_terminal_async(ctx, job.id, min(DISCONNECT_POLL_S, left)) or job
-                if not job.is_terminal and gone.done() and gone.result():
-                    log.info("the sync client of %s hung up; cancelling it (nobody can fetch its result)", job.id)
-                    cancel_job(job.id)
-                    return None
-            return job
+            await asyncio.wait((gone, ended), return_when=asyncio.FIRST_COMPLETED)
+            if not ended.done() and gone.result():
+                log.info("the sync client of %s hung up; cancelling it (nobody can fetch its result)", job.id)
+                cancel_job(ctx, job.id)
+                return None
+            return await ended or job
         finally:
             gone.cancel()
+            ended.cancel()
 
     def queue_status_url(request: Request, job: Job) -> str | None:
         port = ctx.settings.fal_queue_port
@@ -486,44 +407,27 @@ def build_router(ctx: ServerContext, *, sync: bool) -> APIRouter:
         host = f"[{host}]" if ":" in host else host
         return queue_urls(f"{request.url.scheme}://{host}:{port}", job)["status_url"]
 
-    def cancel_job(job_id: str) -> Job | None:
-        cancelled = ctx.store.cancel(job_id)  # the row is final now; the engine stops the work at a safe point
-        ctx.engine.cancel(job_id)
-        return cancelled
-
     for app in FAL_APPS:
         handler = run_route(app) if sync else submit_route(app)
-        router.add_api_route(f"/{app.app_id}", handler, methods=["POST"], name=f"fal {app.app_id}")
+        router.add_api_route(f"/{app.app_id}", handler, methods=["POST"], name=f"fal {app.app_id}",
+                             responses=error_responses(FalError, 409, 429, *((500, 504) if sync else ())))
 
     if sync:
         return router
 
     # ----------------------------------------------------------------------------------- status / result / cancel
     def status_route(route_app: str):
-        async def status(request_id: str, request: Request):
-            refused, owner = authorize(request)
-            if refused is not None:
-                return refused
-            with_logs = _flag(request.query_params.get("logs"))
-            if with_logs is None:
-                return invalid([detail_error("logs", "must be true, false, 1 or 0", "bool_parsing", where="query")])
-            job = find(request_id, owner, route_app)
-            if job is None:
-                return not_found(request_id)
-            body = status_body(ctx, job, base_url(request), with_logs)
+        async def status(request: Request, request_id: str, logs: bool = False, owner: str = Depends(tenant)):
+            job = found(request_id, owner, route_app)
+            body = status_body(ctx, job, base_url(request), logs)
             # real fal answers 202 while the request is pending and 200 once it is done (doc)
             return fal_json(body, 200 if body["status"] == "COMPLETED" else 202, job.id)
 
         return status
 
     def result_route(route_app: str):
-        async def result(request_id: str, request: Request):
-            refused, owner = authorize(request)
-            if refused is not None:
-                return refused
-            job = find(request_id, owner, route_app)
-            if job is None:
-                return not_found(request_id)
+        async def result(request: Request, request_id: str, owner: str = Depends(tenant)):
+            job = found(request_id, owner, route_app)
             if not job.is_terminal:
                 return fal_json({"detail": "Request is still in progress"}, 400, job.id)
             if job.status is JobStatus.COMPLETED:
@@ -533,14 +437,11 @@ def build_router(ctx: ServerContext, *, sync: bool) -> APIRouter:
         return result
 
     def cancel_route(route_app: str):
-        async def cancel(request_id: str, request: Request):
-            refused, owner = authorize(request)
-            if refused is not None:
-                return refused
+        async def cancel(request_id: str, owner: str = Depends(tenant)):
             job = find(request_id, owner, route_app)
             if job is None:
                 return fal_json({"status": "NOT_FOUND", "detail": f"Request {request_id} not found"}, 404)
-            if not job.is_terminal and cancel_job(job.id) is not None:
+            if not job.is_terminal and cancel_job(ctx, job.id) is not None:
                 return fal_json({"status": "CANCELLATION_REQUESTED"}, 202, job.id)
             # terminal already, or it finished between the read and the cancel (the store refused the change)
             return fal_json({"status": "ALREADY_COMPLETED", "detail": f"Request {request_id} already completed"},
@@ -552,6 +453,9 @@ def build_router(ctx: ServerContext, *, sync: bool) -> APIRouter:
     for route_app in bases:
         root = f"/{route_app}/requests/{{request_id}}"
         router.add_api_route(f"{root}/status", status_route(route_app), methods=["GET"])
-        router.add_api_route(root, result_route(route_app), methods=["GET"])
-        router.add_api_route(f"{root}/cancel", cancel_route(route_app), methods=["PUT"])
+        # the result of a failed request is the status it failed with (FAILURE_STATUS)
+        router.add_api_route(root, result_route(route_app), methods=["GET"],
+                             responses=error_responses(FalError, 400, 500, 504))
+        router.add_api_route(f"{root}/cancel", cancel_route(route_app), methods=["PUT"],
+                             responses=error_responses(FalError, 400))
     return router

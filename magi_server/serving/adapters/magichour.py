@@ -15,8 +15,9 @@ Routes (all JSON answers carry ``Content-Type: application/json``: the SDK picks
 Errors are ``{"message": "<field>: <what is wrong>", "field": "<field>"}`` (``field`` only when one field is at
 fault; nested fields are dotted, e.g. ``assets.image_file_path``, ``items[0].extension``): 422 for every invalid
 field (nothing is stored), 401 for a missing or wrong Bearer key (only when keys are configured), 404 for an
-unknown project (or one owned by another key), 429 with ``Retry-After`` when the queue is full, 503 with
-``Retry-After`` when the GPU loop is down or the job store is unavailable.
+unknown project (or one owned by another key), 409 for an ``Idempotency-Key`` used before with another body, 429
+with ``Retry-After`` when the queue is full, 503 with ``Retry-After`` when the GPU loop is down or the job store is
+unavailable.
 
 Mapping to MAGI-1 (api-compat.md §5): frames = round(end_seconds * 24), trimmed to exactly that many; the size
 follows the image (the nearest of 16:9 / 9:16 / 1:1, center crop) at 480p or 720p (360p is served as 480p;
@@ -34,41 +35,44 @@ undecodable image is a 422 at create time (like the other adapters), not a proje
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import re
 import time
 from pathlib import Path
 from types import MappingProxyType
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import AfterValidator, BaseModel, Field, Strict, StrictBool
+from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException
 
+from magi_server.params import FPS, GenerationParams, ParamError
 from magi_server.serving.common import (
-    FieldError,
-    Overloaded,
+    MAX_IMAGE_REF_CHARS,
+    RAW_BODY,
+    IdempotencyKey,
+    Int,
+    ProviderRoute,
     ServerContext,
-    Unavailable,
-    authorize_bearer,
-    check_body,
+    Text,
+    api_key_auth,
+    build_params,
+    cancel_job,
+    describe,
+    error_responses,
+    field_name,
     find_job,
-    image_params,
+    fingerprint,
     iso_time,
-    opt_bool,
-    opt_enum,
-    opt_int,
-    opt_number,
-    opt_str,
+    open_upload,
     read_image_field,
-    resolve_seed,
+    receive_upload,
     resolve_upload,
-    save_upload,
     submit_job,
 )
-from magi_server.serving.jobs import Job, JobStatus, JobStoreError
-from magi_server.params import GenerationParams
+from magi_server.serving.jobs import Job, JobStatus
 
-FPS = 24
 MIN_SECONDS, MAX_SECONDS = 1.0, 60.0
 PROJECT_TYPE = "IMAGE_TO_VIDEO"
 STATUS = MappingProxyType({
@@ -85,7 +89,6 @@ HOSTED_MODELS = (
     "ltx-2.5", "minimax-h3", "seedance", "seedance-1.5", "seedance-2.0", "seedance-2.0-fast", "seedance-2.0-mini",
     "seedance-2.5", "sora-2", "veo3.1", "veo3.1-audio", "veo3.1-lite", "wan-2.2", "wan-3.0",
 )
-RESOLUTIONS = ("360p", "480p", "720p", "1080p", "4k")
 # What each requested tier renders at: MAGI-1 has 480p and 720p sizes only (api-compat.md §5).
 SERVED_TIER = MappingProxyType({"360p": "480p", "480p": "480p", "720p": "720p"})
 DEFAULT_RESOLUTION = "720p"  # Magic Hour's default on paid tiers (api-compat.md §4.2)
@@ -93,219 +96,150 @@ DEFAULT_RESOLUTION = "720p"  # Magic Hour's default on paid tiers (api-compat.md
 UPLOAD_EXTENSIONS = frozenset(
     "mp4 m4v mov webm mp3 wav aac flac weba m4a opus ogg oga aiff amr png jpg jpeg jfif heic heif webp avif "
     "jp2 tiff tif bmp gif".split())
-UPLOAD_TYPES = ("image", "video", "audio")
 MAX_UPLOAD_ITEMS = 10
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-UPLOAD_URL_TTL_S = 3600.0
 DOWNLOAD_URL_TTL_S = 24 * 3600.0  # files are kept until deleted; this is what we promise per answer
 MAX_NAME_CHARS = 1000
 # A file_path we handed out: anything else under api-assets/ (wildcards, "..", other folders) is refused before
 # it reaches a filesystem lookup.
 ASSET_PATH = re.compile(r"^api-assets/[A-Za-z0-9_-]{16,64}\.[a-z0-9]{1,8}$")
-UPLOAD_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 UPLOAD_NAME = re.compile(r"^[A-Za-z0-9_-]{16,64}\.[a-z0-9]{1,8}$")
 DELETED_DIR = "magichour-deleted"  # under the outputs folder: one empty marker file per deleted project
+# contract parameter -> Magic Hour field, for a refusal by params.validate
+FIELDS = MappingProxyType({"prompt": "style.prompt", "num_frames": "end_seconds", "width": "resolution",
+                           "height": "resolution", "image": "assets.image_file_path"})
+
+
+# ---------------------------------------------------------------------------------------------- request models
+
+
+def _extension(value: str) -> str:
+    extension = value.lower().lstrip(".")
+    if extension not in UPLOAD_EXTENSIONS:
+        raise PydanticCustomError("extension", f"unsupported extension {extension!r}")
+    return extension
+
+
+class UploadItem(BaseModel):
+    extension: Annotated[Text, Field(min_length=1, max_length=16, examples=["png"]), AfterValidator(_extension)]
+    type: Literal["image", "video", "audio"]
+
+
+class UploadUrlsBody(BaseModel):
+    """``POST /v1/files/upload-urls``."""
+
+    items: list[UploadItem] = Field(min_length=1, max_length=MAX_UPLOAD_ITEMS)
+
+
+class Assets(BaseModel):
+    image_file_path: Text = Field(min_length=1, max_length=MAX_IMAGE_REF_CHARS, description=(
+        "the first frame: an http(s) URL, a data: URI, or a file_path from POST /v1/files/upload-urls"))
+    end_image_file_path: Text | None = Field(None, description="a last frame: not supported by MAGI-1 (422)")
+
+
+class Style(BaseModel):
+    prompt: Text | None = Field(None, description="the prompt; absent or empty: the empty caption")
+    high_quality: StrictBool | None = Field(None, description="deprecated: 720p / 1080p when resolution is absent")
+    quality_mode: Literal["quick", "studio"] | None = Field(None, description="deprecated, as high_quality")
+
+
+class ImageToVideoBody(BaseModel):
+    """``POST /v1/image-to-video`` (api-compat.md §4.2). Unknown fields are ignored; ``null`` is leaving a field
+    out."""
+
+    end_seconds: Annotated[float, Strict()] = Field(ge=MIN_SECONDS, le=MAX_SECONDS, allow_inf_nan=False)
+    assets: Assets
+    name: Text | None = Field(None, max_length=MAX_NAME_CHARS)
+    model: Text | None = Field(None, max_length=100, description=f"one of {', '.join(MAGI_MODELS)}")
+    resolution: Literal["360p", "480p", "720p", "1080p", "4k"] | None = Field(
+        None, description="360p renders at 480p; 1080p and 4k are refused")
+    audio: StrictBool | None = Field(None, description="MAGI-1 makes silent video: true is refused")
+    style: Style | None = None
+    width: Int | None = Field(None, description="deprecated, ignored")
+    height: Int | None = Field(None, description="deprecated, ignored")
+
+
+class MagicHourError(BaseModel):
+    message: str
+    field: str | None = None
+
+
+ERRORS = error_responses(MagicHourError, 401, 404, 422, 503)  # what any route may answer; create and PUT add theirs
 
 
 # --------------------------------------------------------------------------------------------------- answers
 
 
-def _json(body: dict, status_code: int = 200, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(body, status_code=status_code, headers=headers)
-
-
-def _error(status_code: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
+def _error(status_code: int, message: str, field: str | None = None, headers=None) -> JSONResponse:
     body = {"message": message}
     if field is not None:
         body["field"] = field
-    return _json(body, status_code, headers)
+    return JSONResponse(body, status_code, headers=headers)
 
 
-def _field_error(exc: FieldError) -> JSONResponse:
-    return _error(422, str(exc), exc.field)
+class MagicHourRoute(ProviderRoute):
+    """Refusals as ``{"message"}``; a bad field is a 422 ``{"message": "<field>: <reason>", "field"}`` with nested
+    fields dotted (``assets.image_file_path``, ``items[0].type``)."""
 
+    def refuse(self, status, message, headers=None):
+        return _error(status, message, headers=headers)
 
-def _unauthorized() -> JSONResponse:
-    return _error(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                  headers={"WWW-Authenticate": "Bearer"})
-
-
-def _overloaded(exc: Overloaded) -> JSONResponse:
-    return _error(429, "the queue is full; retry later",
-                  headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
-
-
-def _store_unavailable() -> JSONResponse:
-    return _error(503, "the job store is unavailable; retry later", headers={"Retry-After": "5"})
-
-
-
-
-async def _json_body(request: Request):
-    try:
-        return check_body(await request.json())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise FieldError("body", "must be a JSON object") from None
+    def refuse_fields(self, errors):
+        return _error(422, describe(errors[0]), field_name(errors[0]["loc"]))
 
 
 # ------------------------------------------------------------------------------------------------ validation
 
 
-def _nested(body: dict, name: str) -> dict | None:
-    """An optional sub-object (``assets``, ``style``)."""
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise FieldError(name, "must be an object", "type_error")
-    return value
-
-
-def _prefixed(prefix: str, exc: FieldError) -> FieldError:
-    return FieldError(f"{prefix}.{exc.field}", exc.message, exc.kind)
-
-
-def _end_seconds(body: dict) -> float:
-    if body.get("end_seconds") is None:
-        raise FieldError("end_seconds", "field required", "missing")
-    return opt_number(body, "end_seconds", low=MIN_SECONDS, high=MAX_SECONDS)
-
-
-def _model(body: dict) -> str:
-    model = opt_str(body, "model", max_chars=100)
-    if model is None:
-        return "default"
-    if model in MAGI_MODELS:
-        return model
+def _model(model: str | None) -> str:
+    if model is None or model in MAGI_MODELS:
+        return model or "default"
     if model in HOSTED_MODELS:
-        raise FieldError("model", f"{model!r} is not served here: this server runs MAGI-1 only; omit model or use "
+        raise ParamError("model", f"{model!r} is not served here: this server runs MAGI-1 only; omit model or use "
                                   f"one of {', '.join(repr(m) for m in MAGI_MODELS)}")
-    raise FieldError("model", f"must be one of {', '.join(repr(m) for m in MAGI_MODELS)}, got {model!r}")
+    raise ParamError("model", f"must be one of {', '.join(repr(m) for m in MAGI_MODELS)}, got {model!r}")
 
 
-def _resolution(body: dict, style: dict | None) -> str:
+def _resolution(body: ImageToVideoBody) -> str:
     """The requested tier; the deprecated style.high_quality / style.quality_mode only speak when it is absent."""
-    requested = opt_enum(body, "resolution", RESOLUTIONS, None)
-    legacy = None
-    if style is not None:
-        try:
-            high_quality = opt_bool(style, "high_quality", None)
-            quality_mode = opt_enum(style, "quality_mode", ("quick", "studio"), None)
-        except FieldError as exc:
-            raise _prefixed("style", exc) from None
-        if quality_mode is not None:
-            legacy = ("style.quality_mode", "1080p" if quality_mode == "studio" else "720p")
-        elif high_quality is not None:
-            legacy = ("style.high_quality", "1080p" if high_quality else "720p")
-    if requested is None and legacy is not None:
-        field, requested = legacy
-        if requested not in SERVED_TIER:
-            raise FieldError(field, f"asks for {requested}, which MAGI-1 does not support (480p or 720p); "
-                                    f"send resolution instead")
-    if requested is None:
-        return DEFAULT_RESOLUTION
+    field, requested = "resolution", body.resolution
+    style = body.style
+    if requested is None and style is not None and style.quality_mode is not None:
+        field, requested = "style.quality_mode", "1080p" if style.quality_mode == "studio" else "720p"
+    elif requested is None and style is not None and style.high_quality is not None:
+        field, requested = "style.high_quality", "1080p" if style.high_quality else "720p"
+    requested = requested or DEFAULT_RESOLUTION
     if requested not in SERVED_TIER:
-        raise FieldError("resolution", f"{requested!r} is not supported for MAGI-1 (360p, 480p or 720p; "
-                                       f"360p renders at 480p)")
+        raise ParamError(field, f"asks for {requested}, which MAGI-1 does not support (360p, 480p or 720p; 360p "
+                                f"renders at 480p)")
     return requested
 
 
-def _image_ref(assets: dict | None) -> str:
-    if assets is None:
-        raise FieldError("assets", "field required: give assets.image_file_path", "missing")
-    try:
-        if assets.get("end_image_file_path") is not None:
-            raise FieldError("end_image_file_path", "a last frame is not supported by MAGI-1; omit it")
-        if assets.get("image_file_path") is None:
-            raise FieldError("image_file_path", "field required", "missing")
-        ref = opt_str(assets, "image_file_path", max_chars=30_000_000, allow_empty=False)
-    except FieldError as exc:
-        raise _prefixed("assets", exc) from None
+def to_params(ctx: ServerContext, body: ImageToVideoBody) -> tuple[GenerationParams, dict]:
+    """A valid Magic Hour body -> GenerationParams (+ meta). Raises ParamError naming the field. Every cheap check
+    runs before the image is fetched, and the image is stored only once the request is valid. Blocking."""
+    ref = body.assets.image_file_path
+    if body.assets.end_image_file_path is not None:
+        raise ParamError("assets.end_image_file_path", "a last frame is not supported by MAGI-1; omit it")
     if ref.startswith("api-assets/") and not ASSET_PATH.fullmatch(ref):
-        raise FieldError("assets.image_file_path", "is not a file_path returned by POST /v1/files/upload-urls")
-    return ref
-
-
-def _check_own_upload_url(ctx: ServerContext, ref: str) -> None:
-    """Our own /files/uploads/<name> URLs are read from disk by name: only names we could have minted get there
-    (no glob characters, no dots but the extension's)."""
-    prefix = f"{ctx.settings.base_url()}/files/uploads/"
-    if ref.startswith(prefix) and not UPLOAD_NAME.fullmatch(ref[len(prefix):].split("?", 1)[0]):
-        raise FieldError("assets.image_file_path", "is not an upload URL this server issued")
-
-
-def parse_body(ctx: ServerContext, body: dict) -> tuple[GenerationParams, dict]:
-    """Magic Hour image-to-video body -> GenerationParams (+ meta). Raises FieldError naming the field.
-
-    Every cheap check runs before the image is fetched and stored, so a bad field leaves nothing behind.
-    """
-    s = ctx.settings
-    body = check_body(body)
-    end_seconds = _end_seconds(body)
-    assets = _nested(body, "assets")
-    style = _nested(body, "style")
-    image_ref = _image_ref(assets)
-    _check_own_upload_url(ctx, image_ref)
-    model = _model(body)
-    requested = _resolution(body, style)
-    if opt_bool(body, "audio", False):
-        raise FieldError("audio", "MAGI-1 generates silent video; omit audio or send false")
-    name = opt_str(body, "name", max_chars=MAX_NAME_CHARS)
-    prompt = ""
-    if style is not None:
-        try:
-            prompt = opt_str(style, "prompt", max_chars=s.max_prompt_chars) or ""
-        except FieldError as exc:
-            raise _prefixed("style", exc) from None
-    for deprecated in ("width", "height"):  # accepted for old clients and ignored, as the real API does
-        opt_int(body, deprecated, low=-(2**31), high=2**31 - 1)
-
-    frames = round(end_seconds * FPS)
-    tier = SERVED_TIER[requested]
-    if image_ref.startswith("api-assets/") and resolve_upload(ctx, image_ref) is None:
-        raise FieldError("assets.image_file_path", "unknown or expired file_path; upload the file first")
-    image = read_image_field(ctx, image_ref, "assets.image_file_path")
-    width, height, image_path = image_params(ctx, image, tier, "auto")
-    created = time.time()
-    params = GenerationParams(
-        prompts=(prompt,), width=width, height=height, num_frames=frames, num_inference_steps=s.default_steps,
-        seed=resolve_seed(None), image_path=image_path, trim_to_frames=True,
+        raise ParamError("assets.image_file_path", "is not a file_path returned by POST /v1/files/upload-urls")
+    # our own /files/uploads/<name> URLs are read from disk by name: only names we could have minted get there
+    own = f"{ctx.settings.base_url()}/files/uploads/"
+    if ref.startswith(own) and not UPLOAD_NAME.fullmatch(ref[len(own):].split("?", 1)[0]):
+        raise ParamError("assets.image_file_path", "is not an upload URL this server issued")
+    model = _model(body.model)
+    requested = _resolution(body)
+    if body.audio:
+        raise ParamError("audio", "MAGI-1 generates silent video; omit audio or send false")
+    if ref.startswith("api-assets/") and resolve_upload(ctx, ref) is None:
+        raise ParamError("assets.image_file_path", "unknown or expired file_path; upload the file first")
+    image = read_image_field(ctx, ref, "assets.image_file_path")
+    params = build_params(
+        ctx, prompt=(body.style and body.style.prompt) or "", image=image,
+        resolution=SERVED_TIER[requested], aspect="auto", num_frames=round(body.end_seconds * FPS),
+        steps=ctx.settings.default_steps, seed=None, fields=FIELDS,
     )
-    meta = {
-        "name": name if name is not None else f"Image To Video - {iso_time(created)}",
-        "end_seconds": end_seconds,
-        "resolution": requested,
-        "model": model,
-    }
-    return params, meta
-
-
-def _upload_items(body: dict) -> list[tuple[str, str]]:
-    items = body.get("items")
-    if items is None:
-        raise FieldError("items", "field required", "missing")
-    if not isinstance(items, list) or not items:
-        raise FieldError("items", "must be a non-empty list of {extension, type} objects", "type_error")
-    if len(items) > MAX_UPLOAD_ITEMS:
-        raise FieldError("items", f"at most {MAX_UPLOAD_ITEMS} files per request, got {len(items)}")
-    parsed = []
-    for i, item in enumerate(items):
-        prefix = f"items[{i}]"
-        if not isinstance(item, dict):
-            raise FieldError(prefix, "must be an object with extension and type", "type_error")
-        try:
-            if item.get("extension") is None:
-                raise FieldError("extension", "field required", "missing")
-            extension = opt_str(item, "extension", max_chars=16, allow_empty=False).lower().lstrip(".")
-            if extension not in UPLOAD_EXTENSIONS:
-                raise FieldError("extension", f"unsupported extension {extension!r}")
-            if item.get("type") is None:
-                raise FieldError("type", "field required", "missing")
-            kind = opt_enum(item, "type", UPLOAD_TYPES, None)
-        except FieldError as exc:
-            raise _prefixed(prefix, exc) from None
-        parsed.append((extension, kind))
-    return parsed
+    name = body.name if body.name is not None else f"Image To Video - {iso_time(time.time())}"
+    return params, {"name": name, "end_seconds": body.end_seconds, "resolution": requested, "model": model}
 
 
 # -------------------------------------------------------------------------------------------------- projects
@@ -370,128 +304,55 @@ def _delete_files(ctx: ServerContext, job: Job) -> None:
 
 
 def build_router(ctx: ServerContext) -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(route_class=MagicHourRoute, responses=ERRORS, strict_content_type=False)
+    tenant = api_key_auth(ctx, "Bearer")
 
-    def _lookup(job_id: str, owner: str) -> Job | None:
-        return find_job(ctx, job_id, owner, "magichour")
+    def own_project(job_id: str, owner: str = Depends(tenant)) -> Job:
+        job = find_job(ctx, job_id, owner, "magichour")
+        if job is None:
+            raise HTTPException(404, f"video project {job_id} not found")
+        return job
 
-    @router.post("/v1/image-to-video")
-    async def create(request: Request):
-        ok, owner = authorize_bearer(ctx, request.headers)
-        if not ok:
-            return _unauthorized()
-        params = None
-        try:
-            body = await _json_body(request)
-            # parse_body may fetch an image URL: off the event loop
-            params, meta = await asyncio.to_thread(parse_body, ctx, body)
-            job = await asyncio.to_thread(submit_job, ctx, api="magichour", model=meta["model"], params=params,
-                                          owner=owner, meta=meta)
-        except FieldError as exc:
-            return _field_error(exc)
-        except Unavailable as exc:  # the GPU loop is down; its reason stays in /health/ready and the log
-            return _error(503, "the server cannot run jobs now: the GPU loop is not running; retry later",
-                          headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
-        except Overloaded as exc:  # submit_job already removed the stored image (both cases)
-            return _overloaded(exc)
-        except JobStoreError:
-            if params is not None and params.image_path:
-                Path(params.image_path).unlink(missing_ok=True)
-            return _store_unavailable()
+    @router.post("/v1/image-to-video", responses=error_responses(MagicHourError, 409, 429))
+    async def create(body: ImageToVideoBody, owner: str = Depends(tenant), idempotency_key: IdempotencyKey = None):
+        def accept() -> Job:
+            params, meta = to_params(ctx, body)  # may fetch an image URL: off the event loop
+            return submit_job(ctx, api="magichour", model=meta["model"], params=params, owner=owner, meta=meta,
+                              idempotency_key=idempotency_key,
+                              request_fingerprint=fingerprint("image-to-video", body.model_dump(mode="json")))
+
+        job = await asyncio.to_thread(accept)
         frames = job.params.num_frames
-        return _json({"id": job.id, "credits_charged": frames, "estimated_frame_cost": frames})
+        return {"id": job.id, "credits_charged": frames, "estimated_frame_cost": frames}
 
     @router.get("/v1/video-projects/{job_id}")
-    async def get_project(job_id: str, request: Request):
-        ok, owner = authorize_bearer(ctx, request.headers)
-        if not ok:
-            return _unauthorized()
-        try:
-            job = _lookup(job_id, owner)
-        except JobStoreError:
-            return _store_unavailable()
-        if job is None:
-            return _error(404, f"video project {job_id} not found")
-        return _json(project_data(ctx, job, deleted=_is_deleted(ctx, job.id)))
+    async def get_project(job: Job = Depends(own_project)):
+        return project_data(ctx, job, deleted=_is_deleted(ctx, job.id))
 
-    @router.delete("/v1/video-projects/{job_id}")
-    async def delete_project(job_id: str, request: Request):
-        ok, owner = authorize_bearer(ctx, request.headers)
-        if not ok:
-            return _unauthorized()
-        try:
-            job = _lookup(job_id, owner)
-            if job is None:
-                return _error(404, f"video project {job_id} not found")
-            if not job.is_terminal:
-                # the row turns final now (compare-and-set); the engine stops the work at its next safe point
-                ctx.store.cancel(job.id)
-                ctx.engine.cancel(job.id)
-                job = ctx.store.get(job.id) or job
-        except JobStoreError:
-            return _store_unavailable()
+    @router.delete("/v1/video-projects/{job_id}", status_code=204)
+    async def delete_project(job: Job = Depends(own_project)):
+        if not job.is_terminal:
+            cancel_job(ctx, job.id)
+            job = ctx.store.get(job.id) or job
         await asyncio.to_thread(_delete_files, ctx, job)
         return Response(status_code=204)
 
     # ------------------------------------------------------------------------------------------------ uploads
-    @router.post("/v1/files/upload-urls")
-    async def upload_urls(request: Request):
-        ok, _ = authorize_bearer(ctx, request.headers)
-        if not ok:
-            return _unauthorized()
-        try:
-            items = _upload_items(await _json_body(request))
-        except FieldError as exc:
-            return _field_error(exc)
-        now = time.time()
-        _forget_expired_tickets(ctx, now)
-        base = ctx.settings.base_url()
-        answer = []
-        for extension, kind in items:
-            # an empty placeholder now, so the token's file name (and so its file_path) is fixed before the PUT
-            token, _ = await asyncio.to_thread(save_upload, ctx, b"", extension)
-            ctx.uploads[token] = {"api": "magichour", "expires": now + UPLOAD_URL_TTL_S, "type": kind}
+    @router.post("/v1/files/upload-urls", dependencies=[Depends(tenant)])
+    async def upload_urls(body: UploadUrlsBody):
+        base, answer = ctx.settings.base_url(), []
+        for item in body.items:
+            path = await asyncio.to_thread(open_upload, ctx, "magichour", item.extension)
             answer.append({
-                "upload_url": f"{base}/v1/files/upload/{token}",
-                "file_path": f"api-assets/{token}.{extension}",
-                "expires_at": iso_time(now + UPLOAD_URL_TTL_S),
+                "upload_url": f"{base}/v1/files/upload/{path.stem}",
+                "file_path": f"api-assets/{path.name}",
+                "expires_at": iso_time(ctx.uploads[path.stem]["expires"]),
             })
-        return _json({"items": answer})
+        return {"items": answer}
 
-    @router.put("/v1/files/upload/{token}")
+    @router.put("/v1/files/upload/{token}", openapi_extra=RAW_BODY, responses=error_responses(MagicHourError, 413))
     async def upload_put(token: str, request: Request):
-        # no Authorization here: the SDK PUTs with a bare HTTP client, so the unguessable URL is the credential
-        ticket = ctx.uploads.get(token) if UPLOAD_TOKEN.fullmatch(token) else None
-        if not isinstance(ticket, dict) or ticket.get("api") != "magichour" or ticket["expires"] < time.time():
-            return _error(404, "unknown or expired upload URL")
-        data = bytearray()
-        async for part in request.stream():
-            data.extend(part)
-            if len(data) > MAX_UPLOAD_BYTES:
-                return _error(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes")
-        matches = [p for p in ctx.uploads_dir.glob(f"{token}.*") if not p.name.startswith(".")]
-        if not matches:
-            return _error(404, "unknown or expired upload URL")
-        await asyncio.to_thread(_write_atomically, matches[0], bytes(data))
-        ctx.uploads.pop(token, None)  # one PUT per URL
+        await receive_upload(ctx, "magichour", token, request)
         return Response(status_code=200)
 
     return router
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    # a create request reading the file while the PUT writes must see the old (empty) or the new bytes, not half
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
-def _forget_expired_tickets(ctx: ServerContext, now: float) -> None:
-    """Upload URLs nobody used: drop the ticket and its empty placeholder so neither piles up."""
-    expired = [token for token, ticket in list(ctx.uploads.items())
-               if isinstance(ticket, dict) and ticket.get("api") == "magichour" and ticket.get("expires", now) < now]
-    for token in expired:
-        ctx.uploads.pop(token, None)
-        for path in ctx.uploads_dir.glob(f"{token}.*"):
-            if path.is_file() and path.stat().st_size == 0:
-                path.unlink(missing_ok=True)

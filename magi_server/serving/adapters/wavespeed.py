@@ -3,46 +3,55 @@
 Routes: ``POST /api/v3/<model>`` (one per served model id, e.g. ``wavespeed-ai/magi-1-24b``), the result routes
 ``GET /api/v3/predictions/{id}/result`` and ``GET /api/v3/predictions/{id}``, both upload flows, Bearer auth, sync
 mode, and two extensions: ``POST /api/v3/predictions/{id}/cancel`` and ``GET /api/v3/predictions/{id}/events``
-(Server-Sent Events: status, progress and a ``chunk`` event with the URL of each finished chunk's frames).
+(Server-Sent Events: status, progress and a ``chunk`` event with the URL of each finished chunk's frames; every
+event has an ``id:``, and a client reconnecting with ``Last-Event-ID`` gets only the events after it).
 Every JSON answer is the envelope ``{code, message, data}``; errors use the same shape with the HTTP status as
-``code`` and ``data: null``, and never contain "HTTP 5"/"HTTP 429" (the SDK would replay the task).
+``code`` and ``data: null``, and never contain "HTTP 5"/"HTTP 429" (the SDK would replay the task). A bad field is a
+400 ``"<field>: <reason>"``; a submit with an ``Idempotency-Key`` that was used with another body is a 409.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import mimetypes
-import time
 from pathlib import Path
 from types import MappingProxyType
+from typing import Literal
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import APIRouter, Depends, File, Header, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import BaseModel, Field, StrictBool
+from starlette.exceptions import HTTPException
 
+from magi_server.params import FPS, RANDOM_SEEDS, GenerationParams
 from magi_server.serving.common import (
-    ASPECT_CHOICES,
-    FieldError,
-    Overloaded,
+    MAX_IMAGE_REF_CHARS,
+    RAW_BODY,
+    MAX_UPLOAD_BYTES,
+    AspectRatio,
+    IdempotencyKey,
+    Int,
+    Prompt,
+    ProviderRoute,
+    Resolution,
     ServerContext,
-    Unavailable,
-    authorize_bearer,
-    check_body,
+    Text,
+    api_key_auth,
+    build_params,
+    cancel_job,
+    describe,
+    error_responses,
     find_job,
-    image_params,
+    fingerprint,
     iso_time,
-    opt_bool,
-    opt_enum,
-    opt_int,
-    opt_str,
+    open_upload,
     read_image_field,
-    req_str,
-    resolve_seed,
+    receive_upload,
     save_upload,
     submit_job,
-    wait_for_terminal_async,
 )
+from magi_server.serving.events import wait_for_terminal
 from magi_server.serving.jobs import Job, JobStatus
-from magi_server.params import GenerationParams
 
 # public model ids this server answers to; all run the loaded model (the README says which variant that is)
 WAVESPEED_MODELS = (
@@ -67,7 +76,49 @@ ERROR_CODES = MappingProxyType({  # WaveSpeed's documented task error codes
     "timeout": 5004,
     "cancelled": 1405,
 })
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+QUIET_CHECK_S = 15.0  # how often a quiet event stream looks in the store whether its job ended unannounced
+
+
+# contract parameter -> WaveSpeed field, for a refusal by params.validate (the rest are named alike)
+FIELDS = MappingProxyType({"width": "resolution", "height": "resolution"})
+
+
+class SubmitBody(BaseModel):
+    """``POST /api/v3/<model>`` (api-compat.md §1.3, with the legacy fields of the earlier magi-1-24b page).
+    Unknown fields are ignored, as WaveSpeed does; ``null`` is the same as leaving a field out."""
+
+    prompt: Prompt
+    image: Text | None = Field(None, max_length=MAX_IMAGE_REF_CHARS, description=(
+        "first frame: an http(s) URL, a data: URI, bare base64, or an upload's download_url; absent: text-to-video"))
+    seed: Int | None = Field(-1, ge=-1, lt=RANDOM_SEEDS, description="-1 (or absent): random")
+    num_frames: Int | None = Field(None, ge=FPS, le=60 * FPS, description="absent: the server's default")
+    frames_per_second: Literal[FPS] | None = None
+    resolution: Resolution | None = Field(None, description="absent: the server's default")
+    aspect_ratio: AspectRatio | None = None
+    num_inference_steps: Int | None = Field(None, ge=4, le=256, multiple_of=4,  # the window holds 4 chunks
+                                            description="absent: the server's default")
+    enable_safety_checker: StrictBool | None = None  # accepted; no safety classifier runs here (README)
+    enable_base64_output: StrictBool | None = None
+    enable_sync_mode: StrictBool | None = None
+
+
+class UploadTicketBody(BaseModel):
+    """``POST /api/v3/media/uploads``: what the SDK says about the file it is about to PUT."""
+
+    filename: Text = Field(min_length=1, max_length=255)
+    size: Int = Field(0, ge=0)
+    content_type: Text | None = Field(None, max_length=100)
+
+
+class ErrorEnvelope(BaseModel):
+    code: int
+    message: str
+    data: None
+
+
+ERRORS = error_responses(ErrorEnvelope, 400, 401, 404, 503)  # what any route may answer; submits and uploads add theirs
+SUBMIT_ERRORS = error_responses(ErrorEnvelope, 409, 429)
+UPLOAD_ERRORS = error_responses(ErrorEnvelope, 413)
 
 
 def envelope(data, code: int = 200, message: str = "success", status_code: int | None = None,
@@ -80,11 +131,14 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
     return envelope(None, code=status, message=message, headers=headers)
 
 
+class WaveSpeedRoute(ProviderRoute):
+    """Refusals as the envelope with ``data: null``; a bad field is a 400 ``"<field>: <reason>"``."""
 
+    def refuse(self, status, message, headers=None):
+        return error(status, message, headers)
 
-def _unauthorized() -> JSONResponse:
-    return error(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                 headers={"WWW-Authenticate": "Bearer"})
+    def refuse_fields(self, errors):
+        return error(400, describe(errors[0]))
 
 
 def prediction_data(ctx: ServerContext, job: Job, *, base64_output: bool = False) -> dict:
@@ -114,69 +168,49 @@ def prediction_data(ctx: ServerContext, job: Job, *, base64_output: bool = False
     return data
 
 
-def parse_body(ctx: ServerContext, body: dict) -> tuple[GenerationParams, dict]:
-    """WaveSpeed body -> GenerationParams (+ meta). Raises FieldError naming the field."""
+def to_params(ctx: ServerContext, body: SubmitBody) -> GenerationParams:
+    """A valid WaveSpeed body -> GenerationParams; fetches and stores the image. Raises ParamError naming the
+    field. Blocking: run it in a thread."""
     s = ctx.settings
-    body = check_body(body)
-    prompt = req_str(body, "prompt", max_chars=s.max_prompt_chars)
-    image_ref = opt_str(body, "image", max_chars=30_000_000)
-    seed = opt_int(body, "seed", low=-1, high=2147483647, default=-1)
-    num_frames = opt_int(body, "num_frames", low=24, high=1440, default=s.default_num_frames)
-    fps = opt_int(body, "frames_per_second", low=1, high=240, default=24)
-    if fps != 24:
-        raise FieldError("frames_per_second", f"MAGI-1 generates 24 fps video only, got {fps}")
-    resolution = opt_enum(body, "resolution", ("480p", "720p"), s.default_resolution)
-    aspect = opt_enum(body, "aspect_ratio", ASPECT_CHOICES, "auto")
-    steps = opt_int(body, "num_inference_steps", low=4, high=256, default=s.default_steps)
-    if steps % 4:
-        raise FieldError("num_inference_steps", f"must be a multiple of 4 (the window has 4 chunks), got {steps}")
-    opt_bool(body, "enable_safety_checker", True)
-    base64_output = opt_bool(body, "enable_base64_output", False)
-    opt_bool(body, "enable_sync_mode", False)
-    image = None
-    if image_ref:
-        image = read_image_field(ctx, image_ref, "image")
-    width, height, image_path = image_params(ctx, image, resolution, aspect)
-    params = GenerationParams(
-        prompts=(prompt,), width=width, height=height, num_frames=num_frames, num_inference_steps=steps, seed=resolve_seed(seed),
-        image_path=image_path, trim_to_frames=True,
+    return build_params(
+        ctx, prompt=body.prompt, image=read_image_field(ctx, body.image, "image") if body.image else None,
+        resolution=body.resolution or s.default_resolution, aspect=body.aspect_ratio or "auto",
+        num_frames=body.num_frames or s.default_num_frames, steps=body.num_inference_steps or s.default_steps,
+        seed=body.seed, fields=FIELDS,
     )
-    return params, {"base64_output": base64_output, "resolution": resolution}
 
 
 def build_router(ctx: ServerContext) -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(route_class=WaveSpeedRoute, responses=ERRORS, strict_content_type=False)
+    tenant = api_key_auth(ctx, "Bearer")
 
-    def _submit_handler(model_id: str):
-        async def submit(request: Request):
-            ok, owner = authorize_bearer(ctx, request.headers)
-            if not ok:
-                return _unauthorized()
-            try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                return error(400, "body: must be a JSON object")
-            webhook = request.query_params.get("webhook")
+    def own_job(job_id: str, owner: str = Depends(tenant)) -> Job:
+        """The caller's WaveSpeed job (another tenant's job is a 404: no existence oracle)."""
+        job = find_job(ctx, job_id, owner, "wavespeed")
+        if job is None:
+            raise HTTPException(404, f"prediction {job_id} not found")
+        return job
+
+    def submit_route(model_id: str):
+        async def submit(body: SubmitBody, webhook: str | None = None, owner: str = Depends(tenant),
+                         idempotency_key: IdempotencyKey = None):
             if webhook:
-                if isinstance(body, dict) and body.get("enable_base64_output"):
-                    return error(400, "webhook callback does not support base64 output, please use the normal API "
-                                      "to use base64 output")
-                return error(400, "webhook: webhook delivery is not supported by this server; poll the result URL")
-            try:
-                params, meta = await asyncio.to_thread(parse_body, ctx, body)
-                job = await asyncio.to_thread(submit_job, ctx, api="wavespeed", model=model_id, params=params,
-                                              owner=owner, meta=meta)
-            except FieldError as exc:
-                return error(400, str(exc))
-            except Unavailable as exc:
-                # the reason (a device error text) stays in /health/ready and the log, not in client answers
-                return error(503, "the server cannot run jobs now: the GPU loop is not running; retry later",
-                             headers={"Retry-After": str(max(1, int(exc.retry_after_s)))})
-            except Overloaded as exc:
-                return error(429, "the queue is full; retry later",
-                             headers={"Retry-After": str(max(1, int(exc.retry_after_s)))})
-            if isinstance(body, dict) and body.get("enable_sync_mode") is True:
-                job = await wait_for_terminal_async(ctx, job.id, ctx.settings.sync_timeout_s)
+                if body.enable_base64_output:
+                    raise HTTPException(400, "webhook callback does not support base64 output, please use the "
+                                             "normal API to use base64 output")
+                raise HTTPException(400, "webhook: webhook delivery is not supported by this server; poll the "
+                                         "result URL")
+
+            def accept() -> Job:
+                return submit_job(ctx, api="wavespeed", model=model_id, params=to_params(ctx, body), owner=owner,
+                                  meta={"base64_output": bool(body.enable_base64_output),
+                                        "resolution": body.resolution or ctx.settings.default_resolution},
+                                  idempotency_key=idempotency_key,
+                                  request_fingerprint=fingerprint(model_id, body.model_dump(mode="json")))
+
+            job = await asyncio.to_thread(accept)
+            if body.enable_sync_mode:
+                job = await wait_for_terminal(ctx, job.id, ctx.settings.sync_timeout_s) or job
                 data = prediction_data(ctx, job)
                 if not job.is_terminal:
                     data.update(code=5004, error="Sync mode timed out; query the result later")
@@ -185,150 +219,124 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
         return submit
 
-    def _own_job(request: Request, job_id: str) -> Job | JSONResponse:
-        """The caller's WaveSpeed job, or the 401/404 answer (another tenant's job is a 404: no existence oracle)."""
-        ok, owner = authorize_bearer(ctx, request.headers)
-        if not ok:
-            return _unauthorized()
-        job = find_job(ctx, job_id, owner, "wavespeed")
-        if job is None:
-            return error(404, f"prediction {job_id} not found")
-        return job
-
     for model_id in WAVESPEED_MODELS:
-        router.add_api_route(f"/api/v3/{model_id}", _submit_handler(model_id), methods=["POST"])
+        router.add_api_route(f"/api/v3/{model_id}", submit_route(model_id), methods=["POST"],
+                             name=f"submit {model_id}", responses=SUBMIT_ERRORS)
 
     @router.get("/api/v3/predictions/{job_id}/result")
     @router.get("/api/v3/predictions/{job_id}")
-    async def result(job_id: str, request: Request):
-        job = _own_job(request, job_id)
-        if isinstance(job, JSONResponse):
-            return job
+    async def result(job: Job = Depends(own_job)):
         return envelope(prediction_data(ctx, job))
 
-    @router.post("/api/v3/predictions/{job_id}/cancel")
-    async def cancel(job_id: str, request: Request):
-        job = _own_job(request, job_id)
-        if isinstance(job, JSONResponse):
-            return job
+    # the cancel takes no fields: an empty (or any) JSON object is what a client may send
+    @router.post("/api/v3/predictions/{job_id}/cancel", openapi_extra={"requestBody": {
+        "required": False, "content": {"application/json": {"schema": {"type": "object"}}}}})
+    async def cancel(job: Job = Depends(own_job)):
         if job.is_terminal:
-            return error(400, f"prediction {job_id} already {STATUS[job.status]}")
-        cancelled = ctx.store.cancel(job.id)
-        ctx.engine.cancel(job.id)
-        return envelope(prediction_data(ctx, cancelled or ctx.store.get(job.id)))
+            raise HTTPException(400, f"prediction {job.id} already {STATUS[job.status]}")
+        return envelope(prediction_data(ctx, cancel_job(ctx, job.id) or ctx.store.get(job.id)))
 
-    @router.get("/api/v3/predictions/{job_id}/events")
-    async def events(job_id: str, request: Request):
-        job = _own_job(request, job_id)
-        if isinstance(job, JSONResponse):
-            return job
-        return StreamingResponse(_event_stream(ctx, job.id, request), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    # its refusals are JSON envelopes, not events: said per status, or OpenAPI would file them under the stream's type
+    json_errors = {status: {"content": {"application/json": {"schema": ErrorEnvelope.model_json_schema()}}}
+                   for status in ERRORS}
+
+    @router.get("/api/v3/predictions/{job_id}/events", response_class=EventSourceResponse, responses=json_errors)
+    async def events(job: Job = Depends(own_job), last_event_id: str | None = Header(
+            None, description="a reconnecting client's last event id: only the events after it are sent")):
+        async for event in _event_stream(ctx, job.id, _event_number(last_event_id)):
+            yield event
 
     # ------------------------------------------------------------------------------------------------ uploads
-    @router.post("/api/v3/media/uploads")
-    async def upload_ticket(request: Request):
-        ok, _ = authorize_bearer(ctx, request.headers)
-        if not ok:
-            return _unauthorized()
-        try:
-            body = check_body(await request.json())
-            filename = req_str(body, "filename", max_chars=255)
-            size = opt_int(body, "size", low=0, high=MAX_UPLOAD_BYTES, default=0)
-            content_type = opt_str(body, "content_type", max_chars=100) or mimetypes.guess_type(filename)[0] or ""
-        except FieldError as exc:
-            return error(413 if exc.field == "size" and "must be in" in exc.message else 400, str(exc))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return error(400, "body: must be a JSON object")
-        suffix = Path(filename).suffix.lstrip(".") or (content_type.split("/")[-1] if content_type else "bin")
-        token, _ = await asyncio.to_thread(save_upload, ctx, b"", suffix)
-        ctx.uploads[token] = {"size": size}
+    @router.post("/api/v3/media/uploads", dependencies=[Depends(tenant)], responses=UPLOAD_ERRORS)
+    async def upload_ticket(body: UploadTicketBody):
+        if body.size > MAX_UPLOAD_BYTES:
+            raise HTTPException(413, f"size: at most {MAX_UPLOAD_BYTES} bytes, got {body.size}")
+        content_type = body.content_type or mimetypes.guess_type(body.filename)[0] or ""
+        suffix = Path(body.filename).suffix.lstrip(".") or (content_type.split("/")[-1] if content_type else "bin")
+        path = await asyncio.to_thread(open_upload, ctx, "wavespeed", suffix)
         base = ctx.settings.base_url()
-        name = f"{token}.{_safe_suffix(suffix)}"
-        headers = {"Content-Type": content_type} if content_type else {}
         return envelope({
-            "upload": {"method": "PUT", "url": f"{base}/api/v3/media/upload/{token}", "headers": headers},
-            "download_url": f"{base}/files/uploads/{name}",
+            "upload": {"method": "PUT", "url": f"{base}/api/v3/media/upload/{path.stem}",
+                       "headers": {"Content-Type": content_type} if content_type else {}},
+            "download_url": f"{base}/files/uploads/{path.name}",
         })
 
-    @router.put("/api/v3/media/upload/{token}")
+    @router.put("/api/v3/media/upload/{token}", openapi_extra=RAW_BODY, responses=UPLOAD_ERRORS)
     async def upload_put(token: str, request: Request):
-        # the URL itself is the credential (unguessable token); the SDK sends no Authorization here
-        if token not in ctx.uploads:
-            return error(404, "unknown or expired upload URL")
-        data = bytearray()
-        async for part in request.stream():
-            data.extend(part)
-            if len(data) > MAX_UPLOAD_BYTES:
-                return error(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes")
-        matches = [p for p in ctx.uploads_dir.glob(f"{token}.*") if not p.name.startswith(".")]
-        if not matches:
-            return error(404, "unknown or expired upload URL")
-        await asyncio.to_thread(matches[0].write_bytes, bytes(data))
-        ctx.uploads.pop(token, None)
+        await receive_upload(ctx, "wavespeed", token, request)
         return Response(status_code=200)
 
-    @router.post("/api/v3/media/upload/binary")
-    async def upload_binary(request: Request):
-        ok, _ = authorize_bearer(ctx, request.headers)
-        if not ok:
-            return _unauthorized()
-        try:
-            form = await request.form(max_files=1, max_fields=10, max_part_size=MAX_UPLOAD_BYTES)
-        except Exception:
-            return error(400, "file: send multipart/form-data with one 'file' part")
-        upload = form.get("file")
-        if upload is None or not hasattr(upload, "read"):
-            return error(400, "file: field required (multipart part named 'file')")
-        data = await upload.read(MAX_UPLOAD_BYTES + 1)
+    @router.post("/api/v3/media/upload/binary", dependencies=[Depends(tenant)], responses=UPLOAD_ERRORS)
+    async def upload_binary(file: UploadFile = File(description="the file (multipart part named 'file')")):
+        data = await file.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
-            return error(413, f"file: larger than {MAX_UPLOAD_BYTES} bytes")
-        filename = upload.filename or "upload.bin"
-        suffix = Path(filename).suffix.lstrip(".") or "bin"
-        token, path = await asyncio.to_thread(save_upload, ctx, data, suffix)
-        kind = (upload.content_type or mimetypes.guess_type(filename)[0] or "").split("/")[0] or "file"
+            raise HTTPException(413, f"file: larger than {MAX_UPLOAD_BYTES} bytes")
+        filename = file.filename or "upload.bin"
+        path = await asyncio.to_thread(save_upload, ctx, data, Path(filename).suffix.lstrip(".") or "bin")
+        kind = (file.content_type or mimetypes.guess_type(filename)[0] or "").split("/")[0] or "file"
         return envelope({"type": kind, "download_url": f"{ctx.settings.base_url()}/files/uploads/{path.name}",
                          "filename": filename, "size": len(data)})
 
-    @router.get("/api/v3/webhook/secret")
-    async def webhook_secret(request: Request):
-        ok, _ = authorize_bearer(ctx, request.headers)
-        if not ok:
-            return _unauthorized()
+    @router.get("/api/v3/webhook/secret", dependencies=[Depends(tenant)])
+    async def webhook_secret():
         return envelope({"secret": ctx.webhook_secret})
 
     return router
 
 
-def _safe_suffix(suffix: str) -> str:
-    return "".join(ch for ch in suffix.lower() if ch.isalnum())[:8] or "bin"
-
-
-async def _event_stream(ctx: ServerContext, job_id: str, request: Request):
-    """SSE: replay this job's events so far, then follow it until a terminal status."""
-    index, last_beat = 0, time.monotonic()
-    yield _sse("status", {"id": job_id, "status": STATUS[ctx.store.get(job_id).status]})
-    while True:
-        for event in ctx.hub.since(job_id, index):
-            index += 1
-            kind = event.get("event", "status")
-            payload = {k: v for k, v in event.items() if k != "event"}
-            payload["id"] = job_id
-            yield _sse(kind, payload)
+async def _event_stream(ctx: ServerContext, job_id: str, last_seen: int):
+    """SSE in WaveSpeed's words: the job's events after ``last_seen`` (a reconnecting client's Last-Event-ID), then
+    each new one as the hub hands it over, ending with an event named by the final status that carries the
+    prediction. Every event has the hub's id; a status that repeats the one before it is not sent."""
+    kept = ctx.hub.since(job_id)
+    if last_seen > (kept[-1].id if kept else 0):
+        last_seen = 0  # an id this process never gave (one from before a restart): start over
+    if kept and kept[-1].ends_job and kept[-1].id <= last_seen:
+        return  # the client has seen the end
+    said = next((STATUS[e.data["status"]] for e in reversed(kept) if e.kind == "status" and e.id <= last_seen), None)
+    if not kept or kept[0].id > last_seen + 1:
+        # what the client has not seen is no longer kept, or never was (a job from before a restart): the job's
+        # state stands in for it
         job = ctx.store.get(job_id)
-        if job is None:
+        last_seen = kept[0].id - 1 if kept else 0
+        if job is None or job.is_terminal:
+            yield _final_event(ctx, job, kept[-1].id if kept else 0)
             return
-        if job.is_terminal and not ctx.hub.since(job_id, index):
-            data = prediction_data(ctx, job)
-            yield _sse(data["status"], data)
-            return
-        if await request.is_disconnected():
-            return
-        if time.monotonic() - last_beat > 15:
-            last_beat = time.monotonic()
-            yield ": keep-alive\n\n"
-        await asyncio.sleep(0.1)
+        said = STATUS[job.status]
+        yield ServerSentEvent(event="status", data={"id": job_id, "status": said}, id=str(last_seen))
+    events = [e for e in kept if e.id > last_seen]
+    while True:
+        for event in events:
+            last_seen = event.id
+            if event.ends_job:
+                yield _final_event(ctx, ctx.store.get(job_id), event.id)  # the row was final before the event
+                return
+            data = dict(event.data)
+            if event.kind == "status":
+                if STATUS[event.data["status"]] == said:
+                    continue
+                said = data["status"] = STATUS[event.data["status"]]
+            elif event.kind == "chunk" and data.pop("preview", None):
+                data["url"] = ctx.file_url(event.data["preview"])
+            yield ServerSentEvent(event=event.kind, data={**data, "ts": event.ts, "id": job_id}, id=str(event.id))
+        # quiet for a while (FastAPI sends the keep-alive comments): look whether the job's end got lost on the way
+        events = await ctx.hub.wait(job_id, last_seen, QUIET_CHECK_S)
+        if not events:
+            job = ctx.store.get(job_id)
+            if job is None or job.is_terminal:
+                yield _final_event(ctx, job, last_seen)
+                return
 
 
-def _sse(event: str, data: dict) -> str:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+def _final_event(ctx: ServerContext, job: Job | None, event_id: int) -> ServerSentEvent:
+    """The final event: named by the job's status, carrying its prediction (a comment when the job is gone)."""
+    if job is None:
+        return ServerSentEvent(comment="the job is gone")
+    data = prediction_data(ctx, job)
+    return ServerSentEvent(event=data["status"], data=data, id=str(event_id))
+
+
+def _event_number(last_event_id: str | None) -> int:
+    """The event a reconnecting client saw last (its Last-Event-ID); 0 when absent or not one of ours."""
+    value = (last_event_id or "").strip()
+    return int(value) if value.isascii() and value.isdigit() and len(value) < 19 else 0
