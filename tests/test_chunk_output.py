@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from magi_server.media import video
+from magi_server.media import mp4
 from magi_server.params import GenerationParams
 from magi_server.runtime.pipeline import MagiPipeline
 from magi_server.media.video import probe_video
@@ -34,7 +34,7 @@ def _sha(path) -> str:
 @pytest.fixture
 def slow_writer(monkeypatch):
     """Every append to an output MP4 (not a preview) takes SLOW_S longer; records (path, start, end) of each."""
-    append = video.Mp4Writer.append
+    append = mp4.Mp4Writer.append
     spans: list[tuple[str, float, float]] = []
 
     def slowed(self, frames):
@@ -48,7 +48,7 @@ def slow_writer(monkeypatch):
     writing = threading.Event()  # set when the first output append has begun
     slowed.writing = writing
 
-    monkeypatch.setattr(video.Mp4Writer, "append", slowed)
+    monkeypatch.setattr(mp4.Mp4Writer, "append", slowed)
     return spans
 
 
@@ -90,7 +90,7 @@ def test_trimmed_output_and_batched_jobs_match_the_library(pipe, tmp_path):
                    output_type="np")
         path = tmp_path / "async" / f"{job_id}.mp4"
         assert probe_video(path).frames == 30
-        with video.Mp4Writer(tmp_path / f"{job_id}.lib.mp4", 64, 64, fps=24) as writer:
+        with mp4.Mp4Writer(tmp_path / f"{job_id}.lib.mp4", 64, 64, fps=24) as writer:
             writer.append(lib.frames[:24])
             writer.append(lib.frames[24:30])
         assert _sha(path) == _sha(tmp_path / f"{job_id}.lib.mp4")
@@ -106,7 +106,7 @@ def test_cancel_drops_pending_output(pipe, slow_writer, tmp_path):
 
         run.runner.step = slow_step
         run.engine.submit("job", _params(frames=240), reserved=False)
-        assert video.Mp4Writer.append.writing.wait(60)  # the first chunk is being written
+        assert mp4.Mp4Writer.append.writing.wait(60)  # the first chunk is being written
         run.engine.cancel("job")
         assert run.rec.wait_for("job", timeout=30).kind == "cancelled"
         # dropped before the report, while the worker may still be inside the write
@@ -120,14 +120,14 @@ def test_cancel_drops_pending_output(pipe, slow_writer, tmp_path):
 
 
 def test_a_failing_encode_fails_only_its_job(pipe, monkeypatch, tmp_path):
-    append = video.Mp4Writer.append
+    append = mp4.Mp4Writer.append
 
     def broken(self, frames):
         if self.path.name == "bad.mp4":
-            raise video.VideoWriteError("ffmpeg stopped accepting frames (disk full)")
+            raise mp4.VideoWriteError("ffmpeg stopped accepting frames (disk full)")
         append(self, frames)
 
-    monkeypatch.setattr(video.Mp4Writer, "append", broken)
+    monkeypatch.setattr(mp4.Mp4Writer, "append", broken)
     with _Run(pipe, tmp_path) as run:
         run.engine.submit("bad", _params(frames=96, seed=1), reserved=False)
         run.engine.submit("good", _params(frames=96, seed=2), reserved=False)
@@ -147,7 +147,7 @@ def test_abort_from_another_thread_stops_a_write_in_progress(tmp_path):
     thread kills the encoder, the producer's append fails at once, and no file is left."""
     import numpy as np
 
-    writer = video.Mp4Writer(tmp_path / "x.mp4", 320, 240, fps=24)
+    writer = mp4.Mp4Writer(tmp_path / "x.mp4", 320, 240, fps=24)
     frames = np.random.default_rng(0).integers(0, 255, (24, 240, 320, 3), dtype=np.uint8)
     outcome = {}
 
@@ -155,7 +155,7 @@ def test_abort_from_another_thread_stops_a_write_in_progress(tmp_path):
         try:
             while True:
                 writer.append(frames)
-        except video.VideoWriteError as exc:
+        except mp4.VideoWriteError as exc:
             outcome["result"] = exc
 
     producer = threading.Thread(target=produce)
@@ -163,5 +163,5 @@ def test_abort_from_another_thread_stops_a_write_in_progress(tmp_path):
     time.sleep(0.3)
     writer.abort()
     producer.join(10)
-    assert not producer.is_alive() and isinstance(outcome["result"], video.VideoWriteError)
+    assert not producer.is_alive() and isinstance(outcome["result"], mp4.VideoWriteError)
     assert list(tmp_path.iterdir()) == []

@@ -60,8 +60,8 @@ def test_generate_chunkwise_prompts_and_random_seed(cache, tmp_path):
     [
         (["--width", 100, "--height", 64], "width"),
         (["--width", 64], "height"),
-        (["--steps", 7], "steps"),
-        (["--frames", 0], "frames"),
+        (["--steps", 7], "num_inference_steps"),  # the short flags are spellings of the contract's names
+        (["--frames", 0], "num_frames"),
         (["--image", "missing.png"], "image"),
         (["--resolution", "1080p"], "resolution"),
         (["--resolution", "480p", "--aspect-ratio", "4:3"], "aspect_ratio"),
@@ -139,7 +139,7 @@ def test_batch_bad_options_exit_2(cache, tmp_path):
     proc = generate("--batch", tmp_path / "ok.jsonl", cache=cache)
     assert proc.returncode == 2 and "error: out_dir: required" in proc.stderr
     proc = generate("--batch", tmp_path / "ok.jsonl", "--out-dir", tmp_path / "out", "--steps", 6, cache=cache)
-    assert proc.returncode == 2 and "error: steps: " in proc.stderr
+    assert proc.returncode == 2 and "error: num_inference_steps: " in proc.stderr
 
 
 # ------------------------------------------------------------------------------------- size table (in-process)

@@ -10,7 +10,7 @@ import pytest
 from magi_server.engine.loop import Engine, EngineEvent, EventKind, QueueFullError
 from magi_server.runtime.model_runner import ChunkDone, Finished, JobFailed, PrefillInfo, Prefilled
 from magi_server.params import GenerationParams
-from magi_server.media.video import InputError
+from magi_server.media import InputError
 
 
 class FakeRunner:
@@ -228,6 +228,7 @@ def test_bad_input_fails_only_that_job(engine_factory):
     engine.submit("y", _params(), reserved=False)
     failed = rec.wait_for("x")
     assert failed.kind == "failed" and failed.error_code == "invalid_input" and failed.error.startswith("image:")
+    assert failed.error_param == "image"  # the parameter travels as data, not only in the text
     assert rec.wait_for("y").kind == "finished"
 
 

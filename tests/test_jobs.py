@@ -14,6 +14,7 @@ import threading
 import pytest
 
 from magi_server.serving.jobs import (
+    SCHEMA_VERSION,
     TERMINAL,
     DuplicateJob,
     IdempotencyConflict,
@@ -329,7 +330,7 @@ def test_wal_and_synchronous_full_are_set(tmp_path):
     # What another process sees: the file itself is in WAL mode and versioned.
     conn = sqlite3.connect(tmp_path / "a.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert conn.execute("SELECT progress_done FROM jobs").fetchone()[0] == 1
     conn.close()
     assert (tmp_path / "a.db").stat().st_mode & 0o077 == 0  # prompts and tenant keys: owner-only
@@ -347,6 +348,27 @@ def test_reopen_keeps_data_and_refuses_newer_schema(tmp_path):
     conn.close()
     with pytest.raises(JobStoreError, match="schema version 99"):
         JobStore(path)
+
+
+def test_a_version_1_store_is_migrated_in_place(tmp_path):
+    """Version 2 added the parameter a failure names; a store written by version 1 keeps its jobs and gains it."""
+    path = tmp_path / "v1.db"
+    with JobStore(path) as s:
+        job = s.create(make_job())
+        s.fail(job.id, "image: not a PNG", "invalid_input", "image")
+    conn = sqlite3.connect(path)  # back to what version 1 wrote
+    conn.execute("ALTER TABLE jobs DROP COLUMN error_param")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with JobStore(path) as s:
+        old = s.get(job.id)
+        assert (old.status, old.error, old.error_param) == (JobStatus.FAILED, "image: not a PNG", "")
+        other = s.create(make_job(prompt="second"))
+        assert s.fail(other.id, "seed: too big", "invalid_input", "seed").error_param == "seed"
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    conn.close()
 
 
 def test_closed_store_raises(tmp_path):

@@ -7,7 +7,8 @@ import httpx
 import numpy as np
 import pytest
 
-from magi_server.media.video import encode_png, probe_video
+from magi_server.media.images import encode_png
+from magi_server.media.video import probe_video
 from tests.procs import ServerProcess
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

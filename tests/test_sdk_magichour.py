@@ -24,7 +24,8 @@ import pytest
 pytest.importorskip("magic_hour", reason="the official Magic Hour SDK is not installed: pip install magic-hour==0.90.0")
 
 from magi_server.params import output_size  # noqa: E402
-from magi_server.media.video import encode_png, probe_video  # noqa: E402
+from magi_server.media.images import encode_png  # noqa: E402
+from magi_server.media.video import probe_video  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test"

@@ -19,7 +19,8 @@ from magi_server.params import output_size
 from magi_server.serving.jobs import Job, JobStatus
 from magi_server.params import GenerationParams
 from magi_server.runtime.pipeline import MagiPipeline
-from magi_server.media.video import encode_png, probe_video
+from magi_server.media.images import encode_png
+from magi_server.media.video import probe_video
 from tests.server_utils import running_server, tiny_settings
 
 QUEUE = "https://localhost:8443"
@@ -405,17 +406,22 @@ def test_auth_and_tenants(tmp_path, pipeline):
         assert mine.status_code in (200, 202)
 
 
-def _failed_job(ctx, error: str, code: str) -> str:
-    """A fal job stored and failed the way the engine fails one (never handed to the engine)."""
-    params = GenerationParams(prompts=("x",), width=96, height=64, num_frames=96, num_inference_steps=8, seed=1, trim_to_frames=True)
+def _failed_job(ctx, error: str, code: str, param: str = "") -> str:
+    """A fal job stored and failed through the engine's failure event (never handed to the engine itself)."""
+    from magi_server.engine.loop import EngineEvent, EventKind
+    from magi_server.serving.events import on_engine_event
+
+    params = GenerationParams(prompts=("x",), width=96, height=64, num_frames=96, num_inference_steps=8, seed=1,
+                              trim_to_frames=True)
     job = ctx.store.create(Job.new("fal", DISTILLED, params, meta={"app": DISTILLED}))
-    assert ctx.store.fail(job.id, error, code) is not None
+    on_engine_event(ctx, EngineEvent(EventKind.FAILED, job.id, error=error, error_code=code, error_param=param))
+    assert ctx.store.get(job.id).status is JobStatus.FAILED
     return job.id
 
 
 def test_failed_job_result_is_its_error_status(fal):
     ctx, queue, _ = fal
-    rid = _failed_job(ctx, "image: not a PNG, JPEG or WebP image", "invalid_input")
+    rid = _failed_job(ctx, "image: not a PNG, JPEG or WebP image", "invalid_input", param="image")
     r = queue.get(f"/{DISTILLED}/requests/{rid}")
     assert r.status_code == 422 and r.headers["x-fal-request-id"] == rid
     assert r.json()["detail"] == [{"loc": ["body", "image_url"], "msg": "not a PNG, JPEG or WebP image",

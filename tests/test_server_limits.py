@@ -17,7 +17,8 @@ import pytest
 
 from magi_server.serving.jobs import JobStatus
 from magi_server.runtime.pipeline import MagiPipeline
-from magi_server.media.video import encode_png, probe_video
+from magi_server.media.images import encode_png
+from magi_server.media.video import probe_video
 from tests.server_utils import running_server, tiny_settings, wait_status
 
 MODEL = "/api/v3/wavespeed-ai/magi-1-24b"
@@ -402,3 +403,37 @@ def test_the_apis_name_the_same_parameter_for_the_same_bad_value(tmp_path, pipel
                 assert r.status_code == 422 and r.json()["field"] == magichour_name, (magichour, r.text)
         assert sum(ctx.store.count_by_status().values()) == 0
         assert not ctx.uploads_dir.exists() or not list(ctx.uploads_dir.iterdir())
+
+
+@pytest.mark.parametrize("fields, name", [
+    ({"seed": 2**40}, "seed"),
+    ({"num_frames": 100_000}, "num_frames"),
+    ({"num_inference_steps": 3}, "num_inference_steps"),
+    ({"resolution": "1080p"}, "resolution"),
+    ({"width": 100, "height": 64}, "width"),
+    ({"prompt": "p" * 5000}, "prompt"),
+])
+def test_the_offline_doors_name_the_same_parameter(tmp_path, pipeline, capsys, fields, name):
+    """The same bad values through the offline doors: a JSONL line, the generate command's flags and
+    MagiPipeline.__call__ all refuse with the contract's name, the one the HTTP APIs above use (the pipeline has
+    width and height instead of resolution tiers)."""
+    from magi_server.models.config import preset
+    from magi_server.params import ParamError
+    from magi_server.tools import cli
+    from magi_server.tools.generate import parse_job
+
+    with pytest.raises(ParamError) as info:
+        parse_job({"prompt": "x", **fields}, preset("tiny"))
+    assert info.value.param == name
+
+    flags = []
+    for key, value in {"prompt": "x", **fields}.items():
+        flags += [f"--{key.replace('_', '-')}", str(value)]
+    code = cli.main(["generate", *flags, "--cache-dir", str(tmp_path / "cache"), "-o", str(tmp_path / "x.mp4")])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {name}: ")
+
+    if "resolution" not in fields:
+        with pytest.raises(ParamError) as info:
+            pipeline(**{"prompt": "x", **fields}, output_path=tmp_path / "y.mp4")
+        assert info.value.param == name
+    assert not (tmp_path / "x.mp4").exists() and not (tmp_path / "y.mp4").exists()

@@ -15,7 +15,8 @@ import pytest
 from magi_server.serving.common import pick_aspect
 from magi_server.params import output_size
 from magi_server.runtime.pipeline import MagiPipeline
-from magi_server.media.video import encode_png, probe_video
+from magi_server.media.images import encode_png
+from magi_server.media.video import probe_video
 from tests.server_utils import running_server, tiny_settings
 
 CREATE = "/v1/image-to-video"

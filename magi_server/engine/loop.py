@@ -66,6 +66,7 @@ class EngineEvent:
     inference_ms: int | None = None
     error: str = ""
     error_code: str = ""
+    error_param: str = ""  # the request parameter an "invalid_input" failure names
 
 
 UNKNOWN_MEMORY_BUDGET = 1 << 62  # ServerSettings' default: no budget configured
@@ -230,7 +231,8 @@ class Engine:
             self._scheduler.add(request)
         except Exception as exc:  # e.g. larger than the whole memory budget: it can never run
             self._leave_queue(request)
-            self._emit(EngineEvent(EventKind.FAILED, request.id, error=str(exc), error_code="invalid_input"))
+            self._emit(EngineEvent(EventKind.FAILED, request.id, error=str(exc), error_code="invalid_input",
+                                   error_param=exc.param if isinstance(exc, ParamError) else ""))
 
     def _collect(self, result: StepResult) -> None:
         """Add the runner's finished background work to ``result``; chunk writes and closes are events at once."""
@@ -258,7 +260,8 @@ class Engine:
             self._leave_queue(request)
             self.runner.release(request.id)  # before the report: a client told "cancelled" finds no partial output
             kind = EventKind.CANCELLED if request.status is RequestStatus.CANCELLED else EventKind.FAILED
-            self._emit(EngineEvent(kind, request.id, error=request.error, error_code=request.error_code))
+            self._emit(EngineEvent(kind, request.id, error=request.error, error_code=request.error_code,
+                                   error_param=request.error_param))
         if self._device_error is not None:
             raise _DeviceLost(self._device_error)  # the jobs it failed are reported; nothing more can run
         for job_id in plan.finish:
@@ -298,7 +301,7 @@ class Engine:
             self._device_error = self._device_error or f"device error: {text}"
         log.error("job failed", exc_info=exc)
         if isinstance(exc, ParamError):
-            return Failure("invalid_input", text)
+            return Failure("invalid_input", text, exc.param)
         name = type(exc).__name__
         if name == "OutOfMemoryError" or "out of memory" in text.lower():
             return Failure("oom", "the GPU ran out of memory for this job; try fewer frames, a lower resolution or "

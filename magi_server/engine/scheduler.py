@@ -76,6 +76,7 @@ class Request:
     # why it ended (FAILED / CANCELLED): a short code and the message a client reads
     error_code: str = ""
     error: str = ""
+    error_param: str = ""
     # set by the scheduler: the runner's batch key and call count after prefill, the deadline after admission
     batch_key: Hashable | None = None
     calls_total: int = 0
@@ -126,6 +127,7 @@ class Failure:
 
     error_code: str  # "invalid_input", "oom", "internal", ...
     error: str  # what the client reads
+    param: str = ""  # the request parameter an "invalid_input" failure names
 
 
 @dataclass
@@ -349,7 +351,7 @@ class Scheduler:
 
     def _end(self, request: Request, status: RequestStatus, why: Failure) -> None:
         request.status = status
-        request.error_code, request.error = why.error_code, why.error
+        request.error_code, request.error, request.error_param = why.error_code, why.error, why.param
         self._waiting.pop(request.id, None)
         self._admitted.pop(request.id, None)
         self._ended.append(request)

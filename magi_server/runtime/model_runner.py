@@ -44,7 +44,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from magi_server.media.video import InputError, Mp4Writer, load_image, load_video, resize_image
+from magi_server.media import InputError
+from magi_server.media.images import load_image, resize_image
+from magi_server.media.mp4 import Mp4Writer
+from magi_server.media.video import load_video
 from magi_server.models.config import MagiConfig
 from magi_server.models.text_encoder import CaptionTokenOptions, SpecialTokens, build_chunk_captions
 from magi_server.models.vae import TileConfig, decode_to_frames, encode_video_uint8

@@ -9,7 +9,7 @@ GenerationParams, Job -> provider envelope. Everything that must behave the same
 * :class:`ProviderRoute`: whatever refuses a request (the request model, the contract's :func:`validate`, a
   dependency such as :func:`api_key_auth`, a full queue) is answered in the route's own provider's error format,
   always a 4xx (or 503) and never a 5xx;
-* image intake: fetch (http(s) with the SSRF rules of video.load_image, data: URIs, or our own upload URLs),
+* image intake: fetch (http(s) with the SSRF rules of media.fetch, data: URIs, or our own upload URLs),
   decode, center-crop to the target aspect ratio, store as a PNG in the uploads folder once the request is valid;
 * uploads: one way to store bytes, one presigned-URL ticket flow (WaveSpeed and Magic Hour);
 * the submit flow: reserve a queue slot (429 when full, nothing stored), write the job durably (once per
@@ -46,7 +46,9 @@ from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
 from magi_server.engine.loop import Engine, QueueFullError
-from magi_server.media.video import InputError, SourcePolicy, encode_png, load_image
+from magi_server.media import InputError
+from magi_server.media.fetch import SourcePolicy
+from magi_server.media.images import encode_png, load_image
 from magi_server.params import (ASPECT_RATIOS, RESOLUTIONS, GenerationParams, ModelLimits, ParamError, output_size,
                                 resolve_seed, validate)
 from magi_server.serving.events import EventHub

@@ -193,7 +193,7 @@ def on_engine_event(ctx: "ServerContext", event: EngineEvent) -> None:
         elif event.kind == "cancelled":
             job = store.cancel(job_id)
         else:
-            job = store.fail(job_id, event.error, event.error_code)
+            job = store.fail(job_id, event.error, event.error_code, event.error_param)
         if job is None:
             job = store.get(job_id)
             if job is not None and job.status is JobStatus.CANCELLED and event.output:

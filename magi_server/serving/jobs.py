@@ -37,7 +37,7 @@ from pathlib import Path
 
 from magi_server.params import GenerationParams
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APIS = ("wavespeed", "fal", "magichour")
 MAX_IDEMPOTENCY_KEY_LEN = 255  # Stripe's limit; longer keys are a client bug, not something to hash away
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -86,6 +86,7 @@ class Job:
     outputs: list[str] = field(default_factory=list)  # file names relative to the outputs folder
     error: str = ""
     error_code: str = ""  # "timeout", "interrupted", "invalid_input", "cancelled", "internal", ...
+    error_param: str = ""  # the request parameter an "invalid_input" failure names (params.ParamError.param)
     attempts: int = 0
     inference_ms: int | None = None
     owner: str = ""  # opaque tenant key; "" when auth is off
@@ -119,6 +120,7 @@ CREATE TABLE jobs (
     outputs         TEXT NOT NULL DEFAULT '[]',  -- JSON list of file names
     error           TEXT NOT NULL DEFAULT '',
     error_code      TEXT NOT NULL DEFAULT '',
+    error_param     TEXT NOT NULL DEFAULT '',
     attempts        INTEGER NOT NULL DEFAULT 0,
     inference_ms    INTEGER,
     owner           TEXT NOT NULL DEFAULT '',
@@ -133,7 +135,7 @@ CREATE UNIQUE INDEX jobs_idempotency ON jobs (owner, idempotency_key) WHERE idem
 """
 
 _COLUMNS = ("id", "api", "model", "status", "params", "created_at", "started_at", "finished_at", "progress_done",
-            "progress_total", "outputs", "error", "error_code", "attempts", "inference_ms", "owner", "meta",
+            "progress_total", "outputs", "error", "error_code", "error_param", "attempts", "inference_ms", "owner", "meta",
             "idempotency_key")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 _ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
@@ -232,8 +234,9 @@ class JobStore:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            # Later versions add steps here: `if version < 2: ...` then bump user_version, inside this transaction.
+            elif version < 2:  # each later version adds its step here, inside this transaction
+                conn.execute("ALTER TABLE jobs ADD COLUMN error_param TEXT NOT NULL DEFAULT ''")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -297,7 +300,7 @@ class JobStore:
             "created_at": float(job.created_at), "started_at": job.started_at, "finished_at": job.finished_at,
             "progress_done": int(job.progress_done), "progress_total": int(job.progress_total),
             "outputs": _json([str(o) for o in job.outputs]), "error": _text(job.error),
-            "error_code": _text(job.error_code), "attempts": int(job.attempts), "inference_ms": job.inference_ms,
+            "error_code": _text(job.error_code), "error_param": _text(job.error_param), "attempts": int(job.attempts), "inference_ms": job.inference_ms,
             "owner": _text(job.owner), "meta": _json(job.meta),
             "idempotency_key": None if job.idempotency_key is None else _text(job.idempotency_key),
             "idempotency_fingerprint": fingerprint,
@@ -446,10 +449,11 @@ class JobStore:
             "status = 'completed', finished_at = ?, outputs = ?, inference_ms = ?, error = '', error_code = ''",
             (self._clock(), _json([str(o) for o in outputs]), None if inference_ms is None else int(inference_ms)))
 
-    def fail(self, job_id: str, error: str, error_code: str) -> Job | None:
+    def fail(self, job_id: str, error: str, error_code: str, error_param: str = "") -> Job | None:
         """QUEUED or RUNNING -> FAILED (a queued job can fail too: timeout in queue, input gone)."""
-        return self._transition(job_id, _ACTIVE, "status = 'failed', finished_at = ?, error = ?, error_code = ?",
-                                (self._clock(), _text(error), _text(error_code)))
+        return self._transition(
+            job_id, _ACTIVE, "status = 'failed', finished_at = ?, error = ?, error_code = ?, error_param = ?",
+            (self._clock(), _text(error), _text(error_code), _text(error_param)))
 
     def cancel(self, job_id: str) -> Job | None:
         """QUEUED or RUNNING -> CANCELLED. The engine still has to stop a running job; the row is final now."""

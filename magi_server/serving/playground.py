@@ -10,6 +10,9 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
+from magi_server.params import FPS, RANDOM_SEEDS
+from magi_server.serving.adapters.wavespeed import MAX_NUM_FRAMES
+
 PAGE = r"""<!doctype html>
 <html lang="en">
 <head>
@@ -39,9 +42,9 @@ PAGE = r"""<!doctype html>
   <label for="image">First frame (optional)</label>
   <input id="image" name="image" type="file" accept="image/png,image/jpeg,image/webp">
   <label for="seed">Seed (-1 = random)</label>
-  <input id="seed" name="seed" type="number" value="-1" min="-1" max="2147483647">
+  <input id="seed" name="seed" type="number" value="-1" min="-1" max="@MAX_SEED@">
   <label for="frames">Frames (24 fps)</label>
-  <input id="frames" name="frames" type="number" value="96" min="24" max="1440" step="24">
+  <input id="frames" name="frames" type="number" value="96" min="@FPS@" max="@MAX_FRAMES@" step="@FPS@">
   <label for="resolution">Resolution</label>
   <select id="resolution" name="resolution"><option>480p</option><option selected>720p</option></select>
   <label for="aspect">Aspect ratio</label>
@@ -170,7 +173,12 @@ readyNotice();
 """
 
 
+# the form's bounds are WaveSpeed's, whose API the page calls (serving/adapters/wavespeed.py SubmitBody)
+PAGE_HTML = (PAGE.replace("@MAX_SEED@", str(RANDOM_SEEDS - 1)).replace("@MAX_FRAMES@", str(MAX_NUM_FRAMES))
+             .replace("@FPS@", str(FPS)))
+
+
 def add_playground(app: FastAPI) -> None:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground() -> HTMLResponse:
-        return HTMLResponse(PAGE)
+        return HTMLResponse(PAGE_HTML)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from magi_server.params import MAX_PROMPT_CHARS
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -28,7 +30,7 @@ class ServerSettings:
     job_timeout_s: float | None = 3600.0
     sync_timeout_s: float = 600.0  # WaveSpeed sync mode / fal run: how long a request may hold its connection
     max_attempts: int = 2  # runs of one job across crashes before it fails as "interrupted"
-    max_prompt_chars: int = 4000
+    max_prompt_chars: int = MAX_PROMPT_CHARS
     # hosted-API defaults for fields a provider does not expose (api-compat.md §8.4)
     default_num_frames: int = 96
     default_resolution: str = "720p"

@@ -49,7 +49,9 @@ possible; stderr says "error: <parameter>: <message>").
 """
 
 # The flags that describe one video; their argparse names are the field names a JSONL batch line uses.
-_JOB_FLAGS = ("frames", "resolution", "aspect_ratio", "width", "height", "steps")
+# named as the request contract names them (params.GenerationParams), so an error names the same parameter as the
+# HTTP APIs and MagiPipeline do; --frames and --steps are kept as short spellings
+_JOB_FLAGS = ("num_frames", "resolution", "aspect_ratio", "width", "height", "num_inference_steps")
 
 
 def _cache_dir(flag: str | None) -> Path:
@@ -62,7 +64,7 @@ def _cache_dir(flag: str | None) -> Path:
 def _device(flag: str | None) -> str:
     import torch
 
-    from magi_server.media.video import InputError
+    from magi_server.media import InputError
 
     if flag is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,7 +175,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from magi_server.serving.settings import ServerSettings
     from magi_server.composition import serve
-    from magi_server.media.video import InputError
+    from magi_server.media import InputError
     from magi_server.tools.generate import model_config
 
     handler = logging.StreamHandler()
@@ -318,12 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--seed", type=int, metavar="N", help="random seed (default: random; printed at the end)")
     one.add_argument("-o", "--output", metavar="PATH", help="MP4 to write (default: magi-<seed>.mp4)")
     opts = gen.add_argument_group("video options (with --batch: defaults for lines that do not set them)")
-    opts.add_argument("--frames", type=int, metavar="N", help="frames at 24 fps (default: the model config's)")
+    opts.add_argument("--num-frames", "--frames", dest="num_frames", type=int, metavar="N",
+                      help="frames at 24 fps (default: the model config's)")
     opts.add_argument("--resolution", metavar="{480p,720p}", help="output size preset (see the table below)")
     opts.add_argument("--aspect-ratio", metavar="{16:9,9:16,1:1,auto}", help="with --resolution (default: auto)")
     opts.add_argument("--width", type=int, metavar="W", help="output width, a multiple of 16 (with --height)")
     opts.add_argument("--height", type=int, metavar="H", help="output height, a multiple of 16 (with --width)")
-    opts.add_argument("--steps", type=int, metavar="N", help="sampling steps (default: the model config's)")
+    opts.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, metavar="N",
+                      help="sampling steps (default: the model config's)")
     bat = gen.add_argument_group("batch")
     bat.add_argument("--batch", metavar="FILE.jsonl", help="generate every line of a JSONL file (see below)")
     bat.add_argument("--out-dir", metavar="DIR", help="where --batch writes its MP4s and batch_report.json")

@@ -32,7 +32,7 @@ from typing import Any, TextIO
 
 from magi_server import params as contract
 from magi_server.params import GenerationParams, ParamError
-from magi_server.media.video import InputError
+from magi_server.media import InputError
 
 # (width, height) per resolution and aspect ratio: the contract's one size table (the server's too), by tier
 RESOLUTIONS: Mapping[str, Mapping[str, tuple[int, int]]] = MappingProxyType({
@@ -449,7 +449,7 @@ def _source(name: str, value: Any, base_dir: Path | None) -> str | None:
 
 
 def _image_size(source: str) -> tuple[int, int]:
-    from magi_server.media.video import load_image
+    from magi_server.media.images import load_image
 
     array = load_image(source)
     return array.shape[1], array.shape[0]

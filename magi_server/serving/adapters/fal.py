@@ -245,10 +245,10 @@ def failure_response(job: Job) -> JSONResponse:
     """The result call of a failed or cancelled request: the status code and body the model run ended with."""
     status, error_type = FAILURE_STATUS.get(job.error_code, (500, "internal_error"))
     if status == 422:
-        # the store keeps a failure as the text of its ParamError, "<param>: <message>"
-        head, sep, rest = job.error.partition(": ")
-        field = FIELDS.get(head) if sep else None
-        detail = [detail_error(field, rest if field else job.error, error_type)]
+        # the job keeps the parameter its ParamError named; its text reads "<param>: <message>"
+        field = FIELDS.get(job.error_param) if job.error_param else None
+        message = job.error.removeprefix(f"{job.error_param}: ") if field else job.error
+        detail = [detail_error(field, message, error_type)]
     elif job.status is JobStatus.CANCELLED:
         detail = "Request was cancelled"
     else:

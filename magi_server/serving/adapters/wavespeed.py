@@ -81,6 +81,7 @@ QUIET_CHECK_S = 15.0  # how often a quiet event stream looks in the store whethe
 
 # contract parameter -> WaveSpeed field, for a refusal by params.validate (the rest are named alike)
 FIELDS = MappingProxyType({"width": "resolution", "height": "resolution"})
+MAX_NUM_FRAMES = 60 * FPS  # WaveSpeed's documented bound: one minute (the playground's form shares it)
 
 
 class SubmitBody(BaseModel):
@@ -91,7 +92,7 @@ class SubmitBody(BaseModel):
     image: Text | None = Field(None, max_length=MAX_IMAGE_REF_CHARS, description=(
         "first frame: an http(s) URL, a data: URI, bare base64, or an upload's download_url; absent: text-to-video"))
     seed: Int | None = Field(-1, ge=-1, lt=RANDOM_SEEDS, description="-1 (or absent): random")
-    num_frames: Int | None = Field(None, ge=FPS, le=60 * FPS, description="absent: the server's default")
+    num_frames: Int | None = Field(None, ge=FPS, le=MAX_NUM_FRAMES, description="absent: the server's default")
     frames_per_second: Literal[FPS] | None = None
     resolution: Resolution | None = Field(None, description="absent: the server's default")
     aspect_ratio: AspectRatio | None = None
