@@ -15,12 +15,13 @@ from pathlib import Path
 from magi_server.engine.loop import Engine
 from magi_server.serving.app import create_app, shutdown
 from magi_server.serving.events import on_engine_event
+from magi_server.serving.janitor import Janitor
 from magi_server.serving.common import ServerContext
 from magi_server.serving.jobs import JobStore
 from magi_server.serving.metrics import GaugeReaders, Metrics
 from magi_server.serving.settings import ServerSettings
 
-log = logging.getLogger("magi_server.server")
+log = logging.getLogger("magi_server.composition")
 
 
 def build_context(settings: ServerSettings, *, pipeline=None) -> ServerContext:
@@ -52,6 +53,8 @@ def build_context(settings: ServerSettings, *, pipeline=None) -> ServerContext:
     ctx = ServerContext(settings=settings, store=store, engine=engine, executor=executor,
                         model_name=str(settings.model), notice=notice, metrics=metrics,
                         model_limits=executor.model_limits())
+    if settings.keep_jobs_s:
+        ctx.janitor = Janitor(store, settings.outputs_dir, settings.keep_jobs_s)
     holder["ctx"] = ctx
 
     requeued, failed = store.recover_after_restart(settings.max_attempts)
@@ -61,6 +64,8 @@ def build_context(settings: ServerSettings, *, pipeline=None) -> ServerContext:
     for job in store.queued_in_order():
         engine.submit(job.id, job.params, reserved=False)
     engine.start()
+    if ctx.janitor is not None:
+        ctx.janitor.start()
     return ctx
 
 

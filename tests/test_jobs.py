@@ -248,13 +248,13 @@ def test_prune_deletes_only_old_terminal_jobs(store, clock):
     recent = store.create(make_job())
     store.cancel(recent.id)
     clock.now = 250.0
-    assert store.prune(older_than_s=1000) == 0
+    assert store.prune_jobs(older_than_s=1000) == []
     pruned = store.prune_jobs(older_than_s=100)  # cutoff 150: only the two finished at t=100
     assert {j.id for j in pruned} == {old_done.id, old_failed.id}
     assert [j.outputs for j in pruned if j.id == old_done.id] == [["a.mp4"]]
     assert store.get(old_done.id) is None and store.get(old_failed.id) is None
     assert store.get(old_queued.id) and store.get(old_running.id) and store.get(recent.id)
-    assert store.prune(older_than_s=0) == 1
+    assert [j.id for j in store.prune_jobs(older_than_s=0)] == [recent.id]
 
 
 # -- idempotency ----------------------------------------------------------------------------------------------

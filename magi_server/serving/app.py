@@ -206,6 +206,8 @@ def _add_file_routes(app: FastAPI, ctx: ServerContext) -> None:
 
 def shutdown(ctx: ServerContext) -> None:
     """Graceful stop: the running job goes back to the queue (its attempt refunded), queued jobs stay stored."""
+    if ctx.janitor is not None:
+        ctx.janitor.stop()
     ctx.engine.stop()
     for job in ctx.store.list([JobStatus.RUNNING], limit=10_000):
         ctx.store.requeue(job.id)

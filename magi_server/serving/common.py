@@ -132,6 +132,7 @@ class ServerContext:
     webhook_secret: str = field(default_factory=lambda: "whsec_" + secrets.token_hex(24))
     started_at: float = field(default_factory=time.time)
     model_limits: ModelLimits = field(default_factory=ModelLimits)  # the served model's (the composition root's)
+    janitor: Any = None  # serving.janitor.Janitor when finished jobs have a time to live
 
     @property
     def outputs_dir(self) -> Path:

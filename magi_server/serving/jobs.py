@@ -508,7 +508,3 @@ class JobStore:
             rows = conn.execute(f"{_SELECT} WHERE {where}", args).fetchall()
             conn.execute(f"DELETE FROM jobs WHERE {where}", args)
         return [self._row_to_job(r) for r in rows]
-
-    def prune(self, older_than_s: float) -> int:
-        """Like prune_jobs, returning only how many rows went."""
-        return len(self.prune_jobs(older_than_s))

@@ -31,6 +31,7 @@ class ServerSettings:
     sync_timeout_s: float = 600.0  # WaveSpeed sync mode / fal run: how long a request may hold its connection
     max_attempts: int = 2  # runs of one job across crashes before it fails as "interrupted"
     max_prompt_chars: int = MAX_PROMPT_CHARS
+    keep_jobs_s: float | None = 7 * 24 * 3600.0  # finished jobs and their files live this long; None: forever
     # hosted-API defaults for fields a provider does not expose (api-compat.md §8.4)
     default_num_frames: int = 96
     default_resolution: str = "720p"

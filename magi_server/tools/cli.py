@@ -214,6 +214,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         resolution_scale=scale, fal_queue_port=args.fal_queue_port, fal_run_port=args.fal_run_port,
         tls_certfile=args.tls_cert, tls_keyfile=args.tls_key, cache_dir=str(_cache_dir(args.cache_dir)),
         max_body_bytes=args.max_body_mb * 1024 * 1024, compile=args.compile,
+        keep_jobs_s=args.keep_jobs_hours * 3600.0 or None,
         **({} if budget is None else {"memory_budget_bytes": budget}),
     )
     serve(settings)
@@ -362,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--job-timeout", type=float, default=3600.0, help="seconds a job may run (0 = no limit)")
     srv.add_argument("--sync-timeout", type=float, default=600.0, help="seconds a sync-mode request may wait")
     srv.add_argument("--max-body-mb", type=int, default=25, help="largest request body accepted")
+    srv.add_argument("--keep-jobs-hours", type=float, default=168.0,
+                     help="finished jobs, their videos and inputs are deleted this long after they end (0 = never)")
     srv.add_argument("--resolution-scale", type=float, default=None,
                      help="render every size smaller (default: 1/8 for the tiny preset, 1 otherwise)")
     srv.add_argument("--fal-queue-port", type=int, default=None, help="TLS port for fal-client's queue calls")

@@ -1,0 +1,67 @@
+"""Retention: the janitor deletes finished jobs, with their outputs, chunk previews and stored inputs, once they
+are older than the server's time to live (``serve --keep-jobs-hours``).
+
+Rows go first and files after (:meth:`JobStore.prune_jobs` returns the rows it deleted): a crash in between
+leaves orphan files, never a job whose result URL points at a missing file. Hosted APIs keep results for days,
+not forever; without this a busy server fills its disk.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from magi_server.serving.jobs import Job, JobStore
+
+log = logging.getLogger("magi_server.serving.janitor")
+
+
+class Janitor:
+    """Sweeps every ``interval_s`` on a thread of its own; :meth:`sweep` is one pass (tests call it directly)."""
+
+    def __init__(self, store: JobStore, outputs_dir: str | Path, ttl_s: float, interval_s: float = 600.0) -> None:
+        self.store = store
+        self.outputs_dir = Path(outputs_dir)
+        self.ttl_s = ttl_s
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sweep(self) -> list[Job]:
+        """Delete the jobs that ended more than ``ttl_s`` ago, then their files; returns the deleted jobs."""
+        jobs = self.store.prune_jobs(self.ttl_s)
+        for job in jobs:
+            for path in self._files_of(job):
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    log.warning("could not remove %s: %s", path, exc)
+        if jobs:
+            log.info("retention: removed %d job(s) older than %.0f h", len(jobs), self.ttl_s / 3600)
+        return jobs
+
+    def _files_of(self, job: Job) -> list[Path]:
+        files = [self.outputs_dir / name for name in job.outputs]
+        files += self.outputs_dir.glob(f"{job.id}.chunk*.mp4")  # the chunk previews streamed while it ran
+        uploads = (self.outputs_dir / "uploads").resolve()
+        for stored in (job.params.image_path, job.params.video_path):
+            # only an input this server stored for the job: a path outside the uploads folder is not ours to delete
+            if stored and Path(stored).resolve().parent == uploads:
+                files.append(Path(stored))
+        return files
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="magi-janitor", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.sweep()
+            except Exception:  # a store error now is retried at the next sweep; the server goes on
+                log.exception("retention sweep failed")
