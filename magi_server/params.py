@@ -48,6 +48,13 @@ RESOLUTION_SIZES = MappingProxyType({
 })
 
 
+def nearest_aspect(width: int, height: int) -> str:
+    """The listed aspect ratio closest to width:height, by |log(w/h) - log(r)| ("auto" with an image: api-compat.md
+    §5): what an image's own shape asks for."""
+    ratios = {"16:9": 16 / 9, "9:16": 9 / 16, "1:1": 1.0}
+    return min(ASPECT_RATIOS, key=lambda name: abs(math.log(width / height / ratios[name])))
+
+
 def output_size(resolution: str, aspect_ratio: str, scale: float = 1.0) -> tuple[int, int]:
     """(width, height) for a tier and an aspect ratio ("auto" must be resolved first), optionally scaled down
     (rounded to multiples of 16, at least 32) for small test models."""

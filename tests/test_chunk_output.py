@@ -12,7 +12,7 @@ import pytest
 from magi_server.media import mp4
 from magi_server.params import GenerationParams
 from magi_server.runtime.pipeline import MagiPipeline
-from magi_server.media.video import probe_video
+from tests.media_utils import probe_video
 from tests.test_async_prefill import _Run
 
 SLOW_S = 0.5

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from magi_server.media.video import probe_video
+from tests.media_utils import probe_video
 from magi_server.models.config import preset
 from magi_server.params import MAX_SEED, ParamError
 from magi_server.tools.generate import RESOLUTIONS, parse_job, resolve_size

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from magi_server.media.images import encode_png
-from magi_server.media.video import probe_video
+from tests.media_utils import probe_video
 from magi_server.params import output_size
 from magi_server.runtime.model_runner import plan_frames_for_output
 from magi_server.runtime.pipeline import MagiPipeline

@@ -11,7 +11,7 @@ from magi_server.runtime.chunking import chunk_layout, plan_sampler_calls, token
 from magi_server.runtime.pipeline import MagiPipeline
 from magi_server.runtime.sampler import SamplerSettings, plan_request, sampler_step, start_sampler
 from magi_server.media.mp4 import Mp4Writer
-from magi_server.media.video import probe_video
+from tests.media_utils import probe_video
 
 SIZE = dict(height=64, width=64)  # the tiny model at 64x64: 4x4 patches per latent frame
 

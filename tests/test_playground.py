@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from magi_server.media.images import encode_png
-from magi_server.media.video import probe_video
+from tests.media_utils import probe_video
 from tests.procs import ServerProcess
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

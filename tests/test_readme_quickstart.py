@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from magi_server.media.video import probe_video
+from tests.media_utils import probe_video
 from tests.golden_utils import REPO_ROOT
 
 BASE = "http://127.0.0.1:8000"

@@ -23,7 +23,7 @@ import pytest
 
 from magi_server.params import output_size
 from magi_server.media.images import encode_png
-from magi_server.media.video import probe_video
+from tests.media_utils import probe_video
 
 MISSING = [name for name in ("fal_client", "trustme") if importlib.util.find_spec(name) is None]
 needs_sdk = pytest.mark.skipif(bool(MISSING), reason=f"{' and '.join(MISSING)} not installed "

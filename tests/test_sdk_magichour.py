@@ -25,7 +25,7 @@ pytest.importorskip("magic_hour", reason="the official Magic Hour SDK is not ins
 
 from magi_server.params import output_size  # noqa: E402
 from magi_server.media.images import encode_png  # noqa: E402
-from magi_server.media.video import probe_video  # noqa: E402
+from tests.media_utils import probe_video  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test"

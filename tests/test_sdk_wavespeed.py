@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from magi_server.media.video import probe_video
+from tests.media_utils import probe_video
 from tests.procs import ServerProcess
 
 wavespeed = pytest.importorskip(

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from magi_server.media.video import probe_video
+from tests.media_utils import probe_video
 from tests.procs import ServerProcess
 
 MODEL = "/api/v3/wavespeed-ai/magi-1-24b"

@@ -20,7 +20,7 @@ from magi_server.serving.jobs import Job, JobStatus
 from magi_server.params import GenerationParams
 from magi_server.runtime.pipeline import MagiPipeline
 from magi_server.media.images import encode_png
-from magi_server.media.video import probe_video
+from tests.media_utils import probe_video
 from tests.server_utils import running_server, tiny_settings
 
 QUEUE = "https://localhost:8443"

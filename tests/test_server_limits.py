@@ -18,7 +18,7 @@ import pytest
 from magi_server.serving.jobs import JobStatus
 from magi_server.runtime.pipeline import MagiPipeline
 from magi_server.media.images import encode_png
-from magi_server.media.video import probe_video
+from tests.media_utils import probe_video
 from tests.server_utils import running_server, tiny_settings, wait_status
 
 MODEL = "/api/v3/wavespeed-ai/magi-1-24b"

@@ -12,11 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from magi_server.serving.common import pick_aspect
-from magi_server.params import output_size
+from magi_server.params import nearest_aspect, output_size
 from magi_server.runtime.pipeline import MagiPipeline
 from magi_server.media.images import encode_png
-from magi_server.media.video import probe_video
+from tests.media_utils import probe_video
 from tests.server_utils import running_server, tiny_settings
 
 CREATE = "/v1/image-to-video"
@@ -41,7 +40,7 @@ def data_uri(data: bytes) -> str:
 
 
 def expected_size(resolution: str, width: int, height: int) -> tuple[int, int]:
-    return output_size(resolution, pick_aspect(np.zeros((height, width, 3), dtype=np.uint8)), SCALE)
+    return output_size(resolution, nearest_aspect(width, height), SCALE)
 
 
 def body(**overrides) -> dict:

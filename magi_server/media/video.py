@@ -1,12 +1,9 @@
-"""Video input and measurement: decode a video the way the reference's v2v prefix does (spec §6.9, §9: ffmpeg
-``fps=fps,scale=W:H`` and the first 32 frames, ``load_video``), and count the frames of a finished MP4
-(``probe_video``), with the bundled ffmpeg (see :mod:`magi_server.media.ffmpeg` for why).
+"""Video input: decode a video the way the reference's v2v prefix does (spec §6.9, §9: ffmpeg ``fps=fps,scale=W:H``
+and the first 32 frames, ``load_video``), with the bundled ffmpeg (see :mod:`magi_server.media.ffmpeg` for why).
 """
 from __future__ import annotations
 
-import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +19,6 @@ _VIDEO_DECODE_TIMEOUT_S = 120.0
 
 # ISO-BMFF files normally open with "ftyp"; old QuickTime files may open with any of the other top-level boxes.
 _MP4_FIRST_BOXES = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    """What ``probe_video`` measured by decoding every frame."""
-
-    frames: int
-    width: int
-    height: int
-    fps: float
 
 
 def _video_demuxer(head: bytes) -> str | None:
@@ -90,24 +77,3 @@ def load_video(source: Source, *, width: int, height: int, fps: float = 24, max_
     if count == 0:
         raise InputError(param, "no video frames could be decoded")
     return np.frombuffer(out, dtype=np.uint8)[: count * frame_bytes].reshape(count, height, width, 3).copy()
-
-
-def probe_video(path: str | os.PathLike, *, param: str = "video") -> VideoInfo:
-    """Frame count (by decoding every frame, not from the header), size and nominal fps of a video file."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(param, f"file not found: {str(p)!r}")
-    import imageio_ffmpeg
-
-    # Gray output: a third of the pipe traffic of rgb24, and the pixels are not needed, only their count.
-    frames = imageio_ffmpeg.read_frames(str(p), pix_fmt="gray", bits_per_pixel=8)
-    try:
-        meta = next(frames)
-        count = sum(1 for _ in frames)
-    except (OSError, RuntimeError, StopIteration) as exc:
-        raise InputError(param, f"could not decode the video ({str(exc).splitlines()[0] if str(exc) else exc!r})") \
-            from None
-    finally:
-        frames.close()
-    w, h = meta["size"]
-    return VideoInfo(frames=count, width=int(w), height=int(h), fps=float(meta.get("fps") or 0.0))

@@ -49,8 +49,8 @@ from magi_server.engine.loop import Engine, QueueFullError
 from magi_server.media import InputError
 from magi_server.media.fetch import SourcePolicy
 from magi_server.media.images import encode_png, load_image
-from magi_server.params import (ASPECT_RATIOS, RESOLUTIONS, GenerationParams, ModelLimits, ParamError, output_size,
-                                resolve_seed, validate)
+from magi_server.params import (ASPECT_RATIOS, RESOLUTIONS, GenerationParams, ModelLimits, ParamError, nearest_aspect,
+                                output_size, resolve_seed, validate)
 from magi_server.serving.events import EventHub
 from magi_server.serving.jobs import (MAX_IDEMPOTENCY_KEY_LEN, IdempotencyConflict, Job, JobStatus, JobStore,
                                       JobStoreError)
@@ -288,13 +288,6 @@ def error_responses(model, *statuses: int) -> dict:
 # ---------------------------------------------------------------------------------------------- image intake
 
 
-def pick_aspect(image: np.ndarray) -> str:
-    """The listed aspect ratio closest to the image's, by |log(w/h) - log(r)| (api-compat.md §5)."""
-    h, w = image.shape[:2]
-    ratios = {"16:9": 16 / 9, "9:16": 9 / 16, "1:1": 1.0}
-    return min(ratios, key=lambda a: abs(math.log(w / h) - math.log(ratios[a])))
-
-
 def center_crop_to_aspect(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """Crop the image's center to the target aspect ratio (the pipeline then resizes): "resize and center crop"."""
     h, w = image.shape[:2]
@@ -409,7 +402,7 @@ def build_params(ctx: ServerContext, *, prompt: str, image: np.ndarray | None, r
     provider's). The input image, center-cropped to the output's aspect ratio, is stored only once the request is
     valid, so a refused request leaves nothing behind."""
     if aspect == "auto":
-        aspect = pick_aspect(image) if image is not None else "16:9"
+        aspect = nearest_aspect(image.shape[1], image.shape[0]) if image is not None else "16:9"
     width, height = output_size(resolution, aspect, ctx.settings.resolution_scale)
     image_path = ctx.uploads_dir / f"input-{uuid.uuid4().hex}.png" if image is not None else None
     try:

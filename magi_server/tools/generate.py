@@ -19,7 +19,6 @@ field name. Nothing here reads environment variables: the CLI (the composition r
 from __future__ import annotations
 
 import json
-import math
 import os
 import secrets
 import sys
@@ -31,7 +30,7 @@ from types import MappingProxyType
 from typing import Any, TextIO
 
 from magi_server import params as contract
-from magi_server.params import GenerationParams, ParamError
+from magi_server.params import GenerationParams, ParamError, nearest_aspect
 from magi_server.media import InputError
 
 # (width, height) per resolution and aspect ratio: the contract's one size table (the server's too), by tier
@@ -40,8 +39,6 @@ RESOLUTIONS: Mapping[str, Mapping[str, tuple[int, int]]] = MappingProxyType({
     for tier in contract.RESOLUTIONS
 })
 ASPECT_RATIOS = (*contract.ASPECT_RATIOS, "auto")
-_ASPECT_VALUES = MappingProxyType({"16:9": 16 / 9, "9:16": 9 / 16, "1:1": 1.0})
-
 # The fields a JSONL line (or the CLI, under the same names) may carry. Unknown fields are refused: a misspelt
 # "frame" silently ignored would produce a video of the wrong length without a word.
 FIELDS = (
@@ -125,12 +122,6 @@ def model_config(model: str, config: str | os.PathLike | None = None):
 
 
 # ------------------------------------------------------------------------------------------------------- sizes
-
-
-def nearest_aspect(width: int, height: int) -> str:
-    """The one of 16:9, 9:16, 1:1 closest to width:height (compared as ratios on a log scale)."""
-    ratio = width / height
-    return min(_ASPECT_VALUES, key=lambda name: abs(math.log(ratio / _ASPECT_VALUES[name])))
 
 
 def resolve_size(
