@@ -15,7 +15,7 @@ from pathlib import Path
 from magi_server.engine.loop import Engine
 from magi_server.serving.app import create_app, shutdown
 from magi_server.serving.events import on_engine_event
-from magi_server.serving.janitor import Janitor
+from magi_server.serving.janitor import Janitor, disk_bytes
 from magi_server.serving.common import ServerContext
 from magi_server.serving.jobs import JobStore
 from magi_server.serving.metrics import GaugeReaders, Metrics
@@ -48,7 +48,7 @@ def build_context(settings: ServerSettings, *, pipeline=None) -> ServerContext:
     metrics = Metrics(GaugeReaders(
         queue_depth=lambda: engine.queue_depth, engine_alive=engine.alive,
         jobs_by_status=lambda: {status.value: n for status, n in store.count_by_status().items()},
-        gpu_memory_bytes=executor.device_memory_bytes,
+        gpu_memory_bytes=executor.device_memory_bytes, outputs_bytes=lambda: disk_bytes(settings.outputs_dir),
     ))
     ctx = ServerContext(settings=settings, store=store, engine=engine, executor=executor,
                         model_name=str(settings.model), notice=notice, metrics=metrics,

@@ -81,3 +81,37 @@ def test_a_server_runs_its_janitor_and_stops_it(tmp_path):
     assert not ctx.janitor._thread.is_alive()
     with running_server(tiny_settings(tmp_path / "b", tmp_path / "cache", keep_jobs_s=None), pipeline) as (ctx, _):
         assert ctx.janitor is None
+
+
+def test_stale_uploads_go_and_the_disk_gauge_falls(tmp_path):
+    import os
+
+    from magi_server.serving.janitor import disk_bytes
+    from magi_server.serving.metrics import GaugeReaders, Metrics
+
+    clock = FakeClock()
+    outputs = tmp_path / "outputs"
+    uploads = outputs / "uploads"
+    uploads.mkdir(parents=True)
+    store = JobStore(tmp_path / "jobs.db", clock=clock)
+    old_unused, old_in_use, fresh = uploads / "old.png", uploads / "input-queued.png", uploads / "new.png"
+    for path in (old_unused, old_in_use, fresh):
+        path.write_bytes(b"x" * 1000)
+    for path in (old_unused, old_in_use):
+        os.utime(path, (clock.now - 3 * HOUR, clock.now - 3 * HOUR))
+    params = GenerationParams(prompts=("x",), width=64, height=64, num_frames=24, num_inference_steps=8, seed=1,
+                              image_path=str(old_in_use))
+    store.create(Job.new("wavespeed", "m", params))  # still queued: its input must stay
+    metrics = Metrics(GaugeReaders(queue_depth=lambda: 0, jobs_by_status=dict, gpu_memory_bytes=lambda: None,
+                                   engine_alive=lambda: True, outputs_bytes=lambda: disk_bytes(outputs)))
+
+    def gauge() -> float:
+        text = metrics.exposition()[0].decode()
+        return float(next(line.split()[-1] for line in text.splitlines()
+                          if line.startswith("magi_outputs_disk_bytes ")))
+
+    assert gauge() == 3000
+    Janitor(store, outputs, ttl_s=1 * HOUR, clock=clock).sweep()
+    assert not old_unused.exists() and old_in_use.exists() and fresh.exists()
+    assert gauge() == 2000
+    store.close()

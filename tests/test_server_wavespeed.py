@@ -55,6 +55,42 @@ def test_sync_mode_returns_outputs(server):
     assert data["status"] == "completed" and len(data["outputs"]) == 1
 
 
+def test_base64_output_is_encoded_once_off_the_event_loop(server, monkeypatch):
+    """Every poll of a finished enable_base64_output job answers the MP4's bytes; they are read and encoded once,
+    on a worker thread, never on the event loop that answers everyone else."""
+    import threading
+
+    from magi_server.serving.adapters import wavespeed
+
+    ctx, client = server
+    calls = []
+    real = wavespeed.base64.b64encode
+
+    def counting(data):
+        calls.append(threading.current_thread() is threading.main_thread() or _on_event_loop())
+        return real(data)
+
+    monkeypatch.setattr(wavespeed.base64, "b64encode", counting)
+    job_id = client.post(MODEL, json={"prompt": "waves", "num_frames": 24, "enable_base64_output": True}).json()["data"]["id"]
+    done = wait_status(client, job_id)
+    assert done["status"] == "completed"
+    mp4 = (ctx.outputs_dir / f"{job_id}.mp4").read_bytes()
+    for _ in range(5):
+        data = client.get(f"/api/v3/predictions/{job_id}/result").json()["data"]
+        assert base64.b64decode(data["outputs"][0]) == mp4
+    assert calls == [False]  # one encode, and not on the event loop
+
+
+def _on_event_loop() -> bool:
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def test_image_data_uri_and_auto_aspect(server):
     ctx, client = server
     image = np.zeros((90, 50, 3), dtype=np.uint8)  # portrait -> 9:16

@@ -1,5 +1,5 @@
-"""Retention: the janitor deletes finished jobs, with their outputs, chunk previews and stored inputs, once they
-are older than the server's time to live (``serve --keep-jobs-hours``).
+"""Retention: the janitor deletes finished jobs, with their outputs, chunk previews and stored inputs, and uploads
+nobody used, once they are older than the server's time to live (``serve --keep-jobs-hours``).
 
 Rows go first and files after (:meth:`JobStore.prune_jobs` returns the rows it deleted): a crash in between
 leaves orphan files, never a job whose result URL points at a missing file. Hosted APIs keep results for days,
@@ -9,18 +9,34 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from magi_server.serving.jobs import Job, JobStore
+from magi_server.serving.jobs import Job, JobStatus, JobStore
 
 log = logging.getLogger("magi_server.serving.janitor")
+
+
+def disk_bytes(folder: str | Path) -> int:
+    """Bytes of the regular files under ``folder`` (links are not followed): what the disk gauge reports."""
+    total = 0
+    for path in Path(folder).rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink():
+                total += path.stat().st_size
+        except OSError:  # removed while we looked
+            continue
+    return total
 
 
 class Janitor:
     """Sweeps every ``interval_s`` on a thread of its own; :meth:`sweep` is one pass (tests call it directly)."""
 
-    def __init__(self, store: JobStore, outputs_dir: str | Path, ttl_s: float, interval_s: float = 600.0) -> None:
+    def __init__(self, store: JobStore, outputs_dir: str | Path, ttl_s: float, interval_s: float = 600.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        self.clock = clock  # wall-clock time, compared with file modification times
         self.outputs_dir = Path(outputs_dir)
         self.ttl_s = ttl_s
         self.interval_s = interval_s
@@ -31,11 +47,8 @@ class Janitor:
         """Delete the jobs that ended more than ``ttl_s`` ago, then their files; returns the deleted jobs."""
         jobs = self.store.prune_jobs(self.ttl_s)
         for job in jobs:
-            for path in self._files_of(job):
-                try:
-                    path.unlink(missing_ok=True)
-                except OSError as exc:
-                    log.warning("could not remove %s: %s", path, exc)
+            self._remove(self._files_of(job))
+        self._remove(self._stale_uploads())
         if jobs:
             log.info("retention: removed %d job(s) older than %.0f h", len(jobs), self.ttl_s / 3600)
         return jobs
@@ -49,6 +62,28 @@ class Janitor:
             if stored and Path(stored).resolve().parent == uploads:
                 files.append(Path(stored))
         return files
+
+    def _stale_uploads(self) -> list[Path]:
+        """Uploads (filled or never-used tickets) older than the time to live that no waiting or running job reads."""
+        in_use = {Path(p).name for job in self.store.list([JobStatus.QUEUED, JobStatus.RUNNING], limit=100_000)
+                  for p in (job.params.image_path, job.params.video_path) if p}
+        cutoff = self.clock() - self.ttl_s
+        stale = []
+        for path in (self.outputs_dir / "uploads").glob("*"):
+            try:
+                if path.is_file() and path.name not in in_use and path.stat().st_mtime < cutoff:
+                    stale.append(path)
+            except OSError:
+                continue
+        return stale
+
+    @staticmethod
+    def _remove(paths) -> None:
+        for path in paths:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not remove %s: %s", path, exc)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="magi-janitor", daemon=True)

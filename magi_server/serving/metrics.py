@@ -2,7 +2,7 @@
 never the library's default registry), and their exposition for ``/metrics``.
 
 Counters and the histogram are updated by the HTTP middleware, the submit path and the engine-event bridge. Gauges
-(queue depth, jobs by status, GPU memory, engine liveness) are read from their owners at scrape time, so they
+(queue depth, jobs by status, GPU memory, engine liveness, disk used by outputs) are read from their owners at scrape time, so they
 cannot drift. Label values must come from small fixed sets: :func:`method_label` folds made-up HTTP methods.
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ class GaugeReaders:
     jobs_by_status: Callable[[], Mapping[str, int]]
     gpu_memory_bytes: Callable[[], int | None]
     engine_alive: Callable[[], bool]
+    outputs_bytes: Callable[[], int] = lambda: 0  # what the outputs folder holds (videos, previews, inputs)
 
 
 class _ScrapeTimeGauges:
@@ -46,7 +47,7 @@ class _ScrapeTimeGauges:
         self.gauge_family = GaugeMetricFamily
 
     def collect(self) -> Iterator[Metric]:
-        for build in (self._queue_depth, self._jobs, self._gpu_memory, self._engine_alive):
+        for build in (self._queue_depth, self._jobs, self._gpu_memory, self._engine_alive, self._outputs_bytes):
             try:
                 metric = build()
             except Exception:  # a failing owner must not break the whole scrape: that gauge is left out
@@ -69,6 +70,10 @@ class _ScrapeTimeGauges:
             return None
         return self.gauge_family("magi_gpu_memory_used_bytes", "device memory allocated by the model and jobs",
                                  value=used)
+
+    def _outputs_bytes(self) -> Metric:
+        return self.gauge_family("magi_outputs_disk_bytes", "bytes of the videos, previews and inputs kept on disk",
+                                 value=self.read.outputs_bytes())
 
     def _engine_alive(self) -> Metric:
         return self.gauge_family("magi_engine_alive", "1 when the GPU loop is running",

@@ -12,7 +12,10 @@ Every JSON answer is the envelope ``{code, message, data}``; errors use the same
 from __future__ import annotations
 
 import asyncio
+import base64
 import mimetypes
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
@@ -142,13 +145,38 @@ class WaveSpeedRoute(ProviderRoute):
         return error(400, describe(errors[0]))
 
 
-def prediction_data(ctx: ServerContext, job: Job, *, base64_output: bool = False) -> dict:
+class Base64Outputs:
+    """``enable_base64_output`` results, encoded once per file and kept for the next polls (a few of them: each is
+    4/3 of its MP4). Encoding reads and converts megabytes, so it runs on a worker thread, never the event loop."""
+
+    def __init__(self, outputs_dir: Path, keep: int = 4) -> None:
+        self.outputs_dir = outputs_dir
+        self.keep = keep
+        self._encoded: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()  # one encode per file even when polls race
+
+    def __call__(self, name: str) -> str:
+        with self._lock:
+            if name not in self._encoded:
+                self._encoded[name] = base64.b64encode((self.outputs_dir / name).read_bytes()).decode()
+                while len(self._encoded) > self.keep:
+                    self._encoded.popitem(last=False)
+            self._encoded.move_to_end(name)
+            return self._encoded[name]
+
+
+async def prediction(ctx: ServerContext, job: Job, encoded: Base64Outputs) -> dict:
+    """:func:`prediction_data`, with a base64 job's outputs encoded off the event loop."""
+    if job.status is JobStatus.COMPLETED and job.meta.get("base64_output"):
+        return await asyncio.to_thread(prediction_data, ctx, job, encoded)
+    return prediction_data(ctx, job, encoded)
+
+
+def prediction_data(ctx: ServerContext, job: Job, encoded: Base64Outputs) -> dict:
     outputs: list[str] = []
     if job.status is JobStatus.COMPLETED:
-        if base64_output or job.meta.get("base64_output"):
-            import base64
-
-            outputs = [base64.b64encode((ctx.outputs_dir / name).read_bytes()).decode() for name in job.outputs]
+        if job.meta.get("base64_output"):
+            outputs = [encoded(name) for name in job.outputs]
         else:
             outputs = [ctx.file_url(name) for name in job.outputs]
     data = {
@@ -184,6 +212,7 @@ def to_params(ctx: ServerContext, body: SubmitBody) -> GenerationParams:
 def build_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter(route_class=WaveSpeedRoute, responses=ERRORS, strict_content_type=False)
     tenant = api_key_auth(ctx, "Bearer")
+    encoded = Base64Outputs(ctx.outputs_dir)
 
     def own_job(job_id: str, owner: str = Depends(tenant)) -> Job:
         """The caller's WaveSpeed job (another tenant's job is a 404: no existence oracle)."""
@@ -212,11 +241,11 @@ def build_router(ctx: ServerContext) -> APIRouter:
             job = await asyncio.to_thread(accept)
             if body.enable_sync_mode:
                 job = await wait_for_terminal(ctx, job.id, ctx.settings.sync_timeout_s) or job
-                data = prediction_data(ctx, job)
+                data = await prediction(ctx, job, encoded)
                 if not job.is_terminal:
                     data.update(code=5004, error="Sync mode timed out; query the result later")
                 return envelope(data)
-            return envelope(prediction_data(ctx, job))
+            return envelope(await prediction(ctx, job, encoded))
 
         return submit
 
@@ -227,7 +256,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
     @router.get("/api/v3/predictions/{job_id}/result")
     @router.get("/api/v3/predictions/{job_id}")
     async def result(job: Job = Depends(own_job)):
-        return envelope(prediction_data(ctx, job))
+        return envelope(await prediction(ctx, job, encoded))
 
     # the cancel takes no fields: an empty (or any) JSON object is what a client may send
     @router.post("/api/v3/predictions/{job_id}/cancel", openapi_extra={"requestBody": {
@@ -235,7 +264,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
     async def cancel(job: Job = Depends(own_job)):
         if job.is_terminal:
             raise HTTPException(400, f"prediction {job.id} already {STATUS[job.status]}")
-        return envelope(prediction_data(ctx, cancel_job(ctx, job.id) or ctx.store.get(job.id)))
+        return envelope(await prediction(ctx, cancel_job(ctx, job.id) or ctx.store.get(job.id), encoded))
 
     # its refusals are JSON envelopes, not events: said per status, or OpenAPI would file them under the stream's type
     json_errors = {status: {"content": {"application/json": {"schema": ErrorEnvelope.model_json_schema()}}}
@@ -244,7 +273,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
     @router.get("/api/v3/predictions/{job_id}/events", response_class=EventSourceResponse, responses=json_errors)
     async def events(job: Job = Depends(own_job), last_event_id: str | None = Header(
             None, description="a reconnecting client's last event id: only the events after it are sent")):
-        async for event in _event_stream(ctx, job.id, _event_number(last_event_id)):
+        async for event in _event_stream(ctx, job.id, _event_number(last_event_id), encoded):
             yield event
 
     # ------------------------------------------------------------------------------------------------ uploads
@@ -285,7 +314,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
     return router
 
 
-async def _event_stream(ctx: ServerContext, job_id: str, last_seen: int):
+async def _event_stream(ctx: ServerContext, job_id: str, last_seen: int, encoded: Base64Outputs):
     """SSE in WaveSpeed's words: the job's events after ``last_seen`` (a reconnecting client's Last-Event-ID), then
     each new one as the hub hands it over, ending with an event named by the final status that carries the
     prediction. Every event has the hub's id; a status that repeats the one before it is not sent."""
@@ -301,7 +330,7 @@ async def _event_stream(ctx: ServerContext, job_id: str, last_seen: int):
         job = ctx.store.get(job_id)
         last_seen = kept[0].id - 1 if kept else 0
         if job is None or job.is_terminal:
-            yield _final_event(ctx, job, kept[-1].id if kept else 0)
+            yield await _final_event(ctx, job, kept[-1].id if kept else 0, encoded)
             return
         said = STATUS[job.status]
         yield ServerSentEvent(event="status", data={"id": job_id, "status": said}, id=str(last_seen))
@@ -310,7 +339,7 @@ async def _event_stream(ctx: ServerContext, job_id: str, last_seen: int):
         for event in events:
             last_seen = event.id
             if event.ends_job:
-                yield _final_event(ctx, ctx.store.get(job_id), event.id)  # the row was final before the event
+                yield await _final_event(ctx, ctx.store.get(job_id), event.id, encoded)  # the row was final before the event
                 return
             data = dict(event.data)
             if event.kind == "status":
@@ -325,15 +354,15 @@ async def _event_stream(ctx: ServerContext, job_id: str, last_seen: int):
         if not events:
             job = ctx.store.get(job_id)
             if job is None or job.is_terminal:
-                yield _final_event(ctx, job, last_seen)
+                yield await _final_event(ctx, job, last_seen, encoded)
                 return
 
 
-def _final_event(ctx: ServerContext, job: Job | None, event_id: int) -> ServerSentEvent:
+async def _final_event(ctx: ServerContext, job: Job | None, event_id: int, encoded: Base64Outputs) -> ServerSentEvent:
     """The final event: named by the job's status, carrying its prediction (a comment when the job is gone)."""
     if job is None:
         return ServerSentEvent(comment="the job is gone")
-    data = prediction_data(ctx, job)
+    data = await prediction(ctx, job, encoded)
     return ServerSentEvent(event=data["status"], data=data, id=str(event_id))
 
 
