@@ -437,3 +437,40 @@ def test_the_offline_doors_name_the_same_parameter(tmp_path, pipeline, capsys, f
             pipeline(**{"prompt": "x", **fields}, output_path=tmp_path / "y.mp4")
         assert info.value.param == name
     assert not (tmp_path / "x.mp4").exists() and not (tmp_path / "y.mp4").exists()
+
+
+def test_one_key_cannot_fill_the_queue(tmp_path, pipeline):
+    """Per-key quota: key A at its quota of waiting or running jobs gets a 429 naming the quota while key B is
+    still accepted; a replay of one of A's submits (same Idempotency-Key) answers its job, not a 429."""
+    a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+    with running_server(_settings(tmp_path, api_keys=("key-a", "key-b"), max_queue=8, max_queue_per_key=2),
+                        pipeline=pipeline) as (ctx, client):
+        assert ctx.key_quota == 2
+        first = client.post(MODEL, json=LONG, headers={**a, "Idempotency-Key": "a-1"})
+        second = client.post(MODEL, json=LONG, headers=a)
+        assert first.status_code == second.status_code == 200
+        refused = client.post(MODEL, json=LONG, headers=a)
+        assert refused.status_code == 429 and "quota" in refused.json()["message"]
+        assert int(refused.headers["Retry-After"]) >= 1
+        replay = client.post(MODEL, json=LONG, headers={**a, "Idempotency-Key": "a-1"})
+        assert replay.status_code == 200 and replay.json()["data"]["id"] == first.json()["data"]["id"]
+        other = client.post(MODEL, json=LONG, headers=b)
+        assert other.status_code == 200
+        ids = [r.json()["data"]["id"] for r in (first, second, other)]
+        assert sum(ctx.store.count_by_status().values()) == 3
+        for job_id, key in zip(ids, (a, a, b)):
+            client.post(f"/api/v3/predictions/{job_id}/cancel", headers=key)
+        assert client.post(MODEL, json=SHORT, headers=a).status_code == 200  # ended jobs free the quota
+
+
+def test_quota_defaults():
+    from magi_server.serving.common import ServerContext
+    from magi_server.serving.settings import ServerSettings
+
+    def quota(**settings):
+        return ServerContext(ServerSettings(**settings), store=None, engine=None, executor=None,
+                             model_name="x").key_quota
+    assert quota() is None and quota(api_keys=("one",)) is None  # no tenants to protect from each other
+    assert quota(api_keys=("a", "b"), max_queue=64) == 32 and quota(api_keys=("a", "b"), max_queue=1) == 1
+    assert quota(api_keys=("a",), max_queue_per_key=3) == 3
+

@@ -53,7 +53,7 @@ from magi_server.params import (ASPECT_RATIOS, RESOLUTIONS, GenerationParams, Mo
                                 output_size, resolve_seed, validate)
 from magi_server.serving.events import EventHub
 from magi_server.serving.jobs import (MAX_IDEMPOTENCY_KEY_LEN, IdempotencyConflict, Job, JobStatus, JobStore,
-                                      JobStoreError)
+                                      JobStoreError, QuotaExceeded)
 from magi_server.serving.settings import ServerSettings
 
 log = logging.getLogger("magi_server.serving.common")
@@ -68,9 +68,12 @@ RAW_BODY = {"requestBody": {"required": True, "content": {
 
 
 class Overloaded(Exception):
-    def __init__(self, retry_after_s: float) -> None:
-        super().__init__("the server is at capacity; retry later")
+    """A 429: the queue is full, or the caller's key has its quota of jobs waiting or running."""
+
+    def __init__(self, retry_after_s: float, message: str = "the queue is full; retry later") -> None:
+        super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.message = message
 
 
 class Unavailable(Overloaded):
@@ -146,6 +149,17 @@ class ServerContext:
     def limits(self) -> ModelLimits:
         """What :func:`validate` checks requests against: the model's limits and this server's prompt cap."""
         return replace(self.model_limits, max_prompt_chars=self.settings.max_prompt_chars)
+
+    @property
+    def key_quota(self) -> int | None:
+        """Waiting or running jobs one API key may have (None: no quota): the configured one, else half the queue
+        when several keys share the server, so that one key cannot fill the whole queue."""
+        s = self.settings
+        if not s.api_keys:
+            return None  # no keys, no tenants: the queue bound is the only bound
+        if s.max_queue_per_key is not None:
+            return s.max_queue_per_key
+        return max(1, s.max_queue // 2) if len(s.api_keys) > 1 else None
 
     def file_url(self, name: str) -> str:
         return f"{self.settings.base_url()}/files/{name}"
@@ -258,7 +272,7 @@ class ProviderRoute(APIRoute):
                 if isinstance(exc, Unavailable):  # its reason (a device error) stays in /health/ready and the log
                     return self.refuse(503, "the server cannot run jobs now: the GPU loop is not running; retry "
                                             "later", retry)
-                return self.refuse(429, "the queue is full; retry later", retry)
+                return self.refuse(429, exc.message, retry)
             except IdempotencyConflict as exc:
                 return self.refuse(409, f"Idempotency-Key: {exc}")
             except JobStoreError:
@@ -444,10 +458,16 @@ def submit_job(ctx: ServerContext, *, api: str, model: str, params: GenerationPa
     try:
         job, created = Job.new(api, model, params, owner=owner, meta=meta or {}), True
         if idempotency_key is None:
-            job = ctx.store.create(job)
+            job = ctx.store.create(job, quota=ctx.key_quota)
         else:
             job, created = ctx.store.create_idempotent(job, idempotency_key, request_fingerprint,
-                                                       ttl_s=IDEMPOTENCY_TTL_S)
+                                                       ttl_s=IDEMPOTENCY_TTL_S, quota=ctx.key_quota)
+    except QuotaExceeded as exc:
+        ctx.engine.unreserve()
+        _discard_input(params)
+        if ctx.metrics is not None:
+            ctx.metrics.jobs_rejected.labels(reason="key_quota").inc()
+        raise Overloaded(ctx.engine.retry_after_s, str(exc)) from None
     except BaseException:
         ctx.engine.unreserve()
         _discard_input(params)

@@ -63,6 +63,14 @@ class DuplicateJob(JobStoreError):
     pass
 
 
+class QuotaExceeded(Exception):
+    """The owner already has as many waiting or running jobs as its quota allows (nothing was stored)."""
+
+    def __init__(self, active: int, quota: int) -> None:
+        super().__init__(f"this API key has {active} jobs waiting or running, its quota; retry when one has ended")
+        self.active, self.quota = active, quota
+
+
 class IdempotencyConflict(JobStoreError):
     """The idempotency key was already used with a different request body (answer 409/422, do not retry)."""
 
@@ -327,24 +335,37 @@ class JobStore:
 
     # -- creation -------------------------------------------------------------------------------------------
 
-    def create(self, job: Job) -> Job:
-        """Insert `job`; durable on return. Raises DuplicateJob when the id exists."""
+    def _check_quota(self, conn: sqlite3.Connection, owner: str, quota: int | None) -> None:
+        """Inside the write transaction of an insert, so two submits of one owner cannot both pass."""
+        if quota is None:
+            return
+        marks, values = _in(_ACTIVE)
+        active = conn.execute(f"SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ({marks})",
+                              (owner, *values)).fetchone()[0]
+        if active >= quota:
+            raise QuotaExceeded(active, quota)
+
+    def create(self, job: Job, *, quota: int | None = None) -> Job:
+        """Insert `job`; durable on return. Raises DuplicateJob when the id exists, QuotaExceeded when its owner
+        already has `quota` waiting or running jobs."""
         self._check_new(job)
         if job.idempotency_key is not None:
             raise ValueError("a job with an idempotency key must be created with create_idempotent()")
         try:
             with self._write() as conn:
+                self._check_quota(conn, _text(job.owner), quota)
                 return self._insert(conn, job, None)
         except sqlite3.IntegrityError as exc:  # backstop for the primary key; the check above runs under the lock
             raise DuplicateJob(f"job {job.id!r} already exists") from exc
 
-    def create_idempotent(self, job: Job, key: str, fingerprint: str, *,
-                          ttl_s: float | None = None) -> tuple[Job, bool]:
+    def create_idempotent(self, job: Job, key: str, fingerprint: str, *, ttl_s: float | None = None,
+                          quota: int | None = None) -> tuple[Job, bool]:
         """Stripe-style submit: (existing job, False) for a replay of `key` by the same owner with the same body
         fingerprint, IdempotencyConflict for a different body, else (`job` stored with the key, True).
 
         `ttl_s`: a key older than this is forgotten (Stripe keeps keys at least 24 h) and the call creates a new
-        job; the old job itself is untouched apart from losing its key.
+        job; the old job itself is untouched apart from losing its key. `quota` as for :meth:`create` (a
+        replay is never refused).
         """
         self._check_new(job)
         if not key or len(key) > MAX_IDEMPOTENCY_KEY_LEN:
@@ -367,6 +388,7 @@ class JobStore:
                     return self._fetch(conn, existing_id), False
                 else:
                     raise IdempotencyConflict("idempotency key was already used with a different request body")
+            self._check_quota(conn, owner, quota)
             return self._insert(conn, replace(job, idempotency_key=key), safe_fp), True
 
     # -- reads ----------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ class ServerSettings:
     device: str = "cpu"
     compile: bool | None = None  # torch.compile of the DiT layers; None: on for CUDA, off elsewhere
     max_queue: int = 64
+    max_queue_per_key: int | None = None  # None: half of max_queue when several API keys are configured
     max_batch_size: int = 4
     memory_budget_bytes: int = 1 << 62
     max_body_bytes: int = 25 * 1024 * 1024

@@ -210,6 +210,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         model=args.model, host=args.host, port=args.port, db_path=args.db, outputs_dir=args.outputs,
         public_base_url=args.public_url, api_keys=tuple(keys), device=device, max_queue=args.max_queue,
+        max_queue_per_key=args.max_queue_per_key,
         max_batch_size=args.max_batch, job_timeout_s=args.job_timeout or None, sync_timeout_s=args.sync_timeout,
         resolution_scale=scale, fal_queue_port=args.fal_queue_port, fal_run_port=args.fal_run_port,
         tls_certfile=args.tls_cert, tls_keyfile=args.tls_key, cache_dir=str(_cache_dir(args.cache_dir)),
@@ -359,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", action="append", help="accepted API key (repeatable; also $MAGI_SERVER_API_KEYS)")
     srv.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     srv.add_argument("--max-queue", type=int, default=64, help="jobs waiting before submits get 429")
+    srv.add_argument("--max-queue-per-key", type=int, default=None, metavar="N",
+                     help="jobs one API key may have waiting or running (default: half of --max-queue when there "
+                          "are several keys, else no per-key limit)")
     srv.add_argument("--max-batch", type=int, default=4, help="requests sharing one batched model call")
     srv.add_argument("--job-timeout", type=float, default=3600.0, help="seconds a job may run (0 = no limit)")
     srv.add_argument("--sync-timeout", type=float, default=600.0, help="seconds a sync-mode request may wait")
