@@ -20,8 +20,6 @@ import secrets
 from dataclasses import asdict, dataclass, fields
 from types import MappingProxyType
 
-TASKS = ("t2v", "i2v", "v2v")
-
 # ------------------------------------------------------------------------------------------------------ limits
 MAX_SEED = 2**32 - 1  # the widest seed range an entry point takes (fal: [0, 2^32 - 1]; api-compat.md §5)
 RANDOM_SEEDS = 2**31  # -1 (or none) draws a seed in [0, 2^31 - 1] (api-compat.md §5)

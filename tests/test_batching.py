@@ -6,7 +6,7 @@ import torch
 
 from magi_server.models.config import MagiConfig
 from magi_server.runtime.loading import load_dit
-from magi_server.runtime.sampler import SamplerSettings, plan_request, sampler_step, sampler_step_batch, start_sampler
+from magi_server.runtime.sampler import SamplerSettings, plan_request, sampler_step_batch, start_sampler
 
 
 def _request(plan, settings, model, seed, *, prefix_frames=0):
@@ -37,7 +37,7 @@ def test_batched_calls_equal_single_runs(golden, config_name, prefix_frames):
         state = _request(plan, settings, model, seed, prefix_frames=prefix_frames)
         chunks = []
         while not state.done:
-            chunk = sampler_step(model, state)
+            (chunk,) = sampler_step_batch(model, [state])
             if chunk is not None:
                 chunks.append(chunk.latents)
         alone.append(torch.cat(chunks, dim=2))
@@ -61,6 +61,6 @@ def test_mismatched_calls_are_refused(golden):
     settings = SamplerSettings.from_config(config)
     plan = plan_request(settings, num_frames=72, prefix_frames=0, latent_height=6, latent_width=8)
     a, b = _request(plan, settings, model, 1), _request(plan, settings, model, 2)
-    sampler_step(model, a)
+    sampler_step_batch(model, [a])
     with pytest.raises(ValueError, match="same call"):
         sampler_step_batch(model, [a, b])

@@ -17,7 +17,7 @@ from magi_server.models.config import DEFAULT_MAX_PIECE_TOKENS, MagiConfig
 from magi_server.runtime.loading import load_dit
 from magi_server.models.dit import KVCache, VideoDiT
 from magi_server.runtime.timesteps import distill_dt
-from magi_server.runtime.guidance import guided_velocity
+from tests.golden_utils import guided_velocity
 from tests.golden_utils import assert_close_fp32, load_golden
 
 

@@ -7,7 +7,7 @@ import torch
 from magi_server.models.config import DiTConfig
 from magi_server.models.dit import KVCache, VideoDiT
 from magi_server.runtime.timesteps import distill_dt
-from magi_server.runtime.guidance import guided_velocity
+from tests.golden_utils import guided_velocity
 from tests.golden_utils import assert_close_fp32
 
 CW = 2  # latent frames per chunk in these tests

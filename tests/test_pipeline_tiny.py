@@ -9,7 +9,7 @@ import torch
 
 from magi_server.runtime.chunking import chunk_layout, plan_sampler_calls, tokens_per_chunk
 from magi_server.runtime.pipeline import MagiPipeline
-from magi_server.runtime.sampler import SamplerSettings, plan_request, sampler_step, start_sampler
+from magi_server.runtime.sampler import SamplerSettings, plan_request, sampler_step_batch, start_sampler
 from magi_server.media.mp4 import Mp4Writer
 from tests.media_utils import probe_video
 
@@ -132,7 +132,7 @@ def test_long_video_cache_is_bounded_by_the_window(pipe):
     row_bytes = tpc * pipe.dit.config.num_query_groups * 2 * pipe.dit.config.kv_channels * 4
     retained, emitted = [], 0
     while not state.done:
-        chunk = sampler_step(pipe.dit, state)
+        (chunk,) = sampler_step_batch(pipe.dit, [state])
         emitted += chunk is not None
         retained.append(state.cache.chunks())
         assert state.cache.nbytes() <= 1 * row_bytes * pipe.dit.config.num_layers

@@ -1,10 +1,13 @@
 """The six real presets build on the meta device with exactly the parameter counts of the spec's key tables."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pytest
+from torch import nn
 
 from magi_server.models.config import PRESET_NAMES, REAL_PRESETS, MagiConfig, canonical_preset_name, preset
-from magi_server.runtime.loading import build_dit, state_dict_numel
+from magi_server.runtime.loading import build_dit
 
 # Spec §1.1: 24B = 39,082,512 outside the blocks + 48 x 497,087,488; 4.5B = 20,196,624 + 34 x 130,579,456.
 BASE_24B = 23_899_281_936
@@ -23,6 +26,14 @@ EXPECTED = {
     "4.5B-distill": BASE_4_5B,
     "4.5B-distill-quant": BASE_4_5B + FP8_EXTRA_4_5B,
 }
+
+
+def state_dict_numel(model: nn.Module, names: Iterable[str] | None = None) -> int:
+    """Number of elements in the model's state dict (works on meta models): the checkpoint's size in values."""
+    state = model.state_dict()
+    keys = state.keys() if names is None else names
+    return sum(state[k].numel() for k in keys)
+
 
 
 def test_fp8_extra_counts_spelled_out():

@@ -99,7 +99,9 @@ def test_distill_dt():
 def test_generate_sequences(schedules):
     assert len(schedules["generate_sequences"]) == 11
     for case in schedules["generate_sequences"]:
-        lists = chunking.generate_sequences(case["chunk_num"], case["window_size"], case["chunk_offset"])
+        stages = chunking.stage_schedule(case["chunk_num"], case["window_size"], case["chunk_offset"])
+        # the reference's four lists (chunk_start, chunk_end, t_start, t_end), one entry per stage
+        lists = tuple([getattr(st, name) for st in stages] for name in ("chunk_start", "chunk_end", "t_start", "t_end"))
         assert lists == (case["clip_start"], case["clip_end"], case["t_start"], case["t_end"]), case
         for stage in chunking.stage_schedule(case["chunk_num"], case["window_size"], case["chunk_offset"]):
             assert stage.num_window_chunks == stage.t_end - stage.t_start

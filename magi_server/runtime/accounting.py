@@ -423,12 +423,6 @@ class OpAccountant(TorchDispatchMode):
             self._segment = Segment(tuple(self._phase_names), self.live_bytes, self.live_bytes, self.live_bytes)
 
     # ------------------------------------------------------------------------------------------------ shadows
-    def with_values(self, cpu_tensor: torch.Tensor) -> torch.Tensor:
-        """A ``device_type`` copy of a small CPU tensor that keeps its values (for masks and indices)."""
-        out = torch.empty_like(cpu_tensor, device=self.device_type)
-        self._shadows[out] = cpu_tensor.clone()
-        return out
-
     def values(self, t: torch.Tensor) -> torch.Tensor | None:
         """The CPU values a watched tensor carries, or None."""
         return self._shadows.get(t)

@@ -182,19 +182,6 @@ def stage_schedule(num_chunks: int, window_size: int, chunk_offset: int = 0) -> 
     return tuple(stages)
 
 
-def generate_sequences(
-    num_chunks: int, window_size: int, chunk_offset: int = 0
-) -> tuple[list[int], list[int], list[int], list[int]]:
-    """The reference's four lists (chunk_start, chunk_end, t_start, t_end), one entry per stage."""
-    stages = stage_schedule(num_chunks, window_size, chunk_offset)
-    return (
-        [st.chunk_start for st in stages],
-        [st.chunk_end for st in stages],
-        [st.t_start for st in stages],
-        [st.t_end for st in stages],
-    )
-
-
 def chunk_step_indices(
     t_start: int,
     t_end: int,

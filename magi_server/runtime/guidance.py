@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from magi_server.models.config import SamplingConfig
+from magi_server.runtime.chunking import uncond_kv_ranges
 from magi_server.runtime.timesteps import cfg_scales
 
 
@@ -149,7 +150,7 @@ def _cfg3(model, x, t, cond_caps, cond_masks, null_caps, null_masks, flat, cache
         rows = [b * chunks + s for b, s in uncond_items]
         out_u = model(
             uncond_x, torch.stack([t[b, s] for b, s in uncond_items]).reshape(items, 1), null_caps[rows],
-            null_masks[rows], [[i * tpc, (i + 1) * tpc] for i in range(items)], [True] * items,
+            null_masks[rows], [list(r) for r in uncond_kv_ranges(items, tpc)], [True] * items,
             slice_point=0, chunk_width=width, dt=common["dt"], kv_cache=None,
         )
         v_uncond = {item: out_u[i] for i, item in enumerate(uncond_items)}
@@ -197,55 +198,3 @@ def _cfg1(model, x, t, cond_caps, cond_masks, ranges, caches, common, scales, ch
     out = cat_out[:, :, :frames].clone()
     out[:, :, a:e] = cat_out[:, :, a:e] * mix + cat_out[:, :, frames:] * (1 - mix)
     return out
-
-
-def guided_velocity(
-    model,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    captions: torch.Tensor,
-    caption_mask: torch.Tensor,
-    kv_range,
-    *,
-    cfg_number: int,
-    slice_point: int,
-    chunk_width: int,
-    extra_clean_chunk: bool,
-    nearly_clean: bool,
-    dt: float | None = None,
-    kv_cache=None,
-    cfg_t_range: Sequence[float] | None = None,
-    prev_chunk_scales: Sequence[float] | None = None,
-    text_scales: Sequence[float] | None = None,
-    prev_chunks_scale: float = 0.7,
-    max_cache_write_chunks: int | None = None,
-) -> torch.Tensor:
-    """Guided velocity of one request's call, in the reference dispatcher layout.
-
-    x: (2, C, T, H, W) (both rows the same canvas slice; row 0 is used); t: (2, chunks); captions: (2·chunks, L,
-    C_txt) rows [conditional chunks..., null chunks...] (a singleton dim 1 is accepted); caption_mask likewise
-    (2·chunks, L); kv_range: (chunks, 2) absolute token ranges. Returns (2, C, T, H, W) with both rows equal.
-    """
-    defaults = GuidanceScales.defaults()
-    scales = GuidanceScales(
-        defaults.cfg_t_range if cfg_t_range is None else tuple(cfg_t_range),
-        defaults.prev_chunk_scales if prev_chunk_scales is None else tuple(prev_chunk_scales),
-        defaults.text_scales if text_scales is None else tuple(text_scales),
-        float(prev_chunks_scale),
-    )
-    t = torch.as_tensor(t, dtype=torch.float32)
-    chunks = t.shape[1]
-    captions = torch.as_tensor(captions)
-    if captions.dim() == 4:
-        captions = captions.squeeze(1)
-    caption_mask = torch.as_tensor(caption_mask).reshape(captions.shape[0], -1)
-    if captions.shape[0] != 2 * chunks or caption_mask.shape[0] != 2 * chunks:
-        raise ValueError(f"captions and caption_mask must have 2·chunks = {2 * chunks} rows [cond..., null...]")
-    out = guided_velocity_batch(
-        model, x[0:1], t[0:1], captions[:chunks], caption_mask[:chunks], captions[chunks:], caption_mask[chunks:],
-        kv_range, cfg_number=cfg_number, slice_point=slice_point, chunk_width=chunk_width,
-        extra_clean_chunk=extra_clean_chunk, nearly_clean=nearly_clean, dt=dt,
-        kv_caches=None if kv_cache is None else [kv_cache], scales=scales,
-        max_cache_write_chunks=max_cache_write_chunks,
-    )
-    return torch.cat([out, out], dim=0)

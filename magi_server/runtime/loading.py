@@ -17,7 +17,7 @@ is ever allocated.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -298,13 +298,6 @@ def load_text_encoder(path: str | Path, *, device: torch.device | str = "cpu"):
     from magi_server.models.text_encoder import T5TextEncoder
 
     return T5TextEncoder.from_pretrained(find_t5_folder(path), device=device)
-
-
-def state_dict_numel(model: nn.Module, names: Iterable[str] | None = None) -> int:
-    """Number of elements in the model's state dict (works on meta models): the checkpoint's size in values."""
-    state = model.state_dict()
-    keys = state.keys() if names is None else names
-    return sum(state[k].numel() for k in keys)
 
 
 # ----------------------------------------------------------------------------------------------- model folders

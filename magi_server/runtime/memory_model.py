@@ -7,8 +7,8 @@ and is checked against the planner's op-by-op accounting of the real code (``tes
 >= accounted peak and <= 1.3 x it for the six presets at 720p and more; the accounted figures are in
 ``tests/data/plan_peaks.json``, rewritten by ``magi-server plan --write-fixture``).
 
-The terms mirror how ``models/dit.py``, ``velocity.py`` and ``runner.py`` allocate today; when those change, rerun
-the fixture and adjust the term that moved (each is named after what it counts):
+The terms mirror how ``models/dit.py``, ``runtime/guidance.py`` and ``runtime/sampler.py`` allocate today; when those
+change, rerun the fixture and adjust the term that moved (each is named after what it counts):
 
 * canvas: the whole latent video in fp32; caption rows: [conditional, null] x chunks x 800 x 4096 fp32 (+ masks);
 * per call, the caption rows it gathers (conditional, null, and the rows of the nearly-clean copy);

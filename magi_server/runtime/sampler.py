@@ -2,8 +2,8 @@
 
 The runner executes, it does not decide: *what* each model call contains comes from the integer plan of
 ``chunking.plan_sampler_calls`` (window, slot chunks, step indices, kv ranges, prefix overwrite, emission), and
-*how* one call turns into a guided velocity comes from ``velocity.guided_velocity``. This file owns the per-request
-tensors in between: the latent canvas, the caption rows, the prefix latent and the KV cache.
+*how* one call turns into a guided velocity comes from ``guidance.guided_velocity_batch``. This file owns the
+per-request tensors in between: the latent canvas, the caption rows, the prefix latent and the KV cache.
 
 One request = :class:`SamplerState`; :func:`sampler_step` runs its next model call (the v2v prefix-extraction call
 rides along with the first one), integrates the window chunks with an Euler step, and returns the chunk that became
@@ -232,11 +232,6 @@ def call_signature(state: SamplerState) -> tuple:
         call.slice_point, call.range_num, call.extra_clean_chunk, call.step_indices, call.kv_ranges,
         call.step_in_stage, call.prefix_overwrite,
     )
-
-
-def sampler_step(model, state: SamplerState) -> LatentChunk | None:
-    """Run the next model call of ``state``; return the chunk it finished, if any."""
-    return sampler_step_batch(model, [state])[0]
 
 
 def sampler_step_batch(model, states: list[SamplerState]) -> list[LatentChunk | None]:

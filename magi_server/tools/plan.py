@@ -9,7 +9,7 @@ smaller window, a lower resolution, context parallelism), found by planning thos
 How: the DiT is built on meta through the loading path (:func:`magi_server.runtime.loading.build_dit`, fp8 linears
 included), the request's calls come from the runner's own plan (:func:`magi_server.runtime.sampler.plan_request`), and each
 DISTINCT call is run once through the runner itself (:func:`magi_server.runtime.sampler.sampler_step_batch`, hence
-``velocity.guided_velocity_batch`` with its CFG passes and nearly-clean copy) on meta tensors under
+``guidance.guided_velocity_batch`` with its CFG passes and nearly-clean copy) on meta tensors under
 :class:`magi_server.runtime.accounting.OpAccountant`, with the KV cache holding exactly the chunks the runner would hold
 before that call. Two calls are the same when their structure relative to their first chunk is: slots, key ranges,
 extra clean chunk, nearly-clean copy, CFG passes, cached chunks before and kept after.
@@ -1028,7 +1028,7 @@ def write_memory_fixture(path: Path, *, progress=None) -> dict:
     data = {
         "about": "accounted per-request device-memory peaks (above the weights: canvas, captions, KV cache, "
                  "activations) of magi-server plan; rewrite with `magi-server plan --write-fixture PATH` whenever "
-                 "models/dit.py, velocity.py or runner.py change how they allocate",
+                 "models/dit.py, runtime/guidance.py or runtime/sampler.py change how they allocate",
         "torch": torch.__version__,
         "cases": cases,
     }
