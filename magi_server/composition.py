@@ -2,7 +2,8 @@
 
 Loads the model (runtime), builds the model runner, the engine, the job store and the ASGI apps (serving), recovers
 what a dead process left behind, and runs uvicorn with the optional TLS listeners fal-client needs. Nothing below
-this module imports the runtime and the HTTP layer at once.
+this module imports the runtime and the HTTP layer at once. Its own imports are light (no FastAPI, no torch): the
+listeners bind and answer before the heavy modules load.
 """
 from __future__ import annotations
 
@@ -11,25 +12,33 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from magi_server.engine.loop import Engine
-from magi_server.serving.app import create_app, shutdown
-from magi_server.serving.events import on_engine_event
-from magi_server.serving.janitor import Janitor, disk_bytes
-from magi_server.serving.common import ServerContext
 from magi_server.serving.jobs import JobStore
-from magi_server.serving.metrics import GaugeReaders, Metrics
 from magi_server.serving.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from magi_server.serving.common import ServerContext
 
 log = logging.getLogger("magi_server.composition")
 
 
-def build_context(settings: ServerSettings, *, pipeline=None) -> ServerContext:
-    """Load the model, open the job store, recover what a dead process left, start the engine."""
+def build_context(settings: ServerSettings, *, pipeline=None, store: JobStore | None = None) -> ServerContext:
+    """Load the model, open the job store (unless given), recover what a dead process left, start the engine."""
+    from magi_server.engine.loop import Engine
+    from magi_server.runtime.model_runner import leave_a_core_for_serving
     from magi_server.runtime.pipeline import MagiPipeline
+    from magi_server.serving.common import ServerContext
+    from magi_server.serving.events import on_engine_event
+    from magi_server.serving.janitor import Janitor, disk_bytes
+    from magi_server.serving.metrics import GaugeReaders, Metrics
 
+    leave_a_core_for_serving(settings.device)  # before any model thread starts: the HTTP side keeps a core
     notice = ""
     if pipeline is None:
+        from magi_server.runtime.loading import hide_progress_bars
+
+        hide_progress_bars()
         pipeline = MagiPipeline.from_pretrained(
             settings.model, device=settings.device, cache_dir=settings.cache_dir, compile=settings.compile
         )
@@ -38,7 +47,7 @@ def build_context(settings: ServerSettings, *, pipeline=None) -> ServerContext:
 
         notice = TINY_NOTICE
     executor = pipeline.runner.with_outputs(settings.outputs_dir)  # the pipeline's model; the engine's requests
-    store = JobStore(settings.db_path)
+    store = store if store is not None else JobStore(settings.db_path)
     holder: dict[str, ServerContext] = {}
     engine = Engine(
         executor, on_event=lambda event: on_engine_event(holder["ctx"], event), max_queue=settings.max_queue,
@@ -92,7 +101,7 @@ class JsonLogFormatter(logging.Formatter):
             "ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key in ("job_id", "event", "error_code"):
+        for key in ("job_id", "event", "error_code", "http"):
             value = getattr(record, key, None)
             if value is not None:
                 payload[key] = value
@@ -101,11 +110,74 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(payload, ensure_ascii=True)
 
 
+def log_uncaught_exceptions() -> None:
+    """Route the tracebacks Python would print itself (the main thread's, another thread's, an unraisable one)
+    through logging, so that under ``--log-format json`` they are JSON lines like the rest."""
+    import sys
+    import threading
+
+    crash_log = logging.getLogger("magi_server.crash")
+
+    def main_hook(kind, value, tb):
+        crash_log.critical("uncaught %s", kind.__name__, exc_info=(kind, value, tb))
+
+    def thread_hook(args):
+        if args.exc_type is SystemExit:
+            return
+        crash_log.error("uncaught %s in thread %s", args.exc_type.__name__,
+                        getattr(args.thread, "name", "?"), exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    def unraisable_hook(unraisable):
+        crash_log.warning("%s: %r", unraisable.err_msg or "exception ignored", unraisable.object,
+                          exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+
+    sys.excepthook = main_hook
+    threading.excepthook = thread_hook
+    sys.unraisablehook = unraisable_hook
+
+
+ACCEPT_BACKLOG = 64  # also how many sockets asyncio accepts in one go before any of them reaches the guard
+
+
+def connection_cap(configured: int, reserve: int = 128 + 2 * ACCEPT_BACKLOG) -> int:
+    """How many connections may be open at once: ``configured``, but always ``reserve`` file descriptors below the
+    process's open-file limit (raised to its hard limit first), so the job store, the encoder and the model files
+    can still be opened while every connection slot is taken. The reserve also covers one accept burst
+    (:data:`ACCEPT_BACKLOG` sockets taken before the guard sees them) and the sockets it closes to make room for
+    them (closed one loop turn later): without it, accept() itself fails with EMFILE and stops accepting for a
+    second."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(16, min(configured, soft - reserve))
+
+
 def serve(settings: ServerSettings, *, log_ready: bool = True) -> None:
+    """Run every listener until SIGTERM/SIGINT.
+
+    The listeners bind first and answer at once (liveness 200, readiness 503 "loading", other routes 503) while the
+    model loads on a thread of its own; then the real apps take over. On the first signal the server drains:
+    readiness turns 503 "draining", submits get 503 + Retry-After, the running jobs have ``drain_timeout_s`` to
+    finish while polls and downloads are still answered; then the listeners close and whatever still runs goes back
+    to the queue for the next process. A second signal cuts the drain short. Raises what opening the job store or
+    loading the model raised (the CLI turns it into one line).
+    """
     import contextlib
     import signal
+    import threading
 
     import uvicorn
+
+    from magi_server.serving.listeners import ConnectionGuard, StartingApp
 
     class _Server(uvicorn.Server):
         # uvicorn re-raises SIGTERM/SIGINT after its own shutdown, which would kill the process before the job
@@ -115,35 +187,101 @@ def serve(settings: ServerSettings, *, log_ready: bool = True) -> None:
 
     if not settings.api_keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit(f"refusing to listen on {settings.host} without --api-key (anyone could use the GPU)")
+    listeners = [("main", settings.port)] + [(role, port) for role, port in (
+        ("fal_queue", settings.fal_queue_port), ("fal_run", settings.fal_run_port)) if port]
+    if len(listeners) > 1 and not (settings.tls_certfile and settings.tls_keyfile):
+        raise SystemExit("fal listeners need --tls-cert and --tls-key (fal-client only speaks https)")
     started = time.monotonic()
-    ctx = build_context(settings)
-    servers = [_Server(uvicorn.Config(create_app(ctx), host=settings.host, port=settings.port,
-                                      log_level="info", timeout_keep_alive=5))]
-    for role, port in (("fal_queue", settings.fal_queue_port), ("fal_run", settings.fal_run_port)):
-        if port:
-            if not (settings.tls_certfile and settings.tls_keyfile):
-                raise SystemExit("fal listeners need --tls-cert and --tls-key (fal-client only speaks https)")
-            servers.append(_Server(uvicorn.Config(
-                create_app(ctx, role), host=settings.host, port=port, log_level="info",
-                ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile,
-            )))
-    if log_ready:
-        log.info("model %s loaded in %.1f s; serving on %s", settings.model, time.monotonic() - started,
-                 settings.base_url())
+    store = JobStore(settings.db_path)  # before anything listens: a corrupt store is one line from the CLI
+    guard = ConnectionGuard(max_connections=connection_cap(settings.max_connections),
+                            header_timeout_s=settings.header_timeout_s,
+                            body_min_bytes_per_s=settings.body_min_bytes_per_s)
+    protocol = guard.protocol_class()
+    fronts = {role: StartingApp(str(settings.model)) for role, _ in listeners}
+    servers = []
+    for role, port in listeners:
+        tls = {} if role == "main" else {"ssl_certfile": settings.tls_certfile, "ssl_keyfile": settings.tls_keyfile}
+        servers.append(_Server(uvicorn.Config(
+            fronts[role], host=settings.host, port=port, http=protocol, ws="none", lifespan="off", log_config=None,
+            access_log=False,  # CountRequests writes it, without query strings or tokens
+            timeout_keep_alive=5, timeout_graceful_shutdown=5, backlog=ACCEPT_BACKLOG, **tls,
+        )))
 
-    async def run_all():
+    async def run_all() -> ServerContext | None:
         loop = asyncio.get_running_loop()
+        stopping, hurry = asyncio.Event(), asyncio.Event()
 
-        def stop(signame: str) -> None:
-            log.info("%s: draining (the running job goes back to the queue; queued jobs stay stored)", signame)
-            for server in servers:
-                server.should_exit = True
+        def on_signal(signame: str) -> None:
+            if stopping.is_set():
+                log.warning("%s again: stopping now (the running jobs go back to the queue)", signame)
+                hurry.set()
+                return
+            log.info("%s: draining (no new jobs; the running ones have %.0f s to finish, then go back to the "
+                     "queue)", signame, settings.drain_timeout_s)
+            stopping.set()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop, sig.name)
-        await asyncio.gather(*(server.serve() for server in servers))
+            loop.add_signal_handler(sig, on_signal, sig.name)
+        serving = asyncio.ensure_future(asyncio.gather(*(server.serve() for server in servers)))
+        while not all(server.started for server in servers) and not serving.done():
+            await asyncio.sleep(0.01)
+        loaded: asyncio.Future = loop.create_future()
 
+        def load() -> None:  # a daemon thread: a signal during a long load must not wait for it
+            try:
+                result = build_context(settings, store=store)
+                outcome = lambda: loaded.done() or loaded.set_result(result)  # noqa: E731
+            except BaseException as exc:  # noqa: BLE001 - handed to the loop, which raises it
+                outcome = lambda error=exc: loaded.done() or loaded.set_exception(error)  # noqa: E731
+            try:
+                loop.call_soon_threadsafe(outcome)
+            except RuntimeError:  # the loop is closed: stopped while loading, nobody waits for the model now
+                pass
+
+        if not serving.done():
+            threading.Thread(target=load, name="magi-load", daemon=True).start()
+        stop_wait = asyncio.ensure_future(stopping.wait())
+        await asyncio.wait({loaded, stop_wait, serving}, return_when=asyncio.FIRST_COMPLETED)
+        ctx = loaded.result() if loaded.done() and loaded.exception() is None else None
+        if ctx is not None and not stopping.is_set() and not serving.done():
+            from magi_server.serving.app import create_app
+
+            for role, front in fronts.items():
+                front.app = create_app(ctx, role)
+            if log_ready:
+                log.info("model %s loaded in %.1f s; serving on %s", settings.model, time.monotonic() - started,
+                         settings.base_url())
+            await asyncio.wait({stop_wait, serving}, return_when=asyncio.FIRST_COMPLETED)
+            if stopping.is_set():
+                await _drain(ctx, settings.drain_timeout_s, hurry)
+        for server in servers:
+            server.should_exit = True
+        stop_wait.cancel()
+        await serving
+        if loaded.done() and loaded.exception() is not None:
+            raise loaded.exception()
+        return ctx
+
+    ctx = None
     try:
-        asyncio.run(run_all())
+        ctx = asyncio.run(run_all())
     finally:
-        shutdown(ctx)
+        if ctx is not None:
+            from magi_server.serving.app import shutdown
+
+            shutdown(ctx)
+        else:
+            store.close()
+
+
+async def _drain(ctx: ServerContext, timeout_s: float, hurry: asyncio.Event) -> None:
+    """Let the running jobs finish (nothing new starts, submits are refused) for at most ``timeout_s``."""
+    ctx.engine.drain()
+    deadline = time.monotonic() + timeout_s
+    while ctx.engine.running_count and time.monotonic() < deadline and not hurry.is_set():
+        await asyncio.sleep(0.1)
+    left = ctx.engine.running_count
+    if left:
+        log.info("drain over with %d job(s) still running: they go back to the queue", left)
+    else:
+        log.info("drained: no job running")

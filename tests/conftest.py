@@ -27,7 +27,8 @@ SLOW_FILES = {
     "test_vae_unit.py", "test_compile.py", "test_server_wavespeed.py", "test_gpu_bench.py", "test_chunk_output.py",
     "test_dit_golden.py", "test_pipeline_tiny.py", "test_bench.py", "test_tiny.py", "test_text_encoder.py",
     "test_async_prefill.py", "test_offline_equals_served.py", "test_openapi_conformance.py",
-    "test_server_fal.py", "test_batching.py", "test_video.py", "test_malformed_bodies.py",
+    "test_server_fal.py", "test_file_access.py", "test_batching.py", "test_video.py", "test_malformed_bodies.py",
+    "test_image_admission.py", "test_poll_latency.py", "test_connection_limits.py", "test_server_lifecycle.py",
 }
 
 

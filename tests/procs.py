@@ -31,9 +31,12 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m magi_server serve --model tiny`` on a free loopback port over a given db/outputs/cache."""
 
-    def __init__(self, *, db: Path, outputs: Path, cache: Path, log: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, *, db: Path, outputs: Path, cache: Path, log: Path, extra_args: tuple[str, ...] = (),
+                 nofile_limit: int | None = None) -> None:
         self.db, self.outputs, self.cache, self.log_path = Path(db), Path(outputs), Path(cache), Path(log)
         self.extra_args = tuple(extra_args)
+        self.nofile_limit = nofile_limit  # the server's open-file limit (soft and hard), e.g. the usual 1024
+        self.spawned_at: float | None = None  # time.monotonic() just before the process was started
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
         self._groups: list[int] = []  # every session we started (a restart reuses this object)
@@ -61,6 +64,17 @@ class ServerProcess:
         self.close()
         raise AssertionError(f"server did not become ready within {timeout_s:.0f} s; log tail:\n{tail}")
 
+    def spawn(self) -> "ServerProcess":
+        """Start the process on a free port without waiting for it (tests of what it answers while starting)."""
+        self.port = free_port()
+        self._spawn()
+        return self
+
+    def _limit_files(self) -> None:  # runs in the child before exec
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile_limit, self.nofile_limit))
+
     def _spawn(self) -> None:
         cmd = [sys.executable, "-m", "magi_server", "serve", "--model", "tiny", "--device", "cpu",
                "--host", "127.0.0.1", "--port", str(self.port), "--db", str(self.db), "--outputs", str(self.outputs),
@@ -70,8 +84,10 @@ class ServerProcess:
         with open(self.log_path, "ab") as log:
             log.write(f"\n===== start {' '.join(cmd)}\n".encode())
             log.flush()
+            self.spawned_at = time.monotonic()
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=self._limit_files if self.nofile_limit else None)
         self._groups.append(self.proc.pid)
 
     def _wait_ready(self, timeout_s: float) -> bool:

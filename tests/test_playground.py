@@ -1,7 +1,11 @@
-"""The playground page in headless Chromium: fill the form, upload an image, watch progress, get a playable MP4."""
+"""The playground page in headless Chromium: fill the form, upload an image, watch progress, get a playable MP4.
+
+The server runs with an API key, so the page's <video> elements (which cannot send the key) prove that the signed
+URLs the API hands out play on their own."""
 from __future__ import annotations
 
 import shutil
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -12,12 +16,13 @@ from tests.media_utils import probe_video
 from tests.procs import ServerProcess
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+KEY = "playground-key-0123"
 
 
 @pytest.fixture
 def server(tmp_path):
     proc = ServerProcess(db=tmp_path / "jobs.db", outputs=tmp_path / "outputs", cache=tmp_path / "cache",
-                         log=tmp_path / "server.log")
+                         log=tmp_path / "server.log", extra_args=("--api-key", KEY))
     proc.start()
     try:
         yield proc
@@ -50,6 +55,7 @@ def test_playground_runs_a_job_end_to_end(server, tmp_path):
             page.goto(server.url + "/", timeout=30_000)
             assert "noise-like" in page.locator("#notice").inner_text(timeout=10_000)
             page.fill("#prompt", "a red and blue flag waving")
+            page.fill("#apikey", KEY)
             page.set_input_files("#image", str(image))
             page.fill("#seed", "7")
             page.fill("#frames", "72")
@@ -73,10 +79,13 @@ def test_playground_runs_a_job_end_to_end(server, tmp_path):
             )
             src = page.get_attribute("#final-video", "src")
             href = page.get_attribute("#download", "href")
-            assert src == href and src.endswith(".mp4")
+            assert src == href and urlsplit(src).path.endswith(".mp4") and "sig=" in urlsplit(src).query
+            # the saved file is named <id>.mp4, without the signature
+            assert page.get_attribute("#download", "download") == urlsplit(src).path.split("/")[-1]
         finally:
             browser.close()
 
+    assert httpx.get(server.url + urlsplit(src).path, timeout=30).status_code == 404  # unsigned, no key
     data = httpx.get(src, timeout=30).content
     out = tmp_path / "downloaded.mp4"
     out.write_bytes(data)

@@ -7,6 +7,7 @@ terminal status fails the test instead of hanging it (the SDK's own default wait
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -19,12 +20,15 @@ wavespeed = pytest.importorskip(
 
 MODEL = "wavespeed-ai/magi-1-24b"
 SDK_TIMEOUT_S = 60.0
+API_KEY = "test-key-0123"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sdk")
-    srv = ServerProcess(db=tmp / "jobs.db", outputs=tmp / "outputs", cache=tmp / "cache", log=tmp / "server.log")
+    # with the SDK's key configured: outputs then answer only to it or to their signed URLs
+    srv = ServerProcess(db=tmp / "jobs.db", outputs=tmp / "outputs", cache=tmp / "cache", log=tmp / "server.log",
+                        extra_args=("--api-key", API_KEY))
     try:
         srv.start()
         yield srv
@@ -35,14 +39,16 @@ def server(tmp_path_factory):
 @pytest.fixture
 def client(server):
     # one connection retry instead of five with 1..5 s backoff: a dead server fails the test in seconds
-    return wavespeed.Client(api_key="test", base_url=server.url, max_connection_retries=1)
+    return wavespeed.Client(api_key=API_KEY, base_url=server.url, max_connection_retries=1)
 
 
 def _download_and_probe(url: str, tmp_path: Path, server: ServerProcess):
-    assert url.startswith(server.url + "/files/") and url.endswith(".mp4"), url
-    r = httpx.get(url, timeout=30)  # no auth header: the SDK leaves downloading to the caller
+    path_part = urlsplit(url).path
+    assert url.startswith(server.url + "/files/") and path_part.endswith(".mp4") and "sig=" in url, url
+    r = httpx.get(url, timeout=30)  # no auth header: the SDK leaves downloading to the caller (a signed URL)
     assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
-    path = tmp_path / Path(url).name
+    assert httpx.get(server.url + path_part, timeout=30).status_code == 404  # unsigned and without the key
+    path = tmp_path / Path(path_part).name
     path.write_bytes(r.content)
     return probe_video(path)
 

@@ -120,6 +120,7 @@ class Engine:
         self._device_error: str | None = None  # set by a failure that left the device unusable (engine thread)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._draining = threading.Event()  # set by drain(): nothing new starts, the running jobs go on
         self._heartbeat = clock()
         self.dead_reason: str | None = None
         self.steps_run = 0
@@ -171,8 +172,18 @@ class Engine:
     def accepting(self) -> bool:
         """The loop runs and has not given up, so a job handed over now will be run. Unlike :meth:`alive`, a long
         model call does not count against it: only a dead or stopped loop refuses work."""
-        return (self.dead_reason is None and not self._stop.is_set() and self._thread is not None
-                and self._thread.is_alive())
+        return (self.dead_reason is None and not self._stop.is_set() and not self._draining.is_set()
+                and self._thread is not None and self._thread.is_alive())
+
+    def drain(self) -> None:
+        """Start no more jobs (a graceful stop is coming): the running ones go on to their end, queued ones wait
+        for the next process; :meth:`accepting` turns false so no new job is taken."""
+        self._draining.set()
+        self._inbox.put(None)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="magi-engine", daemon=True)
@@ -200,7 +211,7 @@ class Engine:
                     break
                 self._collect(result)
                 self._scheduler.update(plan, result)
-                plan = self._scheduler.schedule(admit=not self.runner.prefilling)
+                plan = self._scheduler.schedule(admit=not self.runner.prefilling and not self._draining.is_set())
                 result = self._execute(plan)
                 with self._lock:
                     self._positions = {job_id: i for i, job_id in enumerate(self._scheduler.waiting)}

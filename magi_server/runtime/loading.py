@@ -306,6 +306,16 @@ MODEL_CONFIG_NAME = "magi_config.json"
 SPECIAL_TOKENS_NAME = "special_tokens.npz"
 
 
+def hide_progress_bars() -> None:
+    """No tqdm bars from transformers / huggingface_hub (saving and loading the T5): a server's log is lines, and
+    under ``--log-format json`` every one of them must be JSON."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+
+
 def _first_existing(*candidates: Path) -> Path | None:
     for candidate in candidates:
         if candidate.exists():

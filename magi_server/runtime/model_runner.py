@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -65,6 +66,21 @@ def model_limits(config: MagiConfig) -> ModelLimits:
     s = config.sampling
     return ModelLimits(window_size=s.window_size, kv_quarters=len(s.noise2clean_kvrange),
                        temporal_downsample=s.temporal_downsample_factor)
+
+
+def leave_a_core_for_serving(device: str | torch.device) -> None:
+    """On a CPU device, let the model's intra-op threads use every core but one (never more than torch's default).
+
+    A server's event loop, job store and encoders share the process's cores with the model; torch otherwise takes
+    them all (its pool threads spin between the many small ops of a step) and the event loop waits for a core
+    behind them: on 2 cores, polls at 200/s while a job generated took seconds to answer (issue #10). The setting
+    is process-wide (torch has no per-thread one) and does not change the output (same bytes, fewer threads). A GPU
+    device is left alone: there the CPU threads only feed the GPU.
+    """
+    if torch.device(device).type != "cpu":
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - 1)))
 
 
 def plan_frames_for_output(num_frames: int, task: str) -> int:

@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from magi_server.serving.common import ServerContext, resolve_upload
-from magi_server.serving.jobs import JobStatus
+from magi_server.serving.common import ServerContext
+from magi_server.serving.files import add_file_routes
+from magi_server.serving.jobs import JobStatus, JobStoreError
 from magi_server.serving.metrics import method_label
 
 log = logging.getLogger("magi_server.serving.app")
-
-OUTPUT_NAME = re.compile(r"^[0-9a-f]{32}(\.chunk\d{1,5})?\.mp4$")
+access_log = logging.getLogger("magi_server.access")
 
 
 # -------------------------------------------------------------------------------------------------- middleware
@@ -75,8 +76,23 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+# a path segment that may be a credential (an upload token, a presigned name) or an id: the access log shows "*"
+_SECRET_SEGMENT = re.compile(r"[A-Za-z0-9_.~-]{16,}")
+
+
+def loggable_path(scope) -> str:
+    """The path as the access log shows it: the matched route's template (``/files/uploads/{name}``), else the
+    path with every long segment masked; never the query string (it can carry signatures and tokens)."""
+    route = getattr(scope.get("route"), "path", None)
+    if route:
+        return route
+    return "/".join("*" if _SECRET_SEGMENT.fullmatch(part) else part for part in scope.get("path", "").split("/"))
+
+
 class CountRequests:
-    """Counts every answer in ``magi_http_requests_total``; on the fal listeners also marks it as ours.
+    """Counts every answer in ``magi_http_requests_total``, writes the access log (one line per request, with the
+    route template rather than the raw path: see :func:`loggable_path`); on the fal listeners also marks every
+    answer as ours.
 
     Plain ASGI (no BaseHTTPMiddleware): it only looks at the response start, so bodies stream through untouched.
     """
@@ -90,8 +106,13 @@ class CountRequests:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
 
+        started = time.monotonic()
+        status = 0
+
         async def counted_send(message):
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 if self.metrics is not None:
                     # labels from small fixed sets only (route templates, standard methods), or each odd request
                     # would add a series for good; routing has put the matched route into the scope by now
@@ -104,7 +125,15 @@ class CountRequests:
                     message = {**message, "headers": [*headers, (b"x-fal-request-id", uuid.uuid4().hex.encode())]}
             await send(message)
 
-        await self.app(scope, receive, counted_send)
+        try:
+            await self.app(scope, receive, counted_send)
+        finally:
+            client = (scope.get("client") or ("-",))[0]
+            duration_ms = round((time.monotonic() - started) * 1000, 1)
+            path = loggable_path(scope)
+            access_log.info("%s %s %s %d %.1fms", client, scope["method"], path, status, duration_ms,
+                            extra={"http": {"client": client, "method": method_label(scope["method"]), "path": path,
+                                            "status": status, "duration_ms": duration_ms}})
 
 
 # ---------------------------------------------------------------------------------------------------------- app
@@ -167,6 +196,9 @@ def _add_common_routes(app: FastAPI, ctx: ServerContext) -> None:
         body = {"model": ctx.model_name, "engine_alive": ctx.engine.alive(), "queue_depth": ctx.engine.queue_depth}
         if ctx.notice:
             body["notice"] = ctx.notice
+        if ctx.engine.draining:  # a graceful stop: take no new work, a balancer should send it elsewhere
+            body["status"] = "draining"
+            return JSONResponse(body, status_code=503)
         if not body["engine_alive"]:
             body["status"] = "not ready"
             body["reason"] = ctx.engine.dead_reason or "the GPU loop is not running"
@@ -183,22 +215,8 @@ def _add_common_routes(app: FastAPI, ctx: ServerContext) -> None:
 
 
 def _add_file_routes(app: FastAPI, ctx: ServerContext) -> None:
-    @app.get("/files/uploads/{name}")
-    async def upload_file(name: str):
-        path = resolve_upload(ctx, f"{ctx.settings.base_url()}/files/uploads/{name}")
-        if path is None:
-            return JSONResponse({"detail": "not found"}, status_code=404)
-        return FileResponse(path)
-
-    @app.get("/files/{name}")
-    async def output_file(name: str):
-        # names come from job ids we generated: never join a client string into a path without this check
-        if not OUTPUT_NAME.fullmatch(name):
-            return JSONResponse({"detail": "not found"}, status_code=404)
-        path = ctx.outputs_dir / name
-        if not path.is_file():
-            return JSONResponse({"detail": "not found"}, status_code=404)
-        return FileResponse(path, media_type="video/mp4", filename=name)
+    # outputs, chunk previews, uploads and stored inputs: owner or signed URL only (serving.files)
+    add_file_routes(app, ctx)
 
 
 # --------------------------------------------------------------------------------------------------- running
@@ -208,9 +226,14 @@ def shutdown(ctx: ServerContext) -> None:
     """Graceful stop: the running job goes back to the queue (its attempt refunded), queued jobs stay stored."""
     if ctx.janitor is not None:
         ctx.janitor.stop()
+    ctx.image_decoder.shutdown(wait=False, cancel_futures=True)  # a decode under way ends with its ffmpeg
+    ctx.store_reader.shutdown(wait=True, cancel_futures=True)  # before the store closes under a read
     ctx.engine.stop()
-    for job in ctx.store.list([JobStatus.RUNNING], limit=10_000):
-        ctx.store.requeue(job.id)
+    try:
+        for job in ctx.store.list([JobStatus.RUNNING], limit=10_000):
+            ctx.store.requeue(job.id)
+    except JobStoreError as exc:  # e.g. a full disk: those rows stay "running" and the next start re-queues them
+        log.error("could not put the running jobs back in the queue: %s (the next start will)", exc)
     ctx.store.close()
 
 

@@ -9,17 +9,23 @@ GenerationParams, Job -> provider envelope. Everything that must behave the same
 * :class:`ProviderRoute`: whatever refuses a request (the request model, the contract's :func:`validate`, a
   dependency such as :func:`api_key_auth`, a full queue) is answered in the route's own provider's error format,
   always a 4xx (or 503) and never a 5xx;
-* image intake: fetch (http(s) with the SSRF rules of media.fetch, data: URIs, or our own upload URLs),
-  decode, center-crop to the target aspect ratio, store as a PNG in the uploads folder once the request is valid;
-* uploads: one way to store bytes, one presigned-URL ticket flow (WaveSpeed and Magic Hour);
-* the submit flow: reserve a queue slot (429 when full, nothing stored), write the job durably (once per
-  Idempotency-Key), hand it to the engine; and one cancel.
+* image intake: fetch (http(s) with the SSRF rules of media.fetch, data: URIs, or our own upload URLs), refuse
+  an image above :data:`MAX_INPUT_IMAGE_PIXELS` from its header, then (once the request is valid) decode,
+  center-crop and scale it to the job's working size in one ffmpeg pass on a small pool of its own, and store
+  that PNG in the uploads folder;
+* uploads: one way to store bytes (only what sniffs as an image or video; the name's token is unguessable and
+  tagged with its owner), one presigned-URL ticket flow (WaveSpeed and Magic Hour); the signed URLs of stored
+  files (:meth:`ServerContext.file_url`; serving.files checks them);
+* the submit flow: admission first (:func:`admitted`: a live engine, a queue slot, the key's quota; 429 or 503
+  before any fetch or decode, nothing stored), then the request's image, then the job written durably (once per
+  Idempotency-Key) and handed to the engine; and one cancel.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+import errno
 import hashlib
 import hmac
 import json
@@ -27,14 +33,16 @@ import logging
 import math
 import re
 import secrets
+import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import numpy as np
 from fastapi import Header, Request, Security
 from fastapi import params as fastapi_params
 from fastapi.exceptions import RequestValidationError
@@ -48,12 +56,13 @@ from starlette.exceptions import HTTPException
 from magi_server.engine.loop import Engine, QueueFullError
 from magi_server.media import InputError
 from magi_server.media.fetch import SourcePolicy
-from magi_server.media.images import encode_png, load_image
-from magi_server.params import (ASPECT_RATIOS, RESOLUTIONS, GenerationParams, ModelLimits, ParamError, nearest_aspect,
-                                output_size, resolve_seed, validate)
-from magi_server.serving.events import EventHub
-from magi_server.serving.jobs import (MAX_IDEMPOTENCY_KEY_LEN, IdempotencyConflict, Job, JobStatus, JobStore,
-                                      JobStoreError, QuotaExceeded)
+from magi_server.media.images import fit_image, image_size, read_image_bytes
+from magi_server.params import (ASPECT_RATIOS, MAX_SIDE, RESOLUTIONS, GenerationParams, ModelLimits, ParamError,
+                                nearest_aspect, output_size, resolve_seed, validate)
+from magi_server.serving.events import EventHub, StoreBacklog
+from magi_server.serving.jobs import (MAX_IDEMPOTENCY_KEY_LEN, DamagedJob, IdempotencyConflict, Job, JobStatus,
+                                      JobStore, JobStoreError, QuotaExceeded)
+from magi_server.serving.files import ACCEPTED_KINDS, UPLOAD_NAME, FileSigner, MediaKind, sniff_media
 from magi_server.serving.settings import ServerSettings
 
 log = logging.getLogger("magi_server.serving.common")
@@ -62,6 +71,15 @@ MAX_IMAGE_REF_CHARS = 30_000_000  # a data: URI carries the whole image; the bod
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 UPLOAD_URL_TTL_S = 3600.0  # how long a presigned upload URL takes its one PUT
 IDEMPOTENCY_TTL_S = 24 * 3600.0  # Stripe keeps keys at least this long
+# An input image is cropped and scaled down to the job's output size before anything else sees it, so pixels
+# beyond what the largest output shows (1280x720 or 960x960, ~0.92 MP: params.RESOLUTION_SIZES) buy nothing.
+# 4096 x 4096 (16.7 MP, params.MAX_SIDE squared) is ~18x that: a 12 MP phone photo (4032x3024) or a 4K frame
+# fits with room, while the worst decode stays bounded (~50 MB of RGB, inside the ffmpeg subprocess, under a
+# second). Anything larger is refused from its header, before it is decoded.
+MAX_INPUT_IMAGE_PIXELS = MAX_SIDE * MAX_SIDE
+# Concurrent image decodes (one ffmpeg each, a core each): they queue on a pool of their own, so a burst of image
+# submits waits for itself instead of filling the default thread pool every other request runs on.
+IMAGE_DECODE_WORKERS = 2
 # the upload PUTs read the raw bytes of the file (declared so /docs shows it; FastAPI cannot infer it)
 RAW_BODY = {"requestBody": {"required": True, "content": {
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
@@ -80,8 +98,9 @@ class Unavailable(Overloaded):
     """The GPU loop is dead or stopping: a job accepted now would sit queued until a restart (answer 503 with
     Retry-After; nothing is stored). A subclass so code that only knows Overloaded still refuses it safely."""
 
-    def __init__(self, retry_after_s: float, reason: str) -> None:
-        super().__init__(retry_after_s)
+    def __init__(self, retry_after_s: float, reason: str,
+                 message: str = "the server cannot run jobs now: the GPU loop is not running; retry later") -> None:
+        super().__init__(retry_after_s, message)  # what the client reads: the reason (a device error) is the log's
         self.reason = reason
 
 
@@ -120,6 +139,8 @@ IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_lengt
 
 # ----------------------------------------------------------------------------------------------- the context
 
+_SIGNER_LOCK = threading.Lock()
+
 
 @dataclass
 class ServerContext:
@@ -136,6 +157,16 @@ class ServerContext:
     started_at: float = field(default_factory=time.time)
     model_limits: ModelLimits = field(default_factory=ModelLimits)  # the served model's (the composition root's)
     janitor: Any = None  # serving.janitor.Janitor when finished jobs have a time to live
+    # the image decodes (see IMAGE_DECODE_WORKERS); serving.app.shutdown shuts it down
+    image_decoder: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        max_workers=IMAGE_DECODE_WORKERS, thread_name_prefix="image-decode"))
+    backlog: StoreBacklog = field(default_factory=StoreBacklog)  # job events the store refused, retried (events.py)
+    # the requests' store reads (see read_job); serving.app.shutdown shuts it down. One thread: the store serves
+    # one call at a time anyway, and a crowd of threads queued on its lock only fights the engine for the GIL
+    # (with the shared 40-thread pool, polls at 200/s while a job generated took seconds; issue #10)
+    store_reader: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="store-read"))
+    file_signer: FileSigner | None = None  # made from the settings on first use (see :attr:`signer`)
 
     @property
     def outputs_dir(self) -> Path:
@@ -161,8 +192,24 @@ class ServerContext:
             return s.max_queue_per_key
         return max(1, s.max_queue // 2) if len(s.api_keys) > 1 else None
 
-    def file_url(self, name: str) -> str:
-        return f"{self.settings.base_url()}/files/{name}"
+    @property
+    def signer(self) -> FileSigner:
+        """Signs the file URLs we hand out (serving.files): the configured secret or the one kept in the outputs
+        folder."""
+        if self.file_signer is None:
+            with _SIGNER_LOCK:  # one secret even when the first URLs are signed on several threads at once
+                if self.file_signer is None:
+                    self.file_signer = FileSigner.for_settings(self.settings)
+        return self.file_signer
+
+    def file_url(self, name: str, *, base: str | None = None, expires: int | None = None) -> str:
+        """The signed URL of an output or chunk preview: the SDKs download it without our API key. ``base``: the
+        listener the client used (fal), else the public base URL; ``expires``: unix seconds (default: the TTL)."""
+        return (base or self.settings.base_url()) + self.signer.sign(f"/files/{name}", expires)
+
+    def upload_url(self, name: str) -> str:
+        """The signed download URL of an upload (WaveSpeed's ``download_url``)."""
+        return self.settings.base_url() + self.signer.sign(f"/files/uploads/{name}")
 
     def owner_of(self, key: str | None) -> str:
         """Tenant id of an API key: a hash (keys themselves are never stored)."""
@@ -187,6 +234,12 @@ def find_job(ctx: "ServerContext", job_id: str, owner: str, api: str) -> Job | N
     return job if job is not None and job.api == api else None
 
 
+async def read_job(ctx: "ServerContext", job_id: str, owner: str, api: str) -> Job | None:
+    """:func:`find_job` for a request: on the context's store-reading thread, never on the event loop (the store's
+    lock may be held by a write that waits for the disk)."""
+    return await asyncio.get_running_loop().run_in_executor(ctx.store_reader, find_job, ctx, job_id, owner, api)
+
+
 def cancel_job(ctx: ServerContext, job_id: str) -> Job | None:
     """Make the job's row final now (compare-and-set: None when it ended first); the engine stops the work at its
     next safe point."""
@@ -204,7 +257,9 @@ def api_key_auth(ctx: ServerContext, scheme: str):
     header = APIKeyHeader(name="Authorization", scheme_name=f"{scheme}Auth", auto_error=False,
                           description=f"'{scheme} <key>' (only when the server was started with API keys)")
 
-    def tenant(authorization: str | None = Security(header)) -> str:
+    # async: a few string compares, answered on the event loop. A plain def would be run on a worker thread, a
+    # hand-over (and a wait for the GIL) per request
+    async def tenant(authorization: str | None = Security(header)) -> str:
         given, _, key = (authorization or "").partition(" ")
         key = key.strip() if given.lower() == scheme.lower() else ""
         if not ctx.key_is_valid(key or None):
@@ -270,13 +325,23 @@ class ProviderRoute(APIRoute):
             except Overloaded as exc:
                 retry = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
                 if isinstance(exc, Unavailable):  # its reason (a device error) stays in /health/ready and the log
-                    return self.refuse(503, "the server cannot run jobs now: the GPU loop is not running; retry "
-                                            "later", retry)
+                    return self.refuse(503, exc.message, retry)
                 return self.refuse(429, exc.message, retry)
             except IdempotencyConflict as exc:
                 return self.refuse(409, f"Idempotency-Key: {exc}")
+            except DamagedJob as exc:
+                # 410, not a 5xx: the row will not heal, so a client must stop polling (a 503 invites retries
+                # forever, and the WaveSpeed SDK replays a task on any 5xx); the reason is for the operator
+                log.warning("%s", exc)
+                return self.refuse(410, f"job {exc.job_id} is damaged in the server's job store and can no longer "
+                                        f"be read; submit it again")
             except JobStoreError:
                 return self.refuse(503, "the job store is unavailable; retry later", {"Retry-After": "5"})
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                log.error("out of disk space: %s", exc)  # e.g. storing an input image: the same answer as the store's
+                return self.refuse(503, "the server is out of disk space; retry later", {"Retry-After": "30"})
 
         return handle
 
@@ -302,33 +367,38 @@ def error_responses(model, *statuses: int) -> dict:
 # ---------------------------------------------------------------------------------------------- image intake
 
 
-def center_crop_to_aspect(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Crop the image's center to the target aspect ratio (the pipeline then resizes): "resize and center crop"."""
-    h, w = image.shape[:2]
-    target = width / height
-    if w / h > target:
-        new_w = max(1, round(h * target))
-        x0 = (w - new_w) // 2
-        return np.ascontiguousarray(image[:, x0 : x0 + new_w])
-    new_h = max(1, round(w / target))
-    y0 = (h - new_h) // 2
-    return np.ascontiguousarray(image[y0 : y0 + new_h])
+@dataclass(frozen=True)
+class ImageInput:
+    """A request's image, fetched and sized from its header but not decoded: :func:`build_params` decodes it
+    straight to the job's working size once the request is valid."""
+
+    data: bytes  # the encoded PNG, JPEG or WebP
+    width: int
+    height: int
+    field: str  # the provider's name for it, which refusals name
 
 
-def read_image_field(ctx: ServerContext, value: str, field_name: str) -> np.ndarray:
-    """Decode an image given as an http(s) URL, a data: URI, bare base64, or one of our upload URLs. Blocking."""
+async def read_image_field(ctx: ServerContext, value: str, field_name: str) -> ImageInput:
+    """Fetch an image given as an http(s) URL, a data: URI, bare base64, or one of our upload URLs, and read its
+    size from its header; an image above :data:`MAX_INPUT_IMAGE_PIXELS` is refused here, before any decode."""
+    return await asyncio.to_thread(_read_image_field, ctx, value, field_name)
+
+
+def _read_image_field(ctx: ServerContext, value: str, field_name: str) -> ImageInput:
     local = resolve_upload(ctx, value)
     try:
         if local is not None:
-            return load_image(local, param=field_name)
-        if value.startswith(("http://", "https://", "data:")):
+            data = read_image_bytes(local, param=field_name)
+        elif value.startswith(("http://", "https://", "data:")):
             policy = SourcePolicy(allow_paths=False, allow_private_hosts=ctx.settings.allow_private_image_hosts)
-            return load_image(value, param=field_name, policy=policy)
-        try:  # bare base64 (WaveSpeed accepts it as a harmless extension)
-            raw = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise ParamError(field_name, "must be an http(s) URL, a data: URI or base64 image bytes") from None
-        return load_image(raw, param=field_name)
+            data = read_image_bytes(value, param=field_name, policy=policy)
+        else:
+            try:  # bare base64 (WaveSpeed accepts it as a harmless extension)
+                raw = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise ParamError(field_name, "must be an http(s) URL, a data: URI or base64 image bytes") from None
+            data = read_image_bytes(raw, param=field_name)
+        width, height = image_size(data, param=field_name)
     except InputError as exc:
         raise ParamError(field_name, exc.message, "media_error") from None
     except ParamError:
@@ -336,6 +406,39 @@ def read_image_field(ctx: ServerContext, value: str, field_name: str) -> np.ndar
     except Exception:  # a fetch failure the loader did not classify is still the reference's fault, not a 5xx
         log.warning("%s could not be read", field_name, exc_info=True)
         raise ParamError(field_name, "could not be fetched or decoded", "media_error") from None
+    if width * height > MAX_INPUT_IMAGE_PIXELS:
+        raise ParamError(field_name, f"the image is {width}x{height} ({width * height / 1e6:.1f} megapixels); at "
+                                     f"most {MAX_INPUT_IMAGE_PIXELS / 1e6:.1f} megapixels (e.g. 4096x4096) are "
+                                     "accepted", "media_error")
+    return ImageInput(data, width, height, field_name)
+
+
+async def store_input_image(ctx: ServerContext, image: ImageInput, path: Path, width: int, height: int) -> None:
+    """Decode ``image`` once, center-cropped to width:height's aspect ratio and scaled to width x height (one
+    ffmpeg pass: :func:`fit_image`), and store that PNG at ``path``; on the decode pool, never the default one."""
+
+    def decode_and_store() -> None:
+        try:
+            png = fit_image(image.data, width, height, param=image.field, max_pixels=MAX_INPUT_IMAGE_PIXELS)
+        except InputError as exc:
+            raise ParamError(image.field, exc.message, "media_error") from None
+        _write_atomically(path, png)
+
+    stopping = Unavailable(ctx.engine.retry_after_s, "stopping", "the server is shutting down; retry shortly")
+    try:
+        work = ctx.image_decoder.submit(decode_and_store)
+    except RuntimeError:  # the pool is shut down: the server is stopping
+        raise stopping from None
+    try:
+        await asyncio.wrap_future(work)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if work.cancelled() and not (task is not None and task.cancelling()):
+            raise stopping from None  # the pool dropped it at shutdown; this request itself goes on
+        # the request is gone: a decode not yet started is dropped, one under way leaves no file behind
+        if not work.cancel():
+            work.add_done_callback(lambda _: path.unlink(missing_ok=True))
+        raise
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -347,7 +450,8 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def resolve_upload(ctx: ServerContext, value: str) -> Path | None:
-    """Our own upload URL (or a Magic Hour ``api-assets/<token>`` path) -> the stored file, without a fetch."""
+    """Our own upload URL (signed or not: knowing the unguessable name is the credential here, as for a Magic Hour
+    ``api-assets/<token>`` path) -> the stored file, without a fetch. A link planted in the folder is not one."""
     token = None
     base = ctx.settings.base_url()
     for prefix in (f"{base}/files/uploads/", "api-assets/"):
@@ -360,7 +464,7 @@ def resolve_upload(ctx: ServerContext, value: str) -> Path | None:
     if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9]{1,8})?", token):
         return None
     for path in ctx.uploads_dir.glob(f"{token.split('.')[0]}.*"):
-        if path.is_file() and not path.name.startswith("."):
+        if not path.is_symlink() and path.is_file() and UPLOAD_NAME.fullmatch(path.name):
             return path
     return None
 
@@ -368,15 +472,31 @@ def resolve_upload(ctx: ServerContext, value: str) -> Path | None:
 # --------------------------------------------------------------------------------------------------- uploads
 
 
-def save_upload(ctx: ServerContext, data: bytes, suffix: str) -> Path:
-    """Store uploaded bytes as ``<unguessable token>.<suffix>`` in the uploads folder; returns the path."""
-    safe_suffix = "".join(ch for ch in suffix.lower() if ch.isalnum())[:8] or "bin"
-    path = ctx.uploads_dir / f"{secrets.token_urlsafe(24)}.{safe_suffix}"
+def media_kind_of(data: bytes) -> MediaKind:
+    """The sniffed image/video kind of uploaded bytes (serving.files.sniff_media); a 415 for anything else, so no
+    HTML, SVG or script is ever stored to be served from our origin."""
+    kind = sniff_media(data[:64])
+    if kind is None:
+        raise HTTPException(415, f"unsupported file type: an upload must be {ACCEPTED_KINDS} (judged by its "
+                                 f"content, not its name)")
+    return kind
+
+
+def save_upload(ctx: ServerContext, data: bytes, suffix: str, owner: str = "") -> Path:
+    """Store uploaded bytes as ``<token>.<ext>`` in the uploads folder; returns the path. The token is unguessable
+    and carries an owner tag (FileSigner.upload_token): the owner's key reads it back without a signed URL. Bytes
+    are stored only when they sniff as an image or video (its extension then follows the content); empty bytes are a
+    ticket's placeholder, named with the client's ``suffix``."""
+    if data:
+        safe_suffix = media_kind_of(data).extension
+    else:
+        safe_suffix = "".join(ch for ch in suffix.lower() if ch.isalnum())[:8] or "bin"
+    path = ctx.uploads_dir / f"{ctx.signer.upload_token(owner)}.{safe_suffix}"
     _write_atomically(path, data)
     return path
 
 
-def open_upload(ctx: ServerContext, api: str, suffix: str) -> Path:
+def open_upload(ctx: ServerContext, api: str, suffix: str, owner: str = "") -> Path:
     """A presigned-URL ticket (WaveSpeed's and Magic Hour's upload flows): an empty placeholder fixes the file's
     name, and so the URL it is read from, before its one PUT. The placeholder's stem is the token that makes the PUT
     URL unguessable; :func:`receive_upload` takes the bytes. Tickets nobody used are forgotten here."""
@@ -386,14 +506,15 @@ def open_upload(ctx: ServerContext, api: str, suffix: str) -> Path:
             ctx.uploads.pop(token, None)
             if ticket["path"].is_file() and ticket["path"].stat().st_size == 0:
                 ticket["path"].unlink(missing_ok=True)
-    path = save_upload(ctx, b"", suffix)
+    path = save_upload(ctx, b"", suffix, owner)
     ctx.uploads[path.stem] = {"api": api, "path": path, "expires": now + UPLOAD_URL_TTL_S}
     return path
 
 
 async def receive_upload(ctx: ServerContext, api: str, token: str, request: Request) -> None:
     """The PUT of a ticket's bytes: unauthenticated (the SDKs PUT with a bare HTTP client, so the unguessable URL
-    is the credential), one per ticket; 404 for an unknown or expired one, 413 above the size limit."""
+    is the credential), one per ticket; 404 for an unknown or expired one, 413 above the size limit, 415 for bytes
+    that are not an image or video (the ticket stays open for a right one)."""
     ticket = ctx.uploads.get(token)
     if ticket is None or ticket["api"] != api or ticket["expires"] < time.time():
         raise HTTPException(404, "unknown or expired upload URL")
@@ -402,6 +523,7 @@ async def receive_upload(ctx: ServerContext, api: str, token: str, request: Requ
         data.extend(part)
         if len(data) > MAX_UPLOAD_BYTES:
             raise HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes")
+    media_kind_of(bytes(data[:64]))
     await asyncio.to_thread(_write_atomically, ticket["path"], bytes(data))
     ctx.uploads.pop(token, None)
 
@@ -409,14 +531,14 @@ async def receive_upload(ctx: ServerContext, api: str, token: str, request: Requ
 # ------------------------------------------------------------------------------------------------ submitting
 
 
-def build_params(ctx: ServerContext, *, prompt: str, image: np.ndarray | None, resolution: str, aspect: str,
-                 num_frames: int, steps: int, seed: int | None, fields: Mapping[str, str]) -> GenerationParams:
+async def build_params(ctx: ServerContext, *, prompt: str, image: ImageInput | None, resolution: str, aspect: str,
+                       num_frames: int, steps: int, seed: int | None, fields: Mapping[str, str]) -> GenerationParams:
     """A provider request as the contract's GenerationParams, checked by :func:`validate` against the served
     model's limits; a refusal names the provider's field (``fields`` maps the contract's parameter names to the
-    provider's). The input image, center-cropped to the output's aspect ratio, is stored only once the request is
-    valid, so a refused request leaves nothing behind."""
+    provider's). The input image ("auto" takes the aspect ratio from its header) is decoded and stored at the
+    output's size only once the request is valid, so a refused request leaves nothing behind."""
     if aspect == "auto":
-        aspect = nearest_aspect(image.shape[1], image.shape[0]) if image is not None else "16:9"
+        aspect = nearest_aspect(image.width, image.height) if image is not None else "16:9"
     width, height = output_size(resolution, aspect, ctx.settings.resolution_scale)
     image_path = ctx.uploads_dir / f"input-{uuid.uuid4().hex}.png" if image is not None else None
     try:
@@ -426,8 +548,8 @@ def build_params(ctx: ServerContext, *, prompt: str, image: np.ndarray | None, r
         ), ctx.limits)
     except ParamError as exc:
         raise ParamError(fields.get(exc.param, exc.param), exc.message, exc.kind) from None
-    if image_path is not None:
-        _write_atomically(image_path, encode_png(center_crop_to_aspect(image, width, height)))
+    if image is not None:
+        await store_input_image(ctx, image, image_path, width, height)
     return params
 
 
@@ -436,25 +558,73 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def submit_job(ctx: ServerContext, *, api: str, model: str, params: GenerationParams, owner: str,
-               meta: dict | None = None, idempotency_key: str | None = None, request_fingerprint: str = "") -> Job:
-    """Reserve a queue slot (Overloaded when full, Unavailable when the engine is dead: nothing stored either
-    way), store the job durably, hand it to the engine. With an ``idempotency_key``, a repeat of an earlier submit
-    (same key and ``request_fingerprint``) answers that submit's job and starts nothing; the key with another
-    request raises IdempotencyConflict. The stored input image of a request that made no job is removed."""
+class Admission:
+    """A submit let in by :func:`admitted`: it holds a queue slot until :meth:`commit` hands it to the job (or
+    the submit ends without a job and the slot is given back)."""
+
+    def __init__(self, ctx: ServerContext, owner: str, idempotency_key: str | None) -> None:
+        self.ctx, self.owner, self.idempotency_key = ctx, owner, idempotency_key
+        self._holds_slot = True
+
+    def release(self) -> None:
+        if self._holds_slot:
+            self._holds_slot = False
+            self.ctx.engine.unreserve()
+
+    async def commit(self, *, api: str, model: str, params: GenerationParams, meta: dict | None = None,
+                     request_fingerprint: str = "") -> Job:
+        """Store the job durably and hand it to the engine. With an Idempotency-Key, a repeat of an earlier submit
+        (same key and ``request_fingerprint``) answers that submit's job and starts nothing; the key with another
+        request raises IdempotencyConflict. A request that made no job leaves nothing stored (its input image is
+        removed) and gives its slot back."""
+        self._holds_slot = False  # _commit owns the slot now, and settles it even if this request is cancelled
+        return await asyncio.to_thread(_commit, self.ctx, api=api, model=model, params=params, owner=self.owner,
+                                       meta=meta, idempotency_key=self.idempotency_key,
+                                       request_fingerprint=request_fingerprint)
+
+
+@asynccontextmanager
+async def admitted(ctx: ServerContext, *, owner: str, idempotency_key: str | None = None) -> AsyncIterator[Admission]:
+    """Admission, before the request costs anything (no fetch, no decode, nothing stored): the engine must take
+    work (else Unavailable: 503), a queue slot is reserved (else Overloaded: 429) and the owner must be under its
+    key quota (Overloaded). Inside the block the request reads its image and commits; a block that ends without
+    :meth:`Admission.commit` gives the slot back."""
+    if not ctx.engine.accepting():
+        _count_rejection(ctx, "engine_dead")
+        if ctx.engine.draining:
+            raise Unavailable(ctx.engine.retry_after_s, "draining",
+                              "the server is shutting down; retry shortly (another instance may take it)")
+        # reliability goal 11: no job is accepted into a dead GPU loop (readiness is already 503)
+        raise Unavailable(ctx.engine.retry_after_s, ctx.engine.dead_reason or "the GPU loop is not running")
     try:
-        if not ctx.engine.accepting():
-            # reliability goal 11: no job is accepted into a dead GPU loop (readiness is already 503)
-            raise Unavailable(ctx.engine.retry_after_s, ctx.engine.dead_reason or "the GPU loop is not running")
         ctx.engine.try_reserve()
-    except (QueueFullError, Unavailable) as exc:
-        _discard_input(params)
-        full = isinstance(exc, QueueFullError)
-        if ctx.metrics is not None:
-            ctx.metrics.jobs_rejected.labels(reason="queue_full" if full else "engine_dead").inc()
-        if full:
-            raise Overloaded(exc.retry_after_s) from None
-        raise
+    except QueueFullError as exc:
+        _count_rejection(ctx, "queue_full")
+        raise Overloaded(exc.retry_after_s) from None
+    admission = Admission(ctx, owner, idempotency_key)
+    try:
+        quota = ctx.key_quota
+        # a cheap look at the owner's jobs (the store's create(quota=) stays the final word). Skipped with an
+        # Idempotency-Key: a replay is never refused, and the queue slot already bounds what the request may cost
+        if quota is not None and idempotency_key is None:
+            active = len(await asyncio.to_thread(ctx.store.list, (JobStatus.QUEUED, JobStatus.RUNNING),
+                                                 limit=quota, owner=owner))
+            if active >= quota:
+                _count_rejection(ctx, "key_quota")
+                raise Overloaded(ctx.engine.retry_after_s, str(QuotaExceeded(active, quota)))
+        yield admission
+    finally:
+        admission.release()
+
+
+def _count_rejection(ctx: ServerContext, reason: str) -> None:
+    if ctx.metrics is not None:
+        ctx.metrics.jobs_rejected.labels(reason=reason).inc()
+
+
+def _commit(ctx: ServerContext, *, api: str, model: str, params: GenerationParams, owner: str, meta: dict | None,
+            idempotency_key: str | None, request_fingerprint: str) -> Job:
+    """:meth:`Admission.commit`'s blocking part; it settles the queue slot the submit holds."""
     try:
         job, created = Job.new(api, model, params, owner=owner, meta=meta or {}), True
         if idempotency_key is None:
@@ -465,8 +635,7 @@ def submit_job(ctx: ServerContext, *, api: str, model: str, params: GenerationPa
     except QuotaExceeded as exc:
         ctx.engine.unreserve()
         _discard_input(params)
-        if ctx.metrics is not None:
-            ctx.metrics.jobs_rejected.labels(reason="key_quota").inc()
+        _count_rejection(ctx, "key_quota")
         raise Overloaded(ctx.engine.retry_after_s, str(exc)) from None
     except BaseException:
         ctx.engine.unreserve()

@@ -19,11 +19,19 @@ Leases: one server process owns the database, so `recover_after_restart` (called
 engine starts) treats every RUNNING row as orphaned. Several live workers sharing one store would need a lease
 column and a sweeper instead; that deployment is meant to use a database server (architecture.md).
 
+Faults (issue #10): every SQLite failure but a constraint (disk full, I/O error, a lock held past the busy
+timeout, a malformed page) surfaces as :class:`JobStoreError`, which the HTTP layer answers with 503 + Retry-After.
+A store that cannot be opened at all (not a SQLite file, failing `PRAGMA quick_check`, a newer schema) raises
+:class:`JobStoreUnusable` from the constructor, whose message is the one line the command line prints. A row that no
+longer parses (or sits on a damaged page) raises :class:`DamagedJob` for that job only: reads by id name it, listings
+skip it with a warning, so one bad row never takes the others down.
+
 Torch-free and importing nothing from the package but `params`: this is the HTTP layer.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -36,6 +44,8 @@ from enum import Enum
 from pathlib import Path
 
 from magi_server.params import GenerationParams
+
+log = logging.getLogger("magi_server.serving.jobs")
 
 SCHEMA_VERSION = 2
 APIS = ("wavespeed", "fal", "magichour")
@@ -61,6 +71,27 @@ class JobStoreError(RuntimeError):
 
 class DuplicateJob(JobStoreError):
     pass
+
+
+class JobStoreUnusable(JobStoreError):
+    """The store cannot be opened (raised by the constructor only); the message is one line for the operator."""
+
+
+class CorruptJobStore(JobStoreUnusable):
+    """The store file is not a SQLite database, or fails its integrity check at open."""
+
+    def __init__(self, path, reason: str) -> None:
+        super().__init__(f"the job store {path} is corrupt: {reason}; move it aside (with its -wal and -shm files) "
+                         f"to start with an empty one")
+        self.path, self.reason = path, reason
+
+
+class DamagedJob(JobStoreError):
+    """One job's row cannot be read back (a value that does not parse, a damaged page): that job only, for good."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"job {job_id} is damaged in the job store and cannot be read ({reason})")
+        self.job_id, self.reason = job_id, reason
 
 
 class QuotaExceeded(Exception):
@@ -176,13 +207,22 @@ def _in(statuses: Iterable[JobStatus]) -> tuple[str, list[str]]:
 
 
 @contextmanager
-def _operational_errors() -> Iterator[None]:
-    # "database is locked" past the busy timeout, disk full, I/O errors: the server answers these with a 503,
-    # so they surface as the store's own error type. IntegrityError is left alone: callers map it to a meaning.
+def _store_errors() -> Iterator[None]:
+    # "database is locked" past the busy timeout, disk full, I/O errors, a malformed page: the server answers
+    # these with a 503, so they surface as the store's own error type (a raw sqlite3 error would be a 500).
+    # IntegrityError is left alone: callers map it to a meaning.
     try:
         yield
-    except sqlite3.OperationalError as exc:
+    except sqlite3.IntegrityError:
+        raise
+    except sqlite3.DatabaseError as exc:
         raise JobStoreError(f"job store unavailable: {exc}") from exc
+
+
+def _is_corruption(exc: BaseException | None) -> bool:
+    """SQLITE_CORRUPT or SQLITE_NOTADB (any extended code): damage on disk, which no retry repairs."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.DatabaseError) and code is not None and code & 0xFF in (11, 26)
 
 
 class JobStore:
@@ -203,24 +243,49 @@ class JobStore:
         self._lock = threading.Lock()
         self.path = path if str(path) == ":memory:" else Path(path)
         if isinstance(self.path, Path):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Prompts and tenant keys live here: create the file owner-only before SQLite creates it with the
-            # umask (SQLite gives the -wal and -shm files the same permissions as the main file).
-            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # Prompts and tenant keys live here: create the file owner-only before SQLite creates it with the
+                # umask (SQLite gives the -wal and -shm files the same permissions as the main file).
+                os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            except OSError as exc:  # a folder we may not write, a directory where the file should be, ...
+                raise JobStoreUnusable(f"the job store {self.path} cannot be opened: {exc.strerror or exc}") from exc
         # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write lock is taken before the first
         # read of a read-modify-write, which is what makes check-then-insert atomic across processes.
         self._conn: sqlite3.Connection | None = sqlite3.connect(
             str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         try:
-            with _operational_errors():
-                self._configure()
-            self._migrate()
+            self._open()
         except BaseException:
             self._conn.close()
             self._conn = None
             raise
 
     # -- setup ----------------------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        """Configure, check and migrate; every failure is a JobStoreUnusable with a one-line message."""
+        try:
+            with _store_errors():
+                self._configure()
+                self._check_integrity()
+            self._migrate()
+        except JobStoreUnusable:
+            raise
+        except JobStoreError as exc:
+            if _is_corruption(exc.__cause__):  # e.g. "file is not a database"
+                raise CorruptJobStore(self.path, str(exc.__cause__)) from exc
+            raise JobStoreUnusable(f"the job store {self.path} cannot be opened: {exc}") from exc
+
+    def _check_integrity(self) -> None:
+        """`PRAGMA quick_check` (every page and index entry, in O(size)): a damaged file is refused at start
+        rather than answering 503s at random later. A row that only breaks a CHECK or NOT NULL rule is not
+        refused: that row answers as damaged (DamagedJob) and the rest of the store serves on."""
+        problems = [row[0] for row in self._conn.execute("PRAGMA quick_check").fetchall()]
+        problems = [p for p in problems if p != "ok" and "constraint failed" not in p]
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise CorruptJobStore(self.path, f"{problems[0][:200]}{more}")
 
     def _configure(self) -> None:
         conn = self._conn
@@ -229,14 +294,15 @@ class JobStore:
         if journal != "wal" and self.path != ":memory:":
             # WAL is what lets pollers read while the engine writes; falling back silently to a rollback journal
             # (e.g. on a network file system) would turn every poll into a lock wait.
-            raise JobStoreError(f"could not put {self.path} in WAL mode (got {journal!r}); use a local disk")
+            raise JobStoreUnusable(f"could not put the job store {self.path} in WAL mode (got {journal!r}); "
+                                   f"use a local disk")
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
 
     def _migrate(self) -> None:
         with self._write() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise JobStoreError(f"{self.path} has schema version {version}, newer than this server's "
+                raise JobStoreUnusable(f"{self.path} has schema version {version}, newer than this server's "
                                     f"{SCHEMA_VERSION}; upgrade magi-server or point it at another database")
             if version == 0:
                 for statement in _SCHEMA.split(";"):
@@ -248,7 +314,7 @@ class JobStore:
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, _operational_errors():
+        with self._lock, _store_errors():
             if self._conn is None:
                 raise JobStoreError("job store is closed")
             yield self._conn
@@ -283,6 +349,10 @@ class JobStore:
                 self._conn.close()
                 self._conn = None
 
+    @property
+    def closed(self) -> bool:
+        return self._conn is None
+
     def __enter__(self) -> "JobStore":
         return self
 
@@ -293,12 +363,29 @@ class JobStore:
 
     @staticmethod
     def _row_to_job(row: tuple) -> Job:
+        """The row as a Job; DamagedJob when a value in it does not parse (whatever the parser raised)."""
         data = dict(zip(_COLUMNS, row))
-        data["status"] = JobStatus(data["status"])
-        data["params"] = GenerationParams.from_json(data["params"])
-        data["outputs"] = json.loads(data["outputs"])
-        data["meta"] = json.loads(data["meta"])
+        try:
+            data["status"] = JobStatus(data["status"])
+            data["params"] = GenerationParams.from_json(data["params"])
+            data["outputs"] = json.loads(data["outputs"])
+            data["meta"] = json.loads(data["meta"])
+            if not isinstance(data["outputs"], list) or not isinstance(data["meta"], dict):
+                raise ValueError("outputs or meta has the wrong JSON type")
+        except Exception as exc:  # noqa: BLE001 - any parser failure means the stored value is not one we wrote
+            raise DamagedJob(str(data["id"]), f"{type(exc).__name__}: {str(exc)[:200]}") from exc
         return Job(**data)
+
+    @classmethod
+    def _rows_to_jobs(cls, rows: Iterable[tuple]) -> list[Job]:
+        """The rows that parse; a damaged one is skipped with a warning, so one bad row never fails a listing."""
+        jobs = []
+        for row in rows:
+            try:
+                jobs.append(cls._row_to_job(row))
+            except DamagedJob as exc:
+                log.warning("skipping a damaged job row: %s", exc)
+        return jobs
 
     @staticmethod
     def _job_to_row(job: Job, fingerprint: str | None) -> dict:
@@ -394,12 +481,23 @@ class JobStore:
     # -- reads ----------------------------------------------------------------------------------------------
 
     def get(self, job_id: str, owner: str | None = None) -> Job | None:
-        """The job, or None when unknown or (with `owner`) owned by someone else: both look the same to a client."""
-        with self._read() as conn:
-            job = self._fetch(conn, job_id)
-        if job is None or (owner is not None and job.owner != _text(owner)):
+        """The job, or None when unknown or (with `owner`) owned by someone else: both look the same to a client.
+
+        DamagedJob when its row cannot be read back (with `owner`, only to that owner, unless the damage is to the
+        page itself, where nothing of the row can be read)."""
+        try:
+            with self._read() as conn:
+                row = conn.execute(f"{_SELECT} WHERE id = ?", (_text(job_id),)).fetchone()
+        except JobStoreError as exc:
+            if _is_corruption(exc.__cause__):  # the page this lookup landed on is damaged: this job, not the store
+                raise DamagedJob(job_id, str(exc.__cause__)) from exc
+            raise
+        if row is None:
             return None
-        return job
+        row_owner = dict(zip(_COLUMNS, row))["owner"]
+        if owner is not None and row_owner != _text(owner):
+            return None  # checked before parsing: another tenant learns nothing, not even that a row is damaged
+        return self._row_to_job(row)
 
     def list(self, statuses: Iterable[JobStatus] | None = None, limit: int = 100,
              owner: str | None = None) -> list[Job]:
@@ -417,24 +515,54 @@ class JobStore:
         if limit <= 0:
             return []
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        sql = f"{_SELECT} {clause} ORDER BY created_at DESC, rowid DESC LIMIT ?"
-        with self._read() as conn:
-            rows = conn.execute(sql, (*args, int(limit))).fetchall()
-        return [self._row_to_job(r) for r in rows]
+        wanted = None if statuses is None else {JobStatus(s) for s in statuses}
+        return self._select(
+            f"{clause} ORDER BY created_at DESC, rowid DESC LIMIT ?", (*args, int(limit)), newest_first=True,
+            limit=limit, keep=lambda job: (wanted is None or job.status in wanted)
+            and (owner is None or job.owner == _text(owner)))
 
     def queued_in_order(self) -> list[Job]:
         """Every QUEUED job, oldest first: the order the restart path resubmits them in."""
         # rowid breaks created_at ties (and survives a clock step backwards within one second) in insert order.
+        return self._select("WHERE status = ? ORDER BY created_at, rowid", (JobStatus.QUEUED.value,),
+                            newest_first=False, keep=lambda job: job.status is JobStatus.QUEUED)
+
+    def _select(self, tail: str, args: tuple, *, newest_first: bool, keep: Callable[[Job], bool],
+                limit: int | None = None) -> list[Job]:
+        """The jobs of ``SELECT ... FROM jobs <tail>``, damaged ones skipped (with a warning each). ``tail`` orders
+        by creation; ``keep`` and ``limit`` say in Python what its WHERE and LIMIT say, for the slow path."""
+        try:
+            with self._read() as conn:
+                return self._rows_to_jobs(conn.execute(f"{_SELECT} {tail}", args).fetchall())
+        except JobStoreError as exc:
+            if not _is_corruption(exc.__cause__):
+                raise
+        # A damaged page on the way: walk the creation-time index (it holds every rowid, so this reads no table
+        # page), read the rows one by one and leave out those that cannot be read. O(all jobs), only when damaged.
+        order = "DESC" if newest_first else "ASC"
         with self._read() as conn:
-            rows = conn.execute(f"{_SELECT} WHERE status = ? ORDER BY created_at, rowid",
-                                (JobStatus.QUEUED.value,)).fetchall()
-        return [self._row_to_job(r) for r in rows]
+            rowids = [r[0] for r in conn.execute(
+                f"SELECT rowid FROM jobs INDEXED BY jobs_created ORDER BY created_at {order}, rowid {order}")]
+        jobs: list[Job] = []
+        for rowid in rowids:
+            if limit is not None and len(jobs) >= limit:
+                break
+            try:
+                with self._read() as conn:
+                    jobs += [job for job in self._rows_to_jobs(
+                        conn.execute(f"{_SELECT} WHERE rowid = ?", (rowid,)).fetchall()) if keep(job)]
+            except JobStoreError as exc:
+                if not _is_corruption(exc.__cause__):
+                    raise
+                log.warning("skipping a job on a damaged page of the job store (row %d): %s", rowid, exc.__cause__)
+        return jobs
 
     def count_by_status(self) -> dict[JobStatus, int]:
         counts = {s: 0 for s in JobStatus}
         with self._read() as conn:
             for status, n in conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status"):
-                counts[JobStatus(status)] = n
+                if status in JobStatus._value2member_map_:  # a damaged status value is no status to count
+                    counts[JobStatus(status)] = n
         return counts
 
     def queue_depth(self) -> int:
@@ -449,7 +577,11 @@ class JobStore:
         with self._write(fsync=fsync) as conn:
             cur = conn.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND status IN ({marks})",
                                (*args, _text(job_id), *values))
-            return self._fetch(conn, job_id) if cur.rowcount == 1 else None
+            if cur.rowcount != 1:
+                return None
+            row = conn.execute(f"{_SELECT} WHERE id = ?", (_text(job_id),)).fetchone()
+        # parsed after the commit: a damaged row still takes the transition (then raises DamagedJob)
+        return self._row_to_job(row)
 
     def mark_running(self, job_id: str) -> Job | None:
         """QUEUED -> RUNNING; counts an attempt."""
@@ -529,4 +661,4 @@ class JobStore:
             args = (*values, self._clock() - older_than_s)
             rows = conn.execute(f"{_SELECT} WHERE {where}", args).fetchall()
             conn.execute(f"DELETE FROM jobs WHERE {where}", args)
-        return [self._row_to_job(r) for r in rows]
+        return self._rows_to_jobs(rows)  # a damaged row is deleted all the same; its files are not known

@@ -3,7 +3,8 @@
 Plain HTML and JavaScript, no build step. It uses only the public WaveSpeed routes of this server: an optional image
 goes through ``/api/v3/media/upload/binary``, the job through ``POST /api/v3/<model>``, progress and chunk previews
 through the SSE stream ``/api/v3/predictions/{id}/events`` (read with fetch so an API key header can be sent), and
-the final MP4 plays in the page with a download link.
+the final MP4 plays in the page with a download link. The video URLs the API returns are signed (serving.files),
+so ``<video src>`` plays them without the API key header a page element cannot send.
 """
 from __future__ import annotations
 
@@ -158,7 +159,7 @@ $("form").addEventListener("submit", async (ev) => {
     const video = document.createElement("video");
     video.id = "final-video"; video.src = url; video.controls = true; video.autoplay = true; video.muted = true;
     const link = document.createElement("a");
-    link.id = "download"; link.href = url; link.download = url.split("/").pop(); link.textContent = "Download MP4";
+    link.id = "download"; link.href = url; link.download = new URL(url, location.href).pathname.split("/").pop(); link.textContent = "Download MP4";
     $("result").append(video, document.createElement("br"), link);
   } catch (e) {
     setStatus(String(e.message || e), true);

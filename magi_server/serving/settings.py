@@ -44,6 +44,14 @@ class ServerSettings:
     tls_keyfile: str | None = None
     cache_dir: str | None = None  # where the tiny preset's generated weights are kept
     allow_private_image_hosts: bool = False
+    # signed file URLs (serving/files.py): None keeps a random secret in <outputs_dir>/.url-signing-key (0600)
+    file_url_secret: str | None = None
+    file_url_ttl_s: float = 24 * 3600.0  # how long a handed-out output/preview/upload URL works without a key
+    # connections (serving/connections.py): the cap is also kept below the process's open-file limit
+    max_connections: int = 1000
+    header_timeout_s: float = 10.0  # a request's headers must be complete this long after it may start
+    body_min_bytes_per_s: int = 16 * 1024  # a body must arrive at least this fast on average (after a 10 s grace)
+    drain_timeout_s: float = 60.0  # on SIGTERM, how long the running jobs may take to finish before re-queueing
 
     def base_url(self) -> str:
         return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")

@@ -62,9 +62,11 @@ def _cache_dir(flag: str | None) -> Path:
 
 
 def _device(flag: str | None) -> str:
-    import torch
-
     from magi_server.media import InputError
+
+    if flag == "cpu" or (flag is None and not Path("/dev/nvidiactl").exists()):
+        return "cpu"  # without importing torch (seconds): serve binds its port sooner
+    import torch
 
     if flag is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -177,16 +179,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from magi_server.composition import serve
     from magi_server.media import InputError
     from magi_server.tools.generate import model_config
+    from magi_server.serving.jobs import JobStore, JobStoreUnusable
 
+    try:  # a corrupt or unusable store is one line and exit 2, found before the model loads (minutes for 24B)
+        JobStore(args.db).close()
+    except JobStoreUnusable as exc:
+        print(f"magi-server: {exc}", file=sys.stderr)
+        return 2
     handler = logging.StreamHandler()
     if args.log_format == "json":
-        from magi_server.composition import JsonLogFormatter
+        from magi_server.composition import JsonLogFormatter, log_uncaught_exceptions
 
         handler.setFormatter(JsonLogFormatter())
+        log_uncaught_exceptions()  # a thread's or the interpreter's traceback is a JSON line too
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-    log = logging.getLogger("magi_server")
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.captureWarnings(True)
     try:
         device = _device(args.device)
     except InputError as exc:
@@ -195,11 +204,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     keys = list(args.api_key or [])
     env_keys = os.environ.get("MAGI_SERVER_API_KEYS", "")
     keys += [k.strip() for k in env_keys.split(",") if k.strip()]
-    tiny = str(args.model).lower() == "tiny"
-    if tiny:
-        from magi_server.runtime.tiny import TINY_NOTICE
-
-        log.warning("%s", TINY_NOTICE)
+    tiny = str(args.model).lower() == "tiny"  # its noise-like-video notice is logged when it loads
     scale = args.resolution_scale if args.resolution_scale is not None else (0.125 if tiny else 1.0)
     try:
         budget = _serving_memory_budget(args.model, device, args.device_memory)
@@ -215,10 +220,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         resolution_scale=scale, fal_queue_port=args.fal_queue_port, fal_run_port=args.fal_run_port,
         tls_certfile=args.tls_cert, tls_keyfile=args.tls_key, cache_dir=str(_cache_dir(args.cache_dir)),
         max_body_bytes=args.max_body_mb * 1024 * 1024, compile=args.compile,
-        keep_jobs_s=args.keep_jobs_hours * 3600.0 or None,
+        keep_jobs_s=args.keep_jobs_hours * 3600.0 or None, max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout, drain_timeout_s=args.drain_timeout,
+        file_url_ttl_s=args.file_url_ttl_hours * 3600.0,
+        file_url_secret=os.environ.get("MAGI_SERVER_URL_SECRET") or None,
         **({} if budget is None else {"memory_budget_bytes": budget}),
     )
-    serve(settings)
+    try:
+        serve(settings)
+    except JobStoreUnusable as exc:  # opened again by serve(): the store may have changed since the check above
+        print(f"magi-server: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -371,6 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="finished jobs, their videos and inputs are deleted this long after they end (0 = never)")
     srv.add_argument("--resolution-scale", type=float, default=None,
                      help="render every size smaller (default: 1/8 for the tiny preset, 1 otherwise)")
+    srv.add_argument("--file-url-ttl-hours", type=float, default=24.0, metavar="H",
+                     help="how long the signed output URLs the APIs hand out keep working (the signing secret: "
+                          "$MAGI_SERVER_URL_SECRET, else one kept in the outputs folder)")
+    srv.add_argument("--max-connections", type=int, default=1000, metavar="N",
+                     help="open connections at once (kept below the open-file limit; the longest-idle one is "
+                          "closed for a new one, else 503)")
+    srv.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                     help="seconds a client has to send a request's headers (slow or silent sockets are closed)")
+    srv.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
+                     help="on SIGTERM, seconds the running jobs may take to finish before going back to the queue")
     srv.add_argument("--fal-queue-port", type=int, default=None, help="TLS port for fal-client's queue calls")
     srv.add_argument("--fal-run-port", type=int, default=None, help="TLS port for fal-client's sync calls")
     srv.add_argument("--tls-cert", default=None, help="certificate (PEM) for the fal listeners")

@@ -94,7 +94,6 @@ def model_config(model: str, config: str | os.PathLike | None = None):
     before the slow part.
     """
     from magi_server.models.config import PRESET_NAMES, MagiConfig, canonical_preset_name, preset
-    from magi_server.runtime.loading import CheckpointError, find_downloaded_model, resolve_model_folder
 
     loaded = None
     if config is not None:
@@ -105,14 +104,16 @@ def model_config(model: str, config: str | os.PathLike | None = None):
         except (ValueError, TypeError, KeyError, OSError) as exc:
             raise InputError("config", str(exc)) from None
     folder = Path(model)
+    if canonical_preset_name(model) == "tiny" and not folder.exists():  # no torch import: serve binds sooner
+        return loaded if loaded is not None else preset("tiny")
+    from magi_server.runtime.loading import CheckpointError, find_downloaded_model, resolve_model_folder
+
     if folder.exists():
         try:
             return resolve_model_folder(folder, loaded)
         except (CheckpointError, ValueError, OSError) as exc:
             raise InputError("model", str(exc)) from None
     name = canonical_preset_name(model)
-    if name == "tiny":
-        return loaded if loaded is not None else preset("tiny")
     if name is not None:
         try:
             return resolve_model_folder(find_downloaded_model(name), loaded)

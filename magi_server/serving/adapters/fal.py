@@ -11,7 +11,8 @@ Wire rules that drive the code below:
 
 * fal-client hard-codes ``https://`` and uses the URLs we return verbatim, so every URL we hand out (queue URLs,
   the output video) is built from the request's own scheme and host: whatever host:port the client reached us on,
-  and trusts the certificate of, is where it comes back to.
+  and trusts the certificate of, is where it comes back to. The video URL is signed (serving.files): it is
+  downloaded without the ``Authorization`` header.
 * fal-client replays 502/503/504 answers that carry no ``x-fal-request-id`` (it takes them for ingress errors), so
   every answer of these listeners carries that header (the app's middleware), including the 5xx of a failed job
   and of a bug.
@@ -47,15 +48,15 @@ from magi_server.serving.common import (
     Resolution,
     ServerContext,
     Text,
+    admitted,
     api_key_auth,
     build_params,
     cancel_job,
     error_responses,
-    find_job,
     fingerprint,
     iso_time,
     read_image_field,
-    submit_job,
+    read_job,
 )
 from magi_server.serving.events import wait_for_terminal
 from magi_server.serving.jobs import Job, JobStatus
@@ -121,7 +122,7 @@ class FalError(BaseModel):
     detail: str
 
 
-ERRORS = error_responses(FalError, 401, 404, 503)  # what any route may answer (and FastAPI's 422); others add theirs
+ERRORS = error_responses(FalError, 401, 404, 410, 503)  # what any route may answer (and FastAPI's 422); others add theirs
 
 
 @dataclass(frozen=True)
@@ -167,12 +168,13 @@ def app_base(app_id: str) -> str:
     return "/".join(app_id.split("/")[:2])
 
 
-def to_params(ctx: ServerContext, body: BaseModel) -> GenerationParams:
-    """A valid fal input -> GenerationParams; fetches and stores the image. Raises ParamError naming the field.
-    Blocking: run it in a thread."""
+async def to_params(ctx: ServerContext, body: BaseModel) -> GenerationParams:
+    """A valid fal input -> GenerationParams; fetches the image and stores it at the working size. Raises
+    ParamError naming the field."""
     image_url = getattr(body, "image_url", None)
-    return build_params(
-        ctx, prompt=body.prompt, image=None if image_url is None else read_image_field(ctx, image_url, "image_url"),
+    image = None if image_url is None else await read_image_field(ctx, image_url, "image_url")
+    return await build_params(
+        ctx, prompt=body.prompt, image=image,
         resolution=body.resolution, aspect=body.aspect_ratio, num_frames=body.num_frames,
         steps=body.num_inference_steps, seed=body.seed, fields=FIELDS,
     )
@@ -234,9 +236,10 @@ def queue_urls(base: str, job: Job) -> dict:
 def output_body(ctx: ServerContext, job: Job, base: str) -> dict:
     name = job.outputs[0]
     path = ctx.outputs_dir / name
-    size = path.stat().st_size if path.is_file() else None
-    return {
-        "video": {"url": f"{base}/files/{name}", "content_type": "video/mp4", "file_name": name, "file_size": size},
+    size = path.stat().st_size if path.is_file() and not path.is_symlink() else None
+    return {  # a signed URL: fal-client downloads it without the Authorization header
+        "video": {"url": ctx.file_url(name, base=base), "content_type": "video/mp4", "file_name": name,
+                  "file_size": size},
         "seed": job.params.seed,
     }
 
@@ -320,14 +323,15 @@ def build_router(ctx: ServerContext, *, sync: bool) -> APIRouter:
     tenant = api_key_auth(ctx, "Key")
 
     async def accept(app: FalApp, body: BaseModel, owner: str, idempotency_key: str | None) -> Job:
-        """Validate, store the image and the job (nothing stored when refused)."""
-        return await asyncio.to_thread(
-            lambda: submit_job(ctx, api="fal", model=app.app_id, params=to_params(ctx, body), owner=owner,
-                               meta={"app": app.app_id}, idempotency_key=idempotency_key,
-                               request_fingerprint=fingerprint(app.app_id, body.model_dump(mode="json"))))
+        """Admit (queue, quota: before the image is fetched or decoded), validate, store the image and the job
+        (nothing stored when refused)."""
+        async with admitted(ctx, owner=owner, idempotency_key=idempotency_key) as admission:
+            return await admission.commit(api="fal", model=app.app_id, params=await to_params(ctx, body),
+                                          meta={"app": app.app_id},
+                                          request_fingerprint=fingerprint(app.app_id, body.model_dump(mode="json")))
 
-    def find(request_id: str, owner: str, route_app: str) -> Job | None:
-        job = find_job(ctx, request_id, owner, "fal")
+    async def find(request_id: str, owner: str, route_app: str) -> Job | None:
+        job = await read_job(ctx, request_id, owner, "fal")
         if job is None:
             return None
         app_id = job.meta.get("app", job.model)
@@ -336,8 +340,8 @@ def build_router(ctx: ServerContext, *, sync: bool) -> APIRouter:
             return None
         return job
 
-    def found(request_id: str, owner: str, route_app: str) -> Job:
-        job = find(request_id, owner, route_app)
+    async def found(request_id: str, owner: str, route_app: str) -> Job:
+        job = await find(request_id, owner, route_app)
         if job is None:  # never echo a client's path into a header: the id goes into the body only
             raise HTTPException(404, f"Request {request_id} not found")
         return job
@@ -418,7 +422,7 @@ def build_router(ctx: ServerContext, *, sync: bool) -> APIRouter:
     # ----------------------------------------------------------------------------------- status / result / cancel
     def status_route(route_app: str):
         async def status(request: Request, request_id: str, logs: bool = False, owner: str = Depends(tenant)):
-            job = found(request_id, owner, route_app)
+            job = await found(request_id, owner, route_app)
             body = status_body(ctx, job, base_url(request), logs)
             # real fal answers 202 while the request is pending and 200 once it is done (doc)
             return fal_json(body, 200 if body["status"] == "COMPLETED" else 202, job.id)
@@ -427,7 +431,7 @@ def build_router(ctx: ServerContext, *, sync: bool) -> APIRouter:
 
     def result_route(route_app: str):
         async def result(request: Request, request_id: str, owner: str = Depends(tenant)):
-            job = found(request_id, owner, route_app)
+            job = await found(request_id, owner, route_app)
             if not job.is_terminal:
                 return fal_json({"detail": "Request is still in progress"}, 400, job.id)
             if job.status is JobStatus.COMPLETED:
@@ -438,7 +442,7 @@ def build_router(ctx: ServerContext, *, sync: bool) -> APIRouter:
 
     def cancel_route(route_app: str):
         async def cancel(request_id: str, owner: str = Depends(tenant)):
-            job = find(request_id, owner, route_app)
+            job = await find(request_id, owner, route_app)
             if job is None:
                 return fal_json({"status": "NOT_FOUND", "detail": f"Request {request_id} not found"}, 404)
             if not job.is_terminal and cancel_job(ctx, job.id) is not None:

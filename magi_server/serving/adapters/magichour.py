@@ -6,9 +6,11 @@ Routes (all JSON answers carry ``Content-Type: application/json``: the SDK picks
   "file_path", "expires_at"}]}``. ``upload_url`` takes one unauthenticated ``PUT`` of the raw bytes (the
   unguessable token in the URL is the credential, as with a presigned S3 URL); ``file_path`` is
   ``api-assets/<token>.<ext>``, which ``assets.image_file_path`` accepts.
-* ``PUT /v1/files/upload/{token}``: the upload itself (200, empty body).
+* ``PUT /v1/files/upload/{token}``: the upload itself (200, empty body); bytes that do not sniff as an image or
+  video (HTML, SVG, text, audio, ...) are a 415 and leave the ticket open.
 * ``POST /v1/image-to-video`` -> ``{"id", "credits_charged", "estimated_frame_cost"}``.
-* ``GET /v1/video-projects/{id}``: every key the SDK's pydantic model requires, the null-able ones included.
+* ``GET /v1/video-projects/{id}``: every key the SDK's pydantic model requires, the null-able ones included. Its
+  ``downloads`` URLs are signed (serving.files): the SDK downloads them without the key until ``expires_at``.
 * ``DELETE /v1/video-projects/{id}`` -> 204: cancels the job if it is still queued or rendering, removes its video
   and input image, and marks the project deleted (``enabled: false``, no downloads). Deleting twice is a 204 too.
 
@@ -56,20 +58,20 @@ from magi_server.serving.common import (
     ProviderRoute,
     ServerContext,
     Text,
+    admitted,
     api_key_auth,
     build_params,
     cancel_job,
     describe,
     error_responses,
     field_name,
-    find_job,
     fingerprint,
     iso_time,
     open_upload,
     read_image_field,
+    read_job,
     receive_upload,
     resolve_upload,
-    submit_job,
 )
 from magi_server.serving.jobs import Job, JobStatus
 
@@ -97,7 +99,6 @@ UPLOAD_EXTENSIONS = frozenset(
     "mp4 m4v mov webm mp3 wav aac flac weba m4a opus ogg oga aiff amr png jpg jpeg jfif heic heif webp avif "
     "jp2 tiff tif bmp gif".split())
 MAX_UPLOAD_ITEMS = 10
-DOWNLOAD_URL_TTL_S = 24 * 3600.0  # files are kept until deleted; this is what we promise per answer
 MAX_NAME_CHARS = 1000
 # A file_path we handed out: anything else under api-assets/ (wildcards, "..", other folders) is refused before
 # it reaches a filesystem lookup.
@@ -163,7 +164,7 @@ class MagicHourError(BaseModel):
     field: str | None = None
 
 
-ERRORS = error_responses(MagicHourError, 401, 404, 422, 503)  # what any route may answer; create and PUT add theirs
+ERRORS = error_responses(MagicHourError, 401, 404, 410, 422, 503)  # what any route may answer; create and PUT add theirs
 
 
 # --------------------------------------------------------------------------------------------------- answers
@@ -214,9 +215,10 @@ def _resolution(body: ImageToVideoBody) -> str:
     return requested
 
 
-def to_params(ctx: ServerContext, body: ImageToVideoBody) -> tuple[GenerationParams, dict]:
+async def to_params(ctx: ServerContext, body: ImageToVideoBody) -> tuple[GenerationParams, dict]:
     """A valid Magic Hour body -> GenerationParams (+ meta). Raises ParamError naming the field. Every cheap check
-    runs before the image is fetched, and the image is stored only once the request is valid. Blocking."""
+    runs before the image is fetched, and the image is stored (at the working size) only once the request is
+    valid."""
     ref = body.assets.image_file_path
     if body.assets.end_image_file_path is not None:
         raise ParamError("assets.end_image_file_path", "a last frame is not supported by MAGI-1; omit it")
@@ -230,10 +232,10 @@ def to_params(ctx: ServerContext, body: ImageToVideoBody) -> tuple[GenerationPar
     requested = _resolution(body)
     if body.audio:
         raise ParamError("audio", "MAGI-1 generates silent video; omit audio or send false")
-    if ref.startswith("api-assets/") and resolve_upload(ctx, ref) is None:
+    if ref.startswith("api-assets/") and await asyncio.to_thread(resolve_upload, ctx, ref) is None:
         raise ParamError("assets.image_file_path", "unknown or expired file_path; upload the file first")
-    image = read_image_field(ctx, ref, "assets.image_file_path")
-    params = build_params(
+    image = await read_image_field(ctx, ref, "assets.image_file_path")
+    params = await build_params(
         ctx, prompt=(body.style and body.style.prompt) or "", image=image,
         resolution=SERVED_TIER[requested], aspect="auto", num_frames=round(body.end_seconds * FPS),
         steps=ctx.settings.default_steps, seed=None, fields=FIELDS,
@@ -260,9 +262,11 @@ def project_data(ctx: ServerContext, job: Job, *, deleted: bool = False) -> dict
     credits = 0 if refunded else job.params.num_frames
     downloads = []
     if job.status is JobStatus.COMPLETED and not deleted:
-        expires_at = iso_time(time.time() + DOWNLOAD_URL_TTL_S)
-        # the SDK names the downloaded file after the URL's last path component: "<id>.mp4"
-        downloads = [{"url": ctx.file_url(name), "expires_at": expires_at} for name in job.outputs]
+        # signed URLs (the SDK downloads them without the key) that stop working at expires_at; the SDK names the
+        # downloaded file after the URL path's last component: "<id>.mp4"
+        expires = ctx.signer.expiry()
+        downloads = [{"url": ctx.file_url(name, expires=expires), "expires_at": iso_time(expires)}
+                     for name in job.outputs]
     error = None
     if job.status is JobStatus.FAILED:
         error = {"code": job.error_code or "internal", "message": job.error or "the generation failed"}
@@ -307,21 +311,20 @@ def build_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter(route_class=MagicHourRoute, responses=ERRORS, strict_content_type=False)
     tenant = api_key_auth(ctx, "Bearer")
 
-    def own_project(job_id: str, owner: str = Depends(tenant)) -> Job:
-        job = find_job(ctx, job_id, owner, "magichour")
+    async def own_project(job_id: str, owner: str = Depends(tenant)) -> Job:
+        job = await read_job(ctx, job_id, owner, "magichour")
         if job is None:
             raise HTTPException(404, f"video project {job_id} not found")
         return job
 
     @router.post("/v1/image-to-video", responses=error_responses(MagicHourError, 409, 429))
     async def create(body: ImageToVideoBody, owner: str = Depends(tenant), idempotency_key: IdempotencyKey = None):
-        def accept() -> Job:
-            params, meta = to_params(ctx, body)  # may fetch an image URL: off the event loop
-            return submit_job(ctx, api="magichour", model=meta["model"], params=params, owner=owner, meta=meta,
-                              idempotency_key=idempotency_key,
-                              request_fingerprint=fingerprint("image-to-video", body.model_dump(mode="json")))
-
-        job = await asyncio.to_thread(accept)
+        # admission (queue, quota) before the image is fetched or decoded
+        async with admitted(ctx, owner=owner, idempotency_key=idempotency_key) as admission:
+            params, meta = await to_params(ctx, body)
+            job = await admission.commit(
+                api="magichour", model=meta["model"], params=params, meta=meta,
+                request_fingerprint=fingerprint("image-to-video", body.model_dump(mode="json")))
         frames = job.params.num_frames
         return {"id": job.id, "credits_charged": frames, "estimated_frame_cost": frames}
 
@@ -338,11 +341,11 @@ def build_router(ctx: ServerContext) -> APIRouter:
         return Response(status_code=204)
 
     # ------------------------------------------------------------------------------------------------ uploads
-    @router.post("/v1/files/upload-urls", dependencies=[Depends(tenant)])
-    async def upload_urls(body: UploadUrlsBody):
+    @router.post("/v1/files/upload-urls")
+    async def upload_urls(body: UploadUrlsBody, owner: str = Depends(tenant)):
         base, answer = ctx.settings.base_url(), []
         for item in body.items:
-            path = await asyncio.to_thread(open_upload, ctx, "magichour", item.extension)
+            path = await asyncio.to_thread(open_upload, ctx, "magichour", item.extension, owner)
             answer.append({
                 "upload_url": f"{base}/v1/files/upload/{path.stem}",
                 "file_path": f"api-assets/{path.name}",
@@ -350,7 +353,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
             })
         return {"items": answer}
 
-    @router.put("/v1/files/upload/{token}", openapi_extra=RAW_BODY, responses=error_responses(MagicHourError, 413))
+    @router.put("/v1/files/upload/{token}", openapi_extra=RAW_BODY,
+                responses=error_responses(MagicHourError, 413, 415))
     async def upload_put(token: str, request: Request):
         await receive_upload(ctx, "magichour", token, request)
         return Response(status_code=200)

@@ -5,6 +5,8 @@ Routes: ``POST /api/v3/<model>`` (one per served model id, e.g. ``wavespeed-ai/m
 mode, and two extensions: ``POST /api/v3/predictions/{id}/cancel`` and ``GET /api/v3/predictions/{id}/events``
 (Server-Sent Events: status, progress and a ``chunk`` event with the URL of each finished chunk's frames; every
 event has an ``id:``, and a client reconnecting with ``Last-Event-ID`` gets only the events after it).
+Output, chunk preview and upload URLs are signed (serving.files): a bare HTTP client (the SDK's download) reads
+them without the key until they expire. Uploads must sniff as an image or video (else a 415).
 Every JSON answer is the envelope ``{code, message, data}``; errors use the same shape with the HTTP status as
 ``code`` and ``data: null``, and never contain "HTTP 5"/"HTTP 429" (the SDK would replay the task). A bad field is a
 400 ``"<field>: <reason>"``; a submit with an ``Idempotency-Key`` that was used with another body is a 409.
@@ -39,21 +41,23 @@ from magi_server.serving.common import (
     Resolution,
     ServerContext,
     Text,
+    admitted,
     api_key_auth,
     build_params,
     cancel_job,
     describe,
     error_responses,
-    find_job,
     fingerprint,
     iso_time,
+    media_kind_of,
     open_upload,
     read_image_field,
+    read_job,
     receive_upload,
     save_upload,
-    submit_job,
 )
 from magi_server.serving.events import wait_for_terminal
+from magi_server.serving.files import read_stored
 from magi_server.serving.jobs import Job, JobStatus
 
 # public model ids this server answers to; all run the loaded model (the README says which variant that is)
@@ -120,9 +124,9 @@ class ErrorEnvelope(BaseModel):
     data: None
 
 
-ERRORS = error_responses(ErrorEnvelope, 400, 401, 404, 503)  # what any route may answer; submits and uploads add theirs
+ERRORS = error_responses(ErrorEnvelope, 400, 401, 404, 410, 503)  # what any route may answer; submits and uploads add theirs
 SUBMIT_ERRORS = error_responses(ErrorEnvelope, 409, 429)
-UPLOAD_ERRORS = error_responses(ErrorEnvelope, 413)
+UPLOAD_ERRORS = error_responses(ErrorEnvelope, 413, 415)
 
 
 def envelope(data, code: int = 200, message: str = "success", status_code: int | None = None,
@@ -147,18 +151,41 @@ class WaveSpeedRoute(ProviderRoute):
 
 class Base64Outputs:
     """``enable_base64_output`` results, encoded once per file and kept for the next polls (a few of them: each is
-    4/3 of its MP4). Encoding reads and converts megabytes, so it runs on a worker thread, never the event loop."""
+    4/3 of its MP4). Encoding reads and converts megabytes, so it runs on a worker thread, never the event loop.
+
+    A finished job's poll answer is kept whole too (:meth:`answer`): it never changes, and rendering megabytes of
+    JSON holds the GIL for milliseconds, which a worker thread would still take from the event loop at every poll
+    (100 polls of a 2 MB result held /health/live up for a quarter of a second)."""
 
     def __init__(self, outputs_dir: Path, keep: int = 4) -> None:
         self.outputs_dir = outputs_dir
         self.keep = keep
         self._encoded: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()  # one encode per file even when polls race
+        self._answers: OrderedDict[str, bytes] = OrderedDict()  # job id -> its rendered poll answer
+        self._answers_lock = threading.Lock()
+
+    def rendered(self, job_id: str) -> bytes | None:
+        """The job's kept poll answer, if any (a dict read: safe on the event loop, never waits for a render)."""
+        return self._answers.get(job_id)
+
+    def answer(self, ctx: ServerContext, job: Job) -> bytes:
+        """A finished base64 job's poll answer, rendered once (blocking: run it on a worker thread)."""
+        with self._answers_lock:
+            if job.id not in self._answers:
+                self._answers[job.id] = envelope(prediction_data(ctx, job, self)).body
+                while len(self._answers) > self.keep:
+                    self._answers.popitem(last=False)
+            self._answers.move_to_end(job.id)
+            return self._answers[job.id]
 
     def __call__(self, name: str) -> str:
         with self._lock:
             if name not in self._encoded:
-                self._encoded[name] = base64.b64encode((self.outputs_dir / name).read_bytes()).decode()
+                data = read_stored(self.outputs_dir, name)  # never through a link planted in the folder
+                if data is None:
+                    raise FileNotFoundError(f"output {name} is missing")
+                self._encoded[name] = base64.b64encode(data).decode()
                 while len(self._encoded) > self.keep:
                     self._encoded.popitem(last=False)
             self._encoded.move_to_end(name)
@@ -197,12 +224,12 @@ def prediction_data(ctx: ServerContext, job: Job, encoded: Base64Outputs) -> dic
     return data
 
 
-def to_params(ctx: ServerContext, body: SubmitBody) -> GenerationParams:
-    """A valid WaveSpeed body -> GenerationParams; fetches and stores the image. Raises ParamError naming the
-    field. Blocking: run it in a thread."""
+async def to_params(ctx: ServerContext, body: SubmitBody) -> GenerationParams:
+    """A valid WaveSpeed body -> GenerationParams; fetches the image and stores it at the working size. Raises
+    ParamError naming the field."""
     s = ctx.settings
-    return build_params(
-        ctx, prompt=body.prompt, image=read_image_field(ctx, body.image, "image") if body.image else None,
+    return await build_params(
+        ctx, prompt=body.prompt, image=await read_image_field(ctx, body.image, "image") if body.image else None,
         resolution=body.resolution or s.default_resolution, aspect=body.aspect_ratio or "auto",
         num_frames=body.num_frames or s.default_num_frames, steps=body.num_inference_steps or s.default_steps,
         seed=body.seed, fields=FIELDS,
@@ -214,9 +241,9 @@ def build_router(ctx: ServerContext) -> APIRouter:
     tenant = api_key_auth(ctx, "Bearer")
     encoded = Base64Outputs(ctx.outputs_dir)
 
-    def own_job(job_id: str, owner: str = Depends(tenant)) -> Job:
+    async def own_job(job_id: str, owner: str = Depends(tenant)) -> Job:
         """The caller's WaveSpeed job (another tenant's job is a 404: no existence oracle)."""
-        job = find_job(ctx, job_id, owner, "wavespeed")
+        job = await read_job(ctx, job_id, owner, "wavespeed")
         if job is None:
             raise HTTPException(404, f"prediction {job_id} not found")
         return job
@@ -231,14 +258,13 @@ def build_router(ctx: ServerContext) -> APIRouter:
                 raise HTTPException(400, "webhook: webhook delivery is not supported by this server; poll the "
                                          "result URL")
 
-            def accept() -> Job:
-                return submit_job(ctx, api="wavespeed", model=model_id, params=to_params(ctx, body), owner=owner,
-                                  meta={"base64_output": bool(body.enable_base64_output),
-                                        "resolution": body.resolution or ctx.settings.default_resolution},
-                                  idempotency_key=idempotency_key,
-                                  request_fingerprint=fingerprint(model_id, body.model_dump(mode="json")))
-
-            job = await asyncio.to_thread(accept)
+            # admission (queue, quota) before the image is fetched or decoded
+            async with admitted(ctx, owner=owner, idempotency_key=idempotency_key) as admission:
+                job = await admission.commit(
+                    api="wavespeed", model=model_id, params=await to_params(ctx, body),
+                    meta={"base64_output": bool(body.enable_base64_output),
+                          "resolution": body.resolution or ctx.settings.default_resolution},
+                    request_fingerprint=fingerprint(model_id, body.model_dump(mode="json")))
             if body.enable_sync_mode:
                 job = await wait_for_terminal(ctx, job.id, ctx.settings.sync_timeout_s) or job
                 data = await prediction(ctx, job, encoded)
@@ -256,6 +282,9 @@ def build_router(ctx: ServerContext) -> APIRouter:
     @router.get("/api/v3/predictions/{job_id}/result")
     @router.get("/api/v3/predictions/{job_id}")
     async def result(job: Job = Depends(own_job)):
+        if job.status is JobStatus.COMPLETED and job.meta.get("base64_output"):
+            body = encoded.rendered(job.id) or await asyncio.to_thread(encoded.answer, ctx, job)
+            return Response(body, media_type="application/json")
         return envelope(await prediction(ctx, job, encoded))
 
     # the cancel takes no fields: an empty (or any) JSON object is what a client may send
@@ -277,18 +306,18 @@ def build_router(ctx: ServerContext) -> APIRouter:
             yield event
 
     # ------------------------------------------------------------------------------------------------ uploads
-    @router.post("/api/v3/media/uploads", dependencies=[Depends(tenant)], responses=UPLOAD_ERRORS)
-    async def upload_ticket(body: UploadTicketBody):
+    @router.post("/api/v3/media/uploads", responses=UPLOAD_ERRORS)
+    async def upload_ticket(body: UploadTicketBody, owner: str = Depends(tenant)):
         if body.size > MAX_UPLOAD_BYTES:
             raise HTTPException(413, f"size: at most {MAX_UPLOAD_BYTES} bytes, got {body.size}")
         content_type = body.content_type or mimetypes.guess_type(body.filename)[0] or ""
         suffix = Path(body.filename).suffix.lstrip(".") or (content_type.split("/")[-1] if content_type else "bin")
-        path = await asyncio.to_thread(open_upload, ctx, "wavespeed", suffix)
-        base = ctx.settings.base_url()
+        path = await asyncio.to_thread(open_upload, ctx, "wavespeed", suffix, owner)
         return envelope({
-            "upload": {"method": "PUT", "url": f"{base}/api/v3/media/upload/{path.stem}",
+            "upload": {"method": "PUT", "url": f"{ctx.settings.base_url()}/api/v3/media/upload/{path.stem}",
                        "headers": {"Content-Type": content_type} if content_type else {}},
-            "download_url": f"{base}/files/uploads/{path.name}",
+            # signed: a bare HTTP client can read it back; the server reads it from disk when a submit names it
+            "download_url": ctx.upload_url(path.name),
         })
 
     @router.put("/api/v3/media/upload/{token}", openapi_extra=RAW_BODY, responses=UPLOAD_ERRORS)
@@ -296,16 +325,17 @@ def build_router(ctx: ServerContext) -> APIRouter:
         await receive_upload(ctx, "wavespeed", token, request)
         return Response(status_code=200)
 
-    @router.post("/api/v3/media/upload/binary", dependencies=[Depends(tenant)], responses=UPLOAD_ERRORS)
-    async def upload_binary(file: UploadFile = File(description="the file (multipart part named 'file')")):
+    @router.post("/api/v3/media/upload/binary", responses=UPLOAD_ERRORS)
+    async def upload_binary(file: UploadFile = File(description="the file (multipart part named 'file')"),
+                            owner: str = Depends(tenant)):
         data = await file.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
             raise HTTPException(413, f"file: larger than {MAX_UPLOAD_BYTES} bytes")
         filename = file.filename or "upload.bin"
-        path = await asyncio.to_thread(save_upload, ctx, data, Path(filename).suffix.lstrip(".") or "bin")
-        kind = (file.content_type or mimetypes.guess_type(filename)[0] or "").split("/")[0] or "file"
-        return envelope({"type": kind, "download_url": f"{ctx.settings.base_url()}/files/uploads/{path.name}",
-                         "filename": filename, "size": len(data)})
+        kind = media_kind_of(data)  # a 415 for anything but an image or video, whatever its name says
+        path = await asyncio.to_thread(save_upload, ctx, data, kind.extension, owner)
+        return envelope({"type": kind.family, "download_url": ctx.upload_url(path.name), "filename": filename,
+                         "size": len(data)})
 
     @router.get("/api/v3/webhook/secret", dependencies=[Depends(tenant)])
     async def webhook_secret():
