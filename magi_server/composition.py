@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from magi_server.serving.jobs import JobStore
+from magi_server.serving.stores import open_job_store
 from magi_server.serving.settings import ServerSettings
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def build_context(settings: ServerSettings, *, pipeline=None, store: JobStore | 
 
         notice = TINY_NOTICE
     executor = pipeline.runner.with_outputs(settings.outputs_dir)  # the pipeline's model; the engine's requests
-    store = store if store is not None else JobStore(settings.db_path)
+    store = store if store is not None else open_job_store(settings.db_path)
     holder: dict[str, ServerContext] = {}
     engine = Engine(
         executor, on_event=lambda event: on_engine_event(holder["ctx"], event), max_queue=settings.max_queue,
@@ -192,7 +193,7 @@ def serve(settings: ServerSettings, *, log_ready: bool = True) -> None:
     if len(listeners) > 1 and not (settings.tls_certfile and settings.tls_keyfile):
         raise SystemExit("fal listeners need --tls-cert and --tls-key (fal-client only speaks https)")
     started = time.monotonic()
-    store = JobStore(settings.db_path)  # before anything listens: a corrupt store is one line from the CLI
+    store = open_job_store(settings.db_path)  # before anything listens: a corrupt store is one line from the CLI
     guard = ConnectionGuard(max_connections=connection_cap(settings.max_connections),
                             header_timeout_s=settings.header_timeout_s,
                             body_min_bytes_per_s=settings.body_min_bytes_per_s)

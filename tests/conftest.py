@@ -20,6 +20,34 @@ def golden() -> Path:
     return GOLDEN_DIR
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL server for the whole session (tests/postgres_utils.py); skips, with the reason, where
+    the server binaries or psycopg are missing. Stopped when the session ends."""
+    from tests.postgres_utils import PostgresServer, why_unavailable
+
+    reason = why_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    server = PostgresServer()
+    try:
+        server.start()
+    except BaseException:
+        server.stop()
+        raise
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server) -> str:
+    """The URL of a fresh, empty job-store location on the session's PostgreSQL server (a schema of its own, named
+    by the URL's search_path), dropped after the test. `postgres_server.database()` makes a whole database."""
+    name, dsn = postgres_server.schema_dsn()
+    yield dsn
+    postgres_server.drop_schema(name)
+
+
 # whole files that build tiny models, run servers or subprocesses, compile, or account real-shape plans
 SLOW_FILES = {
     "test_planner.py", "test_sampler_golden.py", "test_server_durability.py", "test_readme_quickstart.py",

@@ -1,5 +1,10 @@
-"""JobStore: round trips, the status machine, tenant isolation, idempotency under concurrency, and durability
-across a real `kill -9` of a process that was writing to the store."""
+"""The job stores: round trips, the status machine, tenant isolation, idempotency and quotas under concurrency, and
+durability across a real `kill -9` of a process that was writing to the store.
+
+Every test that takes the `store` or `open_store` fixture runs twice: against the SQLite `JobStore` and against
+`PostgresJobStore` on a real PostgreSQL server the session starts (skipped, with the reason, where PostgreSQL is
+not installed). The tests under "SQLite only" check the file, its pragmas and its schema version; the PostgreSQL
+store's own schema and fault tests are in tests/test_jobs_postgres.py."""
 from __future__ import annotations
 
 import ast
@@ -22,9 +27,11 @@ from magi_server.serving.jobs import (
     JobStatus,
     JobStore,
     JobStoreError,
+    QuotaExceeded,
     new_job_id,
 )
 from magi_server.params import GenerationParams
+from magi_server.serving.stores import open_job_store
 from tests.golden_utils import REPO_ROOT
 
 
@@ -52,10 +59,31 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_location(request, tmp_path) -> str:
+    """Where the store under test lives: a SQLite file, or a fresh database on the session's PostgreSQL server."""
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres_dsn")
+    return str(tmp_path / "db" / "jobs.sqlite3")
+
+
 @pytest.fixture
-def store(tmp_path, clock):
-    with JobStore(tmp_path / "db" / "jobs.sqlite3", clock=clock) as s:
-        yield s
+def open_store(store_location, clock):
+    """Opens one more store on the same location (each stands for one API replica); all closed after the test."""
+    opened = []
+
+    def open_another(**kw):
+        opened.append(open_job_store(store_location, clock=clock, **kw))
+        return opened[-1]
+
+    yield open_another
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def store(open_store):
+    return open_store()
 
 
 # -- records ------------------------------------------------------------------------------------------------
@@ -260,10 +288,9 @@ def test_prune_deletes_only_old_terminal_jobs(store, clock):
 # -- idempotency ----------------------------------------------------------------------------------------------
 
 
-def test_idempotent_create_from_20_threads_makes_one_job(tmp_path):
-    path = tmp_path / "jobs.sqlite3"
-    # Two stores on one file stand in for two API replicas: the guard must hold across connections too.
-    stores = [JobStore(path), JobStore(path)]
+def test_idempotent_create_from_20_threads_makes_one_job(open_store):
+    # Two stores on one location stand in for two API replicas: the guard must hold across connections too.
+    stores = [open_store(), open_store()]
     barrier = threading.Barrier(20)
     results, errors = [], []
 
@@ -290,8 +317,44 @@ def test_idempotent_create_from_20_threads_makes_one_job(tmp_path):
         stores[0].create_idempotent(make_job(owner="alice"), "key-1", "fp-B")
     other, created = stores[0].create_idempotent(make_job(owner="bob"), "key-1", "fp-B")
     assert created and other.id != job.id  # keys are scoped per tenant
-    for s in stores:
-        s.close()
+
+
+def test_quota_holds_across_two_stores_under_concurrency(open_store):
+    """24 submits of one owner at once through two replicas, with a quota of 3: exactly 3 are stored, whether
+    with or without an idempotency key; other owners are not held back, and an ended job frees a place."""
+    stores = [open_store(), open_store()]
+    barrier = threading.Barrier(24)
+    admitted, refused, errors = [], [], []
+
+    def submit(i: int) -> None:
+        try:
+            barrier.wait()
+            s = stores[i % 2]
+            if i % 3:
+                job = s.create(make_job(owner="alice"), quota=3)
+            else:
+                job = s.create_idempotent(make_job(owner="alice"), f"key-{i}", "fp", quota=3)[0]
+            admitted.append(job.id)
+        except QuotaExceeded as exc:
+            refused.append(exc)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(admitted) == 3 and len(refused) == 21
+    assert {(e.active, e.quota) for e in refused} == {(3, 3)}
+    assert stores[1].count_by_status()[JobStatus.QUEUED] == 3
+    assert stores[0].create(make_job(owner="bob"), quota=3).owner == "bob"
+    with pytest.raises(QuotaExceeded):
+        stores[1].create(make_job(owner="alice"), quota=3)
+    stores[0].mark_running(admitted[0])
+    stores[1].complete(admitted[0], ["x.mp4"], 1)
+    assert stores[1].create(make_job(owner="alice"), quota=3).status is JobStatus.QUEUED
 
 
 def test_idempotency_key_expires_after_ttl(store, clock):
@@ -310,7 +373,7 @@ def test_idempotency_key_expires_after_ttl(store, clock):
         store.create_idempotent(make_job(), "k2", "")
 
 
-# -- SQLite settings, schema, lifecycle --------------------------------------------------------------------------
+# -- SQLite only: the file, its pragmas and its schema version (PostgreSQL's: tests/test_jobs_postgres.py) ------
 
 
 def test_wal_and_synchronous_full_are_set(tmp_path):
@@ -371,10 +434,15 @@ def test_a_version_1_store_is_migrated_in_place(tmp_path):
     conn.close()
 
 
-def test_closed_store_raises(tmp_path):
-    s = JobStore(tmp_path / "j.db")
+# -- lifecycle and threads ----------------------------------------------------------------------------------------
+
+
+def test_closed_store_raises(open_store):
+    s = open_store()
+    assert not s.closed
     s.close()
     s.close()
+    assert s.closed
     with pytest.raises(JobStoreError):
         s.get("x")
     with pytest.raises(JobStoreError):
@@ -409,11 +477,12 @@ def test_many_threads_mixed_work(store):
 _CHILD = textwrap.dedent(
     """
     import os, signal, sys
-    from magi_server.serving.jobs import Job, JobStatus, JobStore, new_job_id
+    from magi_server.serving.jobs import Job, JobStatus, new_job_id
+    from magi_server.serving.stores import open_job_store
     from magi_server.params import GenerationParams
 
-    path, n, run_id = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    store = JobStore(path)
+    location, n, run_id = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    store = open_job_store(location)
     params = GenerationParams(prompts=("durable",), width=64, height=64, num_frames=8, num_inference_steps=2, seed=1)
     for _ in range(n):
         job = store.create(Job(id=new_job_id(), api="fal", model="m", status=JobStatus.QUEUED, params=params,
@@ -427,8 +496,8 @@ _CHILD = textwrap.dedent(
 )
 
 
-def _run_and_kill(path, n: int, run_id: str) -> tuple[list[str], str]:
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(n), run_id], capture_output=True, text=True,
+def _run_and_kill(location: str, n: int, run_id: str) -> tuple[list[str], str]:
+    proc = subprocess.run([sys.executable, "-c", _CHILD, location, str(n), run_id], capture_output=True, text=True,
                           cwd=REPO_ROOT, timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     lines = [line.split() for line in proc.stdout.splitlines()]
@@ -438,18 +507,17 @@ def _run_and_kill(path, n: int, run_id: str) -> tuple[list[str], str]:
     return created, running[0]
 
 
-def test_jobs_survive_kill_9_and_interrupted_job_is_bounded(tmp_path):
-    path = tmp_path / "jobs.sqlite3"
-    created1, victim = _run_and_kill(path, 20, "-")
-    with JobStore(path) as s:
+def test_jobs_survive_kill_9_and_interrupted_job_is_bounded(store_location):
+    created1, victim = _run_and_kill(store_location, 20, "-")
+    with open_job_store(store_location) as s:
         assert all(s.get(i) is not None for i in created1)
         assert s.get(victim).status is JobStatus.RUNNING
         assert s.recover_after_restart(max_attempts=2) == ([victim], [])
         assert s.get(victim).status is JobStatus.QUEUED and s.get(victim).attempts == 1
 
-    created2, again = _run_and_kill(path, 20, victim)  # the same job crashes the process a second time
+    created2, again = _run_and_kill(store_location, 20, victim)  # the same job crashes the process a second time
     assert again == victim
-    with JobStore(path) as s:
+    with open_job_store(store_location) as s:
         assert all(s.get(i) is not None for i in created1 + created2)
         assert s.recover_after_restart(max_attempts=2) == ([], [victim])
         dead = s.get(victim)

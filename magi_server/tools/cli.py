@@ -179,10 +179,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from magi_server.composition import serve
     from magi_server.media import InputError
     from magi_server.tools.generate import model_config
-    from magi_server.serving.jobs import JobStore, JobStoreUnusable
+    from magi_server.serving.jobs import JobStoreUnusable
+    from magi_server.serving.stores import open_job_store
 
     try:  # a corrupt or unusable store is one line and exit 2, found before the model loads (minutes for 24B)
-        JobStore(args.db).close()
+        open_job_store(args.db).close()
     except JobStoreUnusable as exc:
         print(f"magi-server: {exc}", file=sys.stderr)
         return 2
@@ -366,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "cache), a weights folder, or 'tiny' (default: tiny, random weights)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--db", default="magi-server.db", help="SQLite job store (default: magi-server.db)")
+    srv.add_argument("--db", default="magi-server.db",
+                     help="job store: a SQLite file, or a postgresql:// URL several processes share "
+                          "(default: magi-server.db)")
     srv.add_argument("--outputs", default="outputs", help="folder for MP4s and uploads (default: outputs)")
     srv.add_argument("--public-url", default=None, help="base URL clients use to reach this server")
     srv.add_argument("--api-key", action="append", help="accepted API key (repeatable; also $MAGI_SERVER_API_KEYS)")
