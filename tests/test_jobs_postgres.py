@@ -254,6 +254,21 @@ def test_serve_with_an_unreachable_postgresql_store_stops_with_one_line_and_exit
     assert "cannot be opened" in done.stderr and "s3cret-pw" not in done.stderr
 
 
+def test_the_migrate_command_creates_the_schema_once(postgres_dsn, tmp_path):
+    def migrate(location: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "magi_server.tools.cli", "migrate", "--db", location],
+                              capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+
+    first, again = migrate(postgres_dsn), migrate(postgres_dsn)
+    assert first.returncode == 0 and first.stdout.strip().endswith("schema version 0 -> 1"), first
+    assert again.returncode == 0 and again.stdout.strip().endswith("schema version 1, nothing to do"), again
+    sqlite = migrate(str(tmp_path / "jobs.db"))
+    assert sqlite.returncode == 0 and (tmp_path / "jobs.db").is_file(), sqlite
+    unreachable = migrate(f"postgresql://magi:s3cret-pw@127.0.0.1:{free_port()}/jobs?connect_timeout=2")
+    assert unreachable.returncode == 2 and len(unreachable.stderr.splitlines()) == 1, unreachable
+    assert "s3cret-pw" not in unreachable.stderr + unreachable.stdout
+
+
 # -- leases ----------------------------------------------------------------------------------------------------------
 
 

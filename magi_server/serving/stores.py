@@ -31,3 +31,16 @@ def open_job_store(location: str | Path, **kw) -> "JobStore | PostgresJobStore":
 
         return PostgresJobStore(location.strip(), **kw)
     return JobStore(location, **kw)
+
+
+def migrate_job_store(location: str | Path) -> tuple[int, int]:
+    """Create or upgrade the store's schema (``magi-server migrate``): (version found, version now). PostgreSQL
+    replicas can then start without racing to migrate; a SQLite file migrates itself at open, so this opens it."""
+    if is_postgres_url(location):
+        from magi_server.serving.jobs_postgres import migrate
+
+        return migrate(location.strip())
+    from magi_server.serving.jobs import SCHEMA_VERSION
+
+    with JobStore(location):
+        return SCHEMA_VERSION, SCHEMA_VERSION

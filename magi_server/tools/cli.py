@@ -307,6 +307,23 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from magi_server.serving.jobs import JobStoreUnusable
+    from magi_server.serving.jobs_postgres import redact_dsn
+    from magi_server.serving.stores import migrate_job_store
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    try:
+        found, now = migrate_job_store(args.db)
+    except JobStoreUnusable as exc:
+        print(f"magi-server: {exc}", file=sys.stderr)
+        return 2
+    where = redact_dsn(args.db)
+    print(f"job store {where}: schema version {found} -> {now}" if found != now
+          else f"job store {where}: schema version {now}, nothing to do")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from magi_server.models.config import REAL_PRESETS
 
@@ -409,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--log-format", choices=("text", "json"), default="text",
                      help="json: one object per line with the job id as a field")
     srv.set_defaults(func=_cmd_serve)
+
+    mg = sub.add_parser("migrate", help="create or upgrade the job store's schema (before starting replicas)")
+    mg.add_argument("--db", default="magi-server.db", help="SQLite file or postgresql:// URL (as serve --db)")
+    mg.set_defaults(func=_cmd_migrate)
 
     bn = sub.add_parser("bench", help="benchmark a WaveSpeed-compatible endpoint (this server or the hosted one)")
     bn.add_argument("--endpoint", default="http://127.0.0.1:8000",
