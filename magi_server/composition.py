@@ -4,6 +4,10 @@ Loads the model (runtime), builds the model runner, the engine, the job store an
 what a dead process left behind, and runs uvicorn with the optional TLS listeners fal-client needs. Nothing below
 this module imports the runtime and the HTTP layer at once. Its own imports are light (no FastAPI, no torch): the
 listeners bind and answer before the heavy modules load.
+
+Three process shapes: ``serve`` (:func:`build_context`: HTTP, engine and model in one process over its own store),
+``api`` (:func:`build_api_context`: HTTP only, no model; the queue is a PostgreSQL store shared with the workers)
+and ``worker`` (:func:`run_worker`: a model and an engine fed by claims on that store, no HTTP).
 """
 from __future__ import annotations
 
@@ -77,6 +81,136 @@ def build_context(settings: ServerSettings, *, pipeline=None, store: JobStore | 
     if ctx.janitor is not None:
         ctx.janitor.start()
     return ctx
+
+
+def build_api_context(settings: ServerSettings, *, store, limits) -> ServerContext:
+    """An API replica (``magi-server api``): the HTTP layer over a shared PostgreSQL store, with no model and no
+    engine. ``limits``: the served model's request limits (models.config.model_limits of its config), which every
+    submit is validated against here, before any worker sees it."""
+    from magi_server.serving.cluster import LeaseSweeper, SharedQueue, StoreEventBridge
+    from magi_server.serving.common import ServerContext
+    from magi_server.serving.janitor import Janitor, disk_bytes
+    from magi_server.serving.metrics import GaugeReaders, Metrics
+
+    _require_shared_store(store, "api")
+    queue = SharedQueue(store)
+    metrics = Metrics(GaugeReaders(
+        queue_depth=lambda: queue.queue_depth, engine_alive=queue.alive,
+        jobs_by_status=lambda: {status.value: n for status, n in store.count_by_status().items()},
+        gpu_memory_bytes=lambda: None, outputs_bytes=lambda: disk_bytes(settings.outputs_dir),
+    ))
+    ctx = ServerContext(settings=settings, store=store, engine=queue, executor=None, model_name=str(settings.model),
+                        metrics=metrics, model_limits=limits, store_queue_bound=settings.max_queue, runs_jobs=False)
+    bridge = StoreEventBridge(store, ctx.hub)
+    sweeper = LeaseSweeper(store, max_attempts=settings.max_attempts, every_s=settings.lease_s / 2)
+
+    def tick() -> None:
+        bridge.on_tick()
+        sweeper.maybe_sweep()
+
+    ctx.listener = store.listener(bridge.on_message, on_tick=tick, name="magi-api-listener").start()
+    if settings.keep_jobs_s:
+        ctx.janitor = Janitor(store, settings.outputs_dir, settings.keep_jobs_s)
+        ctx.janitor.start()
+    return ctx
+
+
+def _require_shared_store(store, command: str) -> None:
+    from magi_server.serving.jobs import JobStoreUnusable
+
+    if not hasattr(store, "claim"):
+        location = getattr(store, "path", store)
+        store.close()
+        raise JobStoreUnusable(f"`magi-server {command}` shares its queue through a PostgreSQL job store: pass "
+                               f"--db postgresql://... (got {location}); `magi-server serve` runs on SQLite alone")
+
+
+def run_worker(settings: ServerSettings, *, pipeline=None, stop=None) -> int:
+    """A GPU worker (``magi-server worker``) until SIGTERM/SIGINT (or ``stop``, a threading.Event, is set): load the
+    model, then claim jobs from the shared store for a local engine (serving/worker.py). On the first signal it
+    claims no more and gives its running jobs ``drain_timeout_s`` to finish; a second signal cuts that short; what
+    still runs then goes back to the queue with its attempt refunded. Returns the exit code: 0, or 1 when the engine
+    died of a device error (its jobs are reported failed; a supervisor should start a fresh worker)."""
+    import os
+    import secrets
+    import signal
+    import socket
+    import threading
+
+    from magi_server.engine.loop import Engine
+    from magi_server.runtime.pipeline import MagiPipeline
+    from magi_server.serving.cluster import LeaseSweeper
+    from magi_server.serving.common import ServerContext
+    from magi_server.serving.events import on_engine_event
+    from magi_server.serving.worker import FencedStore, ForwardingHub, WorkerLink
+
+    stop = stop if stop is not None else threading.Event()
+    hurry = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        if stop.is_set():
+            hurry.set()
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+    started = time.monotonic()
+    store = open_job_store(settings.db_path)
+    _require_shared_store(store, "worker")
+    worker_id = settings.worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    try:
+        if pipeline is None:
+            from magi_server.runtime.loading import hide_progress_bars
+
+            hide_progress_bars()
+            pipeline = MagiPipeline.from_pretrained(settings.model, device=settings.device,
+                                                    cache_dir=settings.cache_dir, compile=settings.compile)
+        executor = pipeline.runner.with_outputs(settings.outputs_dir)
+        holder: dict = {}
+
+        def on_event(event) -> None:
+            on_engine_event(holder["ctx"], event)  # the row first: a freed place is claimed after the end is written
+            holder["link"].on_engine_event(event)
+
+        engine = Engine(executor, on_event=on_event, max_queue=max(64, settings.max_batch_size),
+                        memory_budget_bytes=settings.memory_budget_bytes, max_batch_size=settings.max_batch_size,
+                        job_timeout_s=settings.job_timeout_s)
+        holder["ctx"] = ServerContext(settings=settings, store=FencedStore(store, worker_id), engine=engine,
+                                      executor=executor, model_name=str(settings.model), hub=ForwardingHub(store),
+                                      model_limits=executor.model_limits())
+        link = holder["link"] = WorkerLink(store, engine, worker_id=worker_id, capacity=settings.max_batch_size,
+                                           lease_s=settings.lease_s, outputs_dir=settings.outputs_dir)
+        sweeper = LeaseSweeper(store, max_attempts=settings.max_attempts, every_s=settings.lease_s / 2)
+
+        def tick() -> None:
+            link.on_tick()
+            sweeper.maybe_sweep()
+
+        listener = store.listener(link.on_message, on_tick=tick, name="magi-worker-listener")
+        engine.start()
+        listener.start()
+        link.start()
+        log.info("worker %s ready in %.1f s: model %s, up to %d job(s) at a time", worker_id,
+                 time.monotonic() - started, settings.model, settings.max_batch_size)
+        while not stop.wait(0.5):
+            if engine.dead_reason is not None:
+                log.critical("worker %s stops: %s", worker_id, engine.dead_reason)
+                break
+        link.stop_claiming()
+        engine.drain()
+        deadline = time.monotonic() + settings.drain_timeout_s
+        while link.held and time.monotonic() < deadline and not hurry.is_set() and engine.dead_reason is None:
+            time.sleep(0.1)
+        engine.stop()
+        returned = link.give_back()
+        if returned:
+            log.info("worker %s: %d job(s) went back to the queue", worker_id, len(returned))
+        link.stop()
+        listener.stop()
+        return 1 if engine.dead_reason is not None else 0
+    finally:
+        store.close()
 
 
 def _remove_partial_files(outputs_dir: Path) -> None:
@@ -165,7 +299,7 @@ def connection_cap(configured: int, reserve: int = 128 + 2 * ACCEPT_BACKLOG) -> 
     return max(16, min(configured, soft - reserve))
 
 
-def serve(settings: ServerSettings, *, log_ready: bool = True) -> None:
+def serve(settings: ServerSettings, *, log_ready: bool = True, build=None) -> None:
     """Run every listener until SIGTERM/SIGINT.
 
     The listeners bind first and answer at once (liveness 200, readiness 503 "loading", other routes 503) while the
@@ -173,7 +307,8 @@ def serve(settings: ServerSettings, *, log_ready: bool = True) -> None:
     readiness turns 503 "draining", submits get 503 + Retry-After, the running jobs have ``drain_timeout_s`` to
     finish while polls and downloads are still answered; then the listeners close and whatever still runs goes back
     to the queue for the next process. A second signal cuts the drain short. Raises what opening the job store or
-    loading the model raised (the CLI turns it into one line).
+    loading the model raised (the CLI turns it into one line). ``build(settings, store) -> ServerContext`` makes
+    the context (default :func:`build_context`, which loads the model; an API replica passes one that does not).
     """
     import contextlib
     import signal
@@ -233,7 +368,7 @@ def serve(settings: ServerSettings, *, log_ready: bool = True) -> None:
 
         def load() -> None:  # a daemon thread: a signal during a long load must not wait for it
             try:
-                result = build_context(settings, store=store)
+                result = build(settings, store) if build is not None else build_context(settings, store=store)
                 outcome = lambda: loaded.done() or loaded.set_result(result)  # noqa: E731
             except BaseException as exc:  # noqa: BLE001 - handed to the loop, which raises it
                 outcome = lambda error=exc: loaded.done() or loaded.set_exception(error)  # noqa: E731
@@ -253,8 +388,8 @@ def serve(settings: ServerSettings, *, log_ready: bool = True) -> None:
             for role, front in fronts.items():
                 front.app = create_app(ctx, role)
             if log_ready:
-                log.info("model %s loaded in %.1f s; serving on %s", settings.model, time.monotonic() - started,
-                         settings.base_url())
+                log.info("%s %s ready in %.1f s; serving on %s", "model" if ctx.runs_jobs else "API replica for",
+                         settings.model, time.monotonic() - started, settings.base_url())
             await asyncio.wait({stop_wait, serving}, return_when=asyncio.FIRST_COMPLETED)
             if stopping.is_set():
                 await _drain(ctx, settings.drain_timeout_s, hurry)

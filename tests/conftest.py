@@ -48,6 +48,32 @@ def postgres_dsn(postgres_server) -> str:
     postgres_server.drop_schema(name)
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """One moto S3 server process for the whole session (tests/s3_utils.py: moto stands in for a real S3 server,
+    which does not install here), as a `MotoServer` (endpoint URL, fake credentials passed explicitly, never through
+    os.environ); skips, with the reason, where boto3 or moto is missing. Stopped when the session ends."""
+    from tests.s3_utils import MotoServer, why_unavailable
+
+    reason = why_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    server = MotoServer()
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket on the session's S3 server: an `S3Bucket` (``endpoint_url``, ``bucket``, ``url()``,
+    ``store_kwargs()`` for an in-process store, ``env()`` for a subprocess)."""
+    from tests.s3_utils import S3Bucket
+
+    return S3Bucket(s3_server, s3_server.make_bucket())
+
+
 # whole files that build tiny models, run servers or subprocesses, compile, or account real-shape plans
 SLOW_FILES = {
     "test_planner.py", "test_sampler_golden.py", "test_server_durability.py", "test_readme_quickstart.py",
@@ -57,6 +83,7 @@ SLOW_FILES = {
     "test_async_prefill.py", "test_offline_equals_served.py", "test_openapi_conformance.py",
     "test_server_fal.py", "test_file_access.py", "test_batching.py", "test_video.py", "test_malformed_bodies.py",
     "test_image_admission.py", "test_poll_latency.py", "test_connection_limits.py", "test_server_lifecycle.py",
+    "test_outputs.py", "test_scale_out.py",
 }
 
 

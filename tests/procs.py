@@ -1,4 +1,5 @@
-"""A real ``magi-server serve`` subprocess for tests that need a process to kill or an SDK to point at.
+"""Real ``magi-server serve`` / ``api`` / ``worker`` subprocesses for tests that need a process to kill or an SDK
+to point at.
 
 Every wait has a deadline, the server only listens on 127.0.0.1, and its output goes to a log file whose tail is
 put into every failure message (a server that died at startup is otherwise a silent timeout). The server runs in
@@ -29,12 +30,16 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m magi_server serve --model tiny`` on a free loopback port over a given db/outputs/cache."""
+    """``python -m magi_server serve --model tiny`` (or ``api``: ``command="api"``, no model) on a free loopback port
+    over a given db (a file, or a postgresql:// URL)/outputs/cache. ``env``: added to the process's environment."""
 
-    def __init__(self, *, db: Path, outputs: Path, cache: Path, log: Path, extra_args: tuple[str, ...] = (),
-                 nofile_limit: int | None = None) -> None:
-        self.db, self.outputs, self.cache, self.log_path = Path(db), Path(outputs), Path(cache), Path(log)
+    def __init__(self, *, db: Path | str, outputs: Path, cache: Path, log: Path, extra_args: tuple[str, ...] = (),
+                 nofile_limit: int | None = None, command: str = "serve", env: dict | None = None) -> None:
+        self.db = db if isinstance(db, str) and "://" in db else Path(db)
+        self.outputs, self.cache, self.log_path = Path(outputs), Path(cache), Path(log)
         self.extra_args = tuple(extra_args)
+        self.command = command
+        self.env = dict(env or {})
         self.nofile_limit = nofile_limit  # the server's open-file limit (soft and hard), e.g. the usual 1024
         self.spawned_at: float | None = None  # time.monotonic() just before the process was started
         self.proc: subprocess.Popen | None = None
@@ -76,10 +81,11 @@ class ServerProcess:
         resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile_limit, self.nofile_limit))
 
     def _spawn(self) -> None:
-        cmd = [sys.executable, "-m", "magi_server", "serve", "--model", "tiny", "--device", "cpu",
+        device = ("--device", "cpu") if self.command == "serve" else ()
+        cmd = [sys.executable, "-m", "magi_server", self.command, "--model", "tiny", *device,
                "--host", "127.0.0.1", "--port", str(self.port), "--db", str(self.db), "--outputs", str(self.outputs),
                "--cache-dir", str(self.cache), *self.extra_args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO), **self.env)
         env.pop("MAGI_SERVER_API_KEYS", None)  # auth must be off for these tests whatever the caller's shell has
         with open(self.log_path, "ab") as log:
             log.write(f"\n===== start {' '.join(cmd)}\n".encode())
@@ -144,3 +150,75 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class WorkerProcess:
+    """``python -m magi_server worker --model tiny`` over a shared PostgreSQL store; ready once it logs so. Its own
+    session, like ServerProcess, so close() also ends the encoders a killed worker left behind."""
+
+    def __init__(self, *, db: str, outputs: Path, cache: Path, log: Path, extra_args: tuple[str, ...] = (),
+                 env: dict | None = None) -> None:
+        self.db, self.outputs, self.cache, self.log_path = db, Path(outputs), Path(cache), Path(log)
+        self.extra_args = tuple(extra_args)
+        self.env = dict(env or {})
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def spawn(self) -> "WorkerProcess":
+        cmd = [sys.executable, "-m", "magi_server", "worker", "--model", "tiny", "--device", "cpu",
+               "--db", self.db, "--outputs", str(self.outputs), "--cache-dir", str(self.cache), *self.extra_args]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO), **self.env)
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n===== start {' '.join(cmd)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> "WorkerProcess":
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            if " ready in " in self.log_tail(100_000):
+                return self
+            time.sleep(0.1)
+        raise AssertionError(f"worker not ready within {timeout_s:.0f} s; log tail:\n{self.log_tail()}")
+
+    def start(self, timeout_s: float = READY_TIMEOUT_S) -> "WorkerProcess":
+        return self.spawn().wait_ready(timeout_s)
+
+    def kill9(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    pass
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        finally:
+            self.proc = None
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"

@@ -16,7 +16,7 @@ from magi_server.runtime.pipeline import MagiPipeline
 from magi_server.serving.adapters.wavespeed import STATUS
 from magi_server.serving.events import EventHub, on_engine_event, wait_for_terminal
 from magi_server.serving.jobs import TERMINAL, Job, JobStatus
-from tests.server_utils import running_server, tiny_settings, wait_status
+from tests.server_utils import read_sse, running_server, tiny_settings, wait_status
 
 MODEL = "/api/v3/wavespeed-ai/magi-1-24b"
 THREE_CHUNKS = {"prompt": "three chunks", "num_frames": 72, "num_inference_steps": 8}
@@ -137,36 +137,7 @@ def server(tmp_path, pipeline):
 
 
 def _read_sse(client, path: str, headers: dict | None = None, timeout_s: float = 60) -> list[dict]:
-    """Every event ({id, event, data}) of a stream, read in a thread so that a stream that never ends fails."""
-    events: list[dict] = []
-    failure: list[BaseException] = []
-
-    def read():
-        try:
-            with client.stream("GET", path, headers=headers) as response:
-                assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
-                event: dict = {}
-                for line in response.iter_lines():
-                    if not line:
-                        if event:
-                            events.append(event)
-                        event = {}
-                    elif line.startswith("id: "):
-                        event["id"] = int(line[len("id: "):])
-                    elif line.startswith("event: "):
-                        event["event"] = line[len("event: "):]
-                    elif line.startswith("data: "):
-                        event["data"] = json.loads(line[len("data: "):])
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=read, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    assert not thread.is_alive(), f"the event stream did not end within {timeout_s} s; got {events}"
-    if failure:
-        raise failure[0]
-    return events
+    return read_sse(client, path, timeout_s, headers=headers)
 
 
 def _status_words(events: list[dict]) -> list[str]:

@@ -63,7 +63,7 @@ def test_sweep_deletes_old_finished_jobs_and_only_their_files(tmp_path):
 
 def test_the_serve_flag_sets_the_time_to_live(monkeypatch):
     seen = {}
-    monkeypatch.setattr("magi_server.composition.serve", lambda settings: seen.setdefault("settings", settings))
+    monkeypatch.setattr("magi_server.composition.serve", lambda settings, **kw: seen.setdefault("settings", settings))
     assert cli.main(["serve", "--model", "tiny", "--device", "cpu", "--keep-jobs-hours", "48"]) == 0
     assert seen["settings"].keep_jobs_s == pytest.approx(48 * HOUR)
     seen.clear()

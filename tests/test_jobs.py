@@ -27,6 +27,7 @@ from magi_server.serving.jobs import (
     JobStatus,
     JobStore,
     JobStoreError,
+    QueueFull,
     QuotaExceeded,
     new_job_id,
 )
@@ -285,27 +286,33 @@ def test_prune_deletes_only_old_terminal_jobs(store, clock):
     assert [j.id for j in store.prune_jobs(older_than_s=0)] == [recent.id]
 
 
+def at_once(n: int, call) -> tuple[list, list]:
+    """``call(i)`` for i in range(n) on n threads released together: (results, exceptions raised), in no order."""
+    barrier = threading.Barrier(n)
+    results, raised = [], []
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results.append(call(i))
+        except Exception as exc:
+            raised.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, raised
+
+
 # -- idempotency ----------------------------------------------------------------------------------------------
 
 
 def test_idempotent_create_from_20_threads_makes_one_job(open_store):
     # Two stores on one location stand in for two API replicas: the guard must hold across connections too.
     stores = [open_store(), open_store()]
-    barrier = threading.Barrier(20)
-    results, errors = [], []
-
-    def submit(i: int) -> None:
-        try:
-            barrier.wait()
-            results.append(stores[i % 2].create_idempotent(make_job(owner="alice"), "key-1", "fp-A"))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=submit, args=(i,)) for i in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = at_once(20, lambda i: stores[i % 2].create_idempotent(make_job(owner="alice"), "key-1", "fp-A"))
     assert errors == []
     assert len({job.id for job, _ in results}) == 1
     assert sum(created for _, created in results) == 1
@@ -323,29 +330,15 @@ def test_quota_holds_across_two_stores_under_concurrency(open_store):
     """24 submits of one owner at once through two replicas, with a quota of 3: exactly 3 are stored, whether
     with or without an idempotency key; other owners are not held back, and an ended job frees a place."""
     stores = [open_store(), open_store()]
-    barrier = threading.Barrier(24)
-    admitted, refused, errors = [], [], []
 
-    def submit(i: int) -> None:
-        try:
-            barrier.wait()
-            s = stores[i % 2]
-            if i % 3:
-                job = s.create(make_job(owner="alice"), quota=3)
-            else:
-                job = s.create_idempotent(make_job(owner="alice"), f"key-{i}", "fp", quota=3)[0]
-            admitted.append(job.id)
-        except QuotaExceeded as exc:
-            refused.append(exc)
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+    def submit(i: int) -> str:
+        s = stores[i % 2]
+        if i % 3:
+            return s.create(make_job(owner="alice"), quota=3).id
+        return s.create_idempotent(make_job(owner="alice"), f"key-{i}", "fp", quota=3)[0].id
 
-    threads = [threading.Thread(target=submit, args=(i,)) for i in range(24)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    admitted, refused = at_once(24, submit)
+    assert all(isinstance(exc, QuotaExceeded) for exc in refused), refused
     assert len(admitted) == 3 and len(refused) == 21
     assert {(e.active, e.quota) for e in refused} == {(3, 3)}
     assert stores[1].count_by_status()[JobStatus.QUEUED] == 3
@@ -355,6 +348,34 @@ def test_quota_holds_across_two_stores_under_concurrency(open_store):
     stores[0].mark_running(admitted[0])
     stores[1].complete(admitted[0], ["x.mp4"], 1)
     assert stores[1].create(make_job(owner="alice"), quota=3).status is JobStatus.QUEUED
+
+
+def test_queue_bound_holds_across_two_stores_under_concurrency(open_store):
+    """20 submits of different owners at once through two replicas, at most 4 waiting: exactly 4 are stored (keyed
+    or not); a job that starts running leaves the queue and frees a place; a replay of a stored key is never
+    refused."""
+    stores = [open_store(), open_store()]
+
+    def submit(i: int) -> str:
+        s = stores[i % 2]
+        if i % 2:
+            return s.create(make_job(owner=f"owner-{i}"), max_queued=4).id
+        return s.create_idempotent(make_job(owner=f"owner-{i}"), f"key-{i}", "fp", max_queued=4)[0].id
+
+    admitted, refused = at_once(20, submit)
+    assert all(isinstance(exc, QueueFull) for exc in refused), refused
+    assert len(admitted) == 4 and len(refused) == 16
+    assert {(e.queued, e.limit) for e in refused} == {(4, 4)}
+    assert stores[0].queue_depth() == 4
+    keyed = [job for job in (stores[1].get(i) for i in admitted) if job.idempotency_key]
+    if keyed:
+        replay, created = stores[1].create_idempotent(make_job(owner=keyed[0].owner), keyed[0].idempotency_key,
+                                                      "fp", max_queued=4)
+        assert not created and replay.id == keyed[0].id
+    with pytest.raises(QueueFull):
+        stores[1].create(make_job(), max_queued=4)
+    stores[0].mark_running(admitted[0])
+    assert stores[1].create(make_job(), max_queued=4).status is JobStatus.QUEUED
 
 
 def test_idempotency_key_expires_after_ttl(store, clock):

@@ -8,14 +8,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
-from magi_server.serving.jobs import DamagedJob, JobStatus, JobStore, JobStoreError, JobStoreUnusable
+from magi_server.serving.jobs import DamagedJob, JobStatus, JobStore, JobStoreError, JobStoreUnusable, QuotaExceeded
 from magi_server.serving.stores import is_postgres_url, open_job_store
 from tests.golden_utils import REPO_ROOT
 from tests.postgres_utils import free_port
-from tests.test_jobs import FakeClock, make_job
+from tests.test_jobs import FakeClock, at_once, make_job
 
 
 @pytest.fixture
@@ -97,20 +98,7 @@ def test_replicas_starting_at_once_migrate_once(postgres_server):
     name = postgres_server.database()
     try:
         dsn = postgres_server.dsn(name)
-        barrier, results, errors = threading.Barrier(4), [], []
-
-        def run() -> None:
-            try:
-                barrier.wait()
-                results.append(migrate(dsn))
-            except Exception as exc:  # pragma: no cover - reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=run) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results, errors = at_once(4, lambda _: migrate(dsn))
         assert errors == []
         assert sorted(results) == [(0, SCHEMA_VERSION)] + [(SCHEMA_VERSION, SCHEMA_VERSION)] * 3
     finally:
@@ -311,22 +299,16 @@ def test_claims_take_the_oldest_suitable_job_once(leased_stores, postgres_dsn):
 
 def test_concurrent_claimers_split_the_queue_without_overlap(leased_stores):
     ids = {leased_stores[0].create(make_job(created_at=float(i))).id for i in range(30)}
-    barrier, claimed, errors = threading.Barrier(6), [], []
 
-    def worker(n: int) -> None:
-        try:
-            barrier.wait()
-            while (job := leased_stores[n % 3].claim(f"w{n}", None, lease_s=30)) is not None:
-                claimed.append(job.id)
-                assert leased_stores[n % 3].complete(job.id, [f"{job.id}.mp4"], 1, worker_id=f"w{n}")
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+    def worker(n: int) -> list[str]:
+        claimed = []
+        while (job := leased_stores[n % 3].claim(f"w{n}", None, lease_s=30)) is not None:
+            claimed.append(job.id)
+            assert leased_stores[n % 3].complete(job.id, [f"{job.id}.mp4"], 1, worker_id=f"w{n}")
+        return claimed
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    per_worker, errors = at_once(6, worker)
+    claimed = [job_id for ids_of_one in per_worker for job_id in ids_of_one]
     assert errors == []
     assert sorted(claimed) == sorted(ids)  # every job once, none twice
     assert leased_stores[1].count_by_status()[JobStatus.COMPLETED] == 30
@@ -389,3 +371,43 @@ def test_cancel_ends_a_lease_and_the_sweeper_leaves_unleased_jobs_alone(leased_s
     assert a.claim("w1", None, lease_s=10).id == graceful.id
     back = a.requeue(graceful.id, worker_id="w1")  # a drain: refunded, lease released
     assert back.status is JobStatus.QUEUED and back.attempts == 0
+
+
+# -- notifications ---------------------------------------------------------------------------------------------------
+
+
+def test_every_status_change_and_published_event_is_heard_by_listeners(leased_stores, clock):
+    """LISTEN/NOTIFY: a listener on another connection hears each status change as the transaction that made it
+    commits (create, claim, completion, cancel, a sweep's re-queue) and each published event; a rolled-back change
+    (a refused quota) is never heard; ticks come while nothing is said."""
+    a, b, _ = leased_stores
+    heard, ticks = [], []
+    listener = a.listener(heard.append, on_tick=lambda: ticks.append(1), tick_s=0.1).start()
+    try:
+        assert listener.connected.is_set()
+        first, second = b.create(make_job(owner="o")), b.create(make_job(created_at=200.0))
+        assert b.queue_position(first.id) == 0 and b.queue_position(second.id) == 1
+        with pytest.raises(QuotaExceeded):
+            b.create(make_job(owner="o"), quota=1)
+        assert b.claim("w1", None, lease_s=5).id == first.id
+        assert b.queue_position(first.id) is None and b.queue_position(second.id) == 0
+        b.publish(first.id, "chunk", index=0, chunks_done=1, chunks_total=2, frames=24, preview="p.mp4")
+        assert b.complete(first.id, ["x.mp4"], 5, worker_id="w1") is not None
+        assert b.claim("w2", None, lease_s=5).id == second.id
+        clock.now += 10
+        assert b.requeue_expired_leases(max_attempts=2) == ([second.id], [])
+        assert b.cancel(second.id) is not None
+        expected = [(first.id, "status", "queued"), (second.id, "status", "queued"), (first.id, "status", "running"),
+                    (first.id, "chunk", None), (first.id, "status", "completed"), (second.id, "status", "running"),
+                    (second.id, "status", "queued"), (second.id, "status", "cancelled")]
+        deadline = time.monotonic() + 10
+        while len(heard) < len(expected) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)  # nothing more (the refused create) may arrive
+        assert [(m["id"], m["kind"], m.get("status")) for m in heard] == expected, heard
+        assert heard[3] == {"id": first.id, "kind": "chunk", "index": 0, "chunks_done": 1, "chunks_total": 2,
+                            "frames": 24, "preview": "p.mp4"}
+        assert ticks
+    finally:
+        listener.stop()
+    assert not listener.connected.is_set()

@@ -7,8 +7,6 @@ tests cancel or time them out instead of waiting for them. Every wait has a dead
 from __future__ import annotations
 
 import base64
-import json
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from magi_server.serving.jobs import JobStatus
 from magi_server.runtime.pipeline import MagiPipeline
 from magi_server.media.images import encode_png
 from tests.media_utils import probe_video
-from tests.server_utils import running_server, tiny_settings, wait_status
+from tests.server_utils import read_sse, running_server, tiny_settings, wait_status
 
 MODEL = "/api/v3/wavespeed-ai/magi-1-24b"
 LONG = {"prompt": "a long shot", "num_frames": 960, "num_inference_steps": 8}
@@ -231,30 +229,8 @@ def test_job_time_limit_fails_the_job(tmp_path, pipeline):
 
 
 def _read_sse(client, path: str, timeout_s: float) -> list[tuple[str, dict]]:
-    """Every (event, data) of an SSE stream, read in a thread so a stream that never ends fails the test."""
-    events: list[tuple[str, dict]] = []
-    failure: list[BaseException] = []
-
-    def read():
-        try:
-            with client.stream("GET", path) as response:
-                assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
-                kind = None
-                for line in response.iter_lines():
-                    if line.startswith("event: "):
-                        kind = line[len("event: "):]
-                    elif line.startswith("data: "):
-                        events.append((kind, json.loads(line[len("data: "):])))
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=read, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    assert not thread.is_alive(), f"the event stream did not end within {timeout_s} s; got {events}"
-    if failure:
-        raise failure[0]
-    return events
+    """Every (event name, data) of an SSE stream (server_utils.read_sse)."""
+    return [(event.get("event"), event["data"]) for event in read_sse(client, path, timeout_s) if "data" in event]
 
 
 def test_sse_streams_each_chunk_before_completed(tmp_path, pipeline):

@@ -344,3 +344,13 @@ def preset(name: str) -> MagiConfig:
 # Largest token piece of the DiT's token-wise layer parts (models/dit.py): a 24B piece's fc1 output is then 0.5 GB
 # (bf16), and GEMMs of this many rows still run at full tensor-core speed. memory_model.py charges the same pieces.
 DEFAULT_MAX_PIECE_TOKENS = 8192
+
+
+def model_limits(config: MagiConfig):
+    """What a model config adds to the request contract's limits (params.ModelLimits), read without loading any
+    weights or importing torch: an API replica validates requests with it, with no model of its own."""
+    from magi_server.params import ModelLimits
+
+    s = config.sampling
+    return ModelLimits(window_size=s.window_size, kv_quarters=len(s.noise2clean_kvrange),
+                       temporal_downsample=s.temporal_downsample_factor)

@@ -49,7 +49,7 @@ from magi_server.media import InputError
 from magi_server.media.images import load_image, resize_image
 from magi_server.media.mp4 import Mp4Writer
 from magi_server.media.video import load_video
-from magi_server.models.config import MagiConfig
+from magi_server.models.config import MagiConfig, model_limits
 from magi_server.models.text_encoder import CaptionTokenOptions, SpecialTokens, build_chunk_captions
 from magi_server.models.vae import TileConfig, decode_to_frames, encode_video_uint8
 from magi_server.params import GenerationParams, ModelLimits, ParamError
@@ -59,13 +59,6 @@ from magi_server.runtime.sampler import LatentChunk, SamplerSettings, SamplerSta
 log = logging.getLogger("magi_server.runtime.model_runner")
 
 PREFIX_VIDEO_FRAMES = 32  # v2v conditions on the first 32 frames of the video (8 latent frames), as the reference
-
-
-def model_limits(config: MagiConfig) -> ModelLimits:
-    """What a model config adds to the request contract's limits (read without loading any weights)."""
-    s = config.sampling
-    return ModelLimits(window_size=s.window_size, kv_quarters=len(s.noise2clean_kvrange),
-                       temporal_downsample=s.temporal_downsample_factor)
 
 
 def leave_a_core_for_serving(device: str | torch.device) -> None:

@@ -229,11 +229,14 @@ def shutdown(ctx: ServerContext) -> None:
     ctx.image_decoder.shutdown(wait=False, cancel_futures=True)  # a decode under way ends with its ffmpeg
     ctx.store_reader.shutdown(wait=True, cancel_futures=True)  # before the store closes under a read
     ctx.engine.stop()
-    try:
-        for job in ctx.store.list([JobStatus.RUNNING], limit=10_000):
-            ctx.store.requeue(job.id)
-    except JobStoreError as exc:  # e.g. a full disk: those rows stay "running" and the next start re-queues them
-        log.error("could not put the running jobs back in the queue: %s (the next start will)", exc)
+    if ctx.listener is not None:
+        ctx.listener.stop()
+    if ctx.runs_jobs:  # an API replica's RUNNING rows are the workers' (they give their own back)
+        try:
+            for job in ctx.store.list([JobStatus.RUNNING], limit=10_000):
+                ctx.store.requeue(job.id)
+        except JobStoreError as exc:  # e.g. a full disk: those rows stay "running" and the next start re-queues them
+            log.error("could not put the running jobs back in the queue: %s (the next start will)", exc)
     ctx.store.close()
 
 

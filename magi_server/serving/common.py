@@ -61,7 +61,7 @@ from magi_server.params import (ASPECT_RATIOS, MAX_SIDE, RESOLUTIONS, Generation
                                 nearest_aspect, output_size, resolve_seed, validate)
 from magi_server.serving.events import EventHub, StoreBacklog
 from magi_server.serving.jobs import (MAX_IDEMPOTENCY_KEY_LEN, DamagedJob, IdempotencyConflict, Job, JobStatus,
-                                      JobStore, JobStoreError, QuotaExceeded)
+                                      JobStore, JobStoreError, QueueFull, QuotaExceeded)
 from magi_server.serving.files import ACCEPTED_KINDS, UPLOAD_NAME, FileSigner, MediaKind, sniff_media
 from magi_server.serving.settings import ServerSettings
 
@@ -167,6 +167,11 @@ class ServerContext:
     store_reader: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         max_workers=1, thread_name_prefix="store-read"))
     file_signer: FileSigner | None = None  # made from the settings on first use (see :attr:`signer`)
+    # An API replica (`magi-server api`, serving/cluster.py): the queue bound is the shared store's, checked in each
+    # insert's transaction (``engine`` is then a SharedQueue holding no slots), and no job runs in this process
+    store_queue_bound: int | None = None
+    runs_jobs: bool = True
+    listener: Any = None  # the job store's notifications (jobs_postgres.StoreListener), stopped at shutdown
 
     @property
     def outputs_dir(self) -> Path:
@@ -627,15 +632,16 @@ def _commit(ctx: ServerContext, *, api: str, model: str, params: GenerationParam
     """:meth:`Admission.commit`'s blocking part; it settles the queue slot the submit holds."""
     try:
         job, created = Job.new(api, model, params, owner=owner, meta=meta or {}), True
+        bounds = {"quota": ctx.key_quota, "max_queued": ctx.store_queue_bound}
         if idempotency_key is None:
-            job = ctx.store.create(job, quota=ctx.key_quota)
+            job = ctx.store.create(job, **bounds)
         else:
             job, created = ctx.store.create_idempotent(job, idempotency_key, request_fingerprint,
-                                                       ttl_s=IDEMPOTENCY_TTL_S, quota=ctx.key_quota)
-    except QuotaExceeded as exc:
+                                                       ttl_s=IDEMPOTENCY_TTL_S, **bounds)
+    except (QuotaExceeded, QueueFull) as exc:
         ctx.engine.unreserve()
         _discard_input(params)
-        _count_rejection(ctx, "key_quota")
+        _count_rejection(ctx, "key_quota" if isinstance(exc, QuotaExceeded) else "queue_full")
         raise Overloaded(ctx.engine.retry_after_s, str(exc)) from None
     except BaseException:
         ctx.engine.unreserve()

@@ -114,6 +114,18 @@ class EventHub:
         _wake(waiters)
         return event
 
+    def watched(self) -> list[str]:
+        """The jobs someone is waiting on right now (an open stream, a sync request): what a replica that learns
+        of events from elsewhere must keep an eye on when its notifications may have been lost."""
+        with self._lock:
+            return [job_id for job_id, job in self._jobs.items() if job.waiters and not job.ended]
+
+    def last(self, job_id: str, kind: str) -> JobEvent | None:
+        """The job's latest kept event of ``kind`` ("status", "progress", "chunk"), if any."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            return next((e for e in reversed(job.history) if e.kind == kind), None) if job else None
+
     def since(self, job_id: str, after: int = 0) -> list[JobEvent]:
         """The job's kept events with an id above ``after``, oldest first."""
         with self._lock:
@@ -345,8 +357,9 @@ def _record_end(ctx: "ServerContext", event: EngineEvent, *, store_error: str = 
         job = store.fail(job_id, event.error, event.error_code, event.error_param)
     if job is None:
         job = store.get(job_id)
-        if job is not None and job.status is JobStatus.CANCELLED and event.output:
-            # cancelled while its last call ran: the client was told "cancelled", so no output may appear
+        if job is not None and job.status in (JobStatus.CANCELLED, JobStatus.FAILED) and event.output:
+            # cancelled (or failed elsewhere: a worker's lapsed lease) while its last call ran: the client was told
+            # so, and no output may appear
             (ctx.outputs_dir / event.output).unlink(missing_ok=True)
     if job is not None and job.is_terminal:
         hub.publish(job_id, "status", status=job.status)  # wakes the job's waiters; the row is final already

@@ -102,6 +102,15 @@ class QuotaExceeded(Exception):
         self.active, self.quota = active, quota
 
 
+class QueueFull(Exception):
+    """The store already holds `limit` QUEUED jobs (nothing was stored): the bound every API replica shares, checked
+    in the insert's own transaction so that replicas submitting at once cannot overshoot it together."""
+
+    def __init__(self, queued: int, limit: int) -> None:
+        super().__init__(f"the queue is full ({queued} jobs waiting); retry later")
+        self.queued, self.limit = queued, limit
+
+
 class IdempotencyConflict(JobStoreError):
     """The idempotency key was already used with a different request body (answer 409/422, do not retry)."""
 
@@ -432,27 +441,36 @@ class JobStore:
         if active >= quota:
             raise QuotaExceeded(active, quota)
 
-    def create(self, job: Job, *, quota: int | None = None) -> Job:
+    def _check_queue(self, conn: sqlite3.Connection, max_queued: int | None) -> None:
+        """Inside the write transaction of an insert (SQLite's write lock: one insert at a time, every process)."""
+        if max_queued is None:
+            return
+        queued = conn.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (JobStatus.QUEUED.value,)).fetchone()[0]
+        if queued >= max_queued:
+            raise QueueFull(queued, max_queued)
+
+    def create(self, job: Job, *, quota: int | None = None, max_queued: int | None = None) -> Job:
         """Insert `job`; durable on return. Raises DuplicateJob when the id exists, QuotaExceeded when its owner
-        already has `quota` waiting or running jobs."""
+        already has `quota` waiting or running jobs, QueueFull when `max_queued` jobs are already waiting."""
         self._check_new(job)
         if job.idempotency_key is not None:
             raise ValueError("a job with an idempotency key must be created with create_idempotent()")
         try:
             with self._write() as conn:
                 self._check_quota(conn, _text(job.owner), quota)
+                self._check_queue(conn, max_queued)
                 return self._insert(conn, job, None)
         except sqlite3.IntegrityError as exc:  # backstop for the primary key; the check above runs under the lock
             raise DuplicateJob(f"job {job.id!r} already exists") from exc
 
     def create_idempotent(self, job: Job, key: str, fingerprint: str, *, ttl_s: float | None = None,
-                          quota: int | None = None) -> tuple[Job, bool]:
+                          quota: int | None = None, max_queued: int | None = None) -> tuple[Job, bool]:
         """Stripe-style submit: (existing job, False) for a replay of `key` by the same owner with the same body
         fingerprint, IdempotencyConflict for a different body, else (`job` stored with the key, True).
 
         `ttl_s`: a key older than this is forgotten (Stripe keeps keys at least 24 h) and the call creates a new
-        job; the old job itself is untouched apart from losing its key. `quota` as for :meth:`create` (a
-        replay is never refused).
+        job; the old job itself is untouched apart from losing its key. `quota` and `max_queued` as for
+        :meth:`create` (a replay is never refused).
         """
         self._check_new(job)
         if not key or len(key) > MAX_IDEMPOTENCY_KEY_LEN:
@@ -476,6 +494,7 @@ class JobStore:
                 else:
                     raise IdempotencyConflict("idempotency key was already used with a different request body")
             self._check_quota(conn, owner, quota)
+            self._check_queue(conn, max_queued)
             return self._insert(conn, replace(job, idempotency_key=key), safe_fp), True
 
     # -- reads ----------------------------------------------------------------------------------------------

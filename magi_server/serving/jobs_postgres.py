@@ -51,8 +51,10 @@ psycopg is imported lazily (at open), so importing this module needs neither psy
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -70,6 +72,7 @@ from magi_server.serving.jobs import (
     JobStore,
     JobStoreError,
     JobStoreUnusable,
+    QueueFull,
     QuotaExceeded,
     _json,
     _text,
@@ -80,6 +83,10 @@ log = logging.getLogger("magi_server.serving.jobs_postgres")
 SCHEMA_VERSION = 1
 JOBS_TABLE = "magi_jobs"
 VERSION_TABLE = "magi_schema_version"
+# LISTEN/NOTIFY channel: every status change (in the transaction that makes it, so it is heard iff it committed)
+# and the workers' progress and chunk events, as JSON {"id": job id, "kind": "status" | "progress" | "chunk", ...}
+NOTIFY_CHANNEL = "magi_jobs"
+_STATUS_INDEX = _COLUMNS.index("status")
 
 _STATUS_VALUES = ", ".join(f"'{s.value}'" for s in JobStatus)
 
@@ -137,6 +144,13 @@ def _lock_key(namespace: str, *parts: str) -> int:
 
 
 _MIGRATION_LOCK = _lock_key("magi-server schema migration")
+_QUEUE_LOCK = _lock_key("magi-server queue bound")
+
+
+def _notify(conn, job_id: str, kind: str, **data) -> None:
+    """Queue a notification on ``conn``'s transaction (sent at its commit, dropped by its rollback)."""
+    payload = json.dumps({"id": job_id, "kind": kind, **data}, ensure_ascii=True, separators=(",", ":"))
+    conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
 
 
 def _pg_text(value: str) -> str:
@@ -254,6 +268,8 @@ class PostgresJobStore:
                  connect_timeout_s: float = 10.0, lock_timeout_s: float = 10.0, statement_timeout_s: float = 60.0,
                  pool_wait_s: float = 30.0) -> None:
         self._clock = clock
+        self._dsn = dsn  # for the listener's own connection (listener())
+        self._connect_timeout_s = connect_timeout_s
         self.location = redact_dsn(dsn)
         _import_psycopg()
 
@@ -328,6 +344,7 @@ class PostgresJobStore:
             f"ON CONFLICT (id) DO NOTHING RETURNING {', '.join(_COLUMNS)}", values).fetchone()
         if inserted is None:
             raise DuplicateJob(f"job {job.id!r} already exists")
+        _notify(conn, job.id, "status", status=JobStatus.QUEUED.value)  # wakes the workers' claim loops
         return self._row_to_job(inserted)
 
     # -- creation ---------------------------------------------------------------------------------------------
@@ -342,18 +359,30 @@ class PostgresJobStore:
         if active >= quota:
             raise QuotaExceeded(int(active), quota)
 
-    def create(self, job: Job, *, quota: int | None = None) -> Job:
+    def _check_queue(self, conn, max_queued: int | None) -> None:
+        """Inside the insert's transaction, under the queue's advisory lock (taken last: key, owner, queue), so
+        replicas submitting at once cannot overshoot the bound together."""
+        if max_queued is None:
+            return
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_QUEUE_LOCK,))
+        queued = conn.execute(f"SELECT COUNT(*) FROM {JOBS_TABLE} WHERE status = %s",
+                              (JobStatus.QUEUED.value,)).fetchone()[0]
+        if queued >= max_queued:
+            raise QueueFull(int(queued), max_queued)
+
+    def create(self, job: Job, *, quota: int | None = None, max_queued: int | None = None) -> Job:
         """Insert `job`; durable on return. Raises DuplicateJob when the id exists, QuotaExceeded when its owner
-        already has `quota` waiting or running jobs."""
+        already has `quota` waiting or running jobs, QueueFull when `max_queued` jobs are already waiting."""
         self._check_new(job)
         if job.idempotency_key is not None:
             raise ValueError("a job with an idempotency key must be created with create_idempotent()")
         with self._transaction() as conn:
             self._check_quota(conn, _pg_text(job.owner), quota)
+            self._check_queue(conn, max_queued)
             return self._insert(conn, job, None)
 
     def create_idempotent(self, job: Job, key: str, fingerprint: str, *, ttl_s: float | None = None,
-                          quota: int | None = None) -> tuple[Job, bool]:
+                          quota: int | None = None, max_queued: int | None = None) -> tuple[Job, bool]:
         """Stripe-style submit: (existing job, False) for a replay of `key` by the same owner with the same body
         fingerprint, IdempotencyConflict for a different body, else (`job` stored with the key, True).
 
@@ -369,7 +398,7 @@ class PostgresJobStore:
         safe_key, safe_fp, owner = _pg_text(key), _pg_text(fingerprint), _pg_text(job.owner)
         for attempt in range(2):
             try:
-                return self._create_idempotent_once(job, key, safe_key, safe_fp, owner, ttl_s, quota)
+                return self._create_idempotent_once(job, key, safe_key, safe_fp, owner, ttl_s, quota, max_queued)
             except psycopg.IntegrityError as exc:
                 # Only a writer that bypassed the advisory lock can get here (the unique index caught it); the
                 # key is now taken, so looking again answers as a replay or a conflict.
@@ -378,7 +407,7 @@ class PostgresJobStore:
         raise AssertionError("unreachable")
 
     def _create_idempotent_once(self, job: Job, key: str, safe_key: str, safe_fp: str, owner: str,
-                                ttl_s: float | None, quota: int | None) -> tuple[Job, bool]:
+                                ttl_s: float | None, quota: int | None, max_queued: int | None) -> tuple[Job, bool]:
         with self._transaction() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("idempotency", owner, safe_key),))
             row = conn.execute(
@@ -394,6 +423,7 @@ class PostgresJobStore:
                 else:
                     raise IdempotencyConflict("idempotency key was already used with a different request body")
             self._check_quota(conn, owner, quota)
+            self._check_queue(conn, max_queued)
             return self._insert(conn, replace(job, idempotency_key=key), safe_fp), True
 
     # -- reads ------------------------------------------------------------------------------------------------
@@ -450,18 +480,30 @@ class PostgresJobStore:
             return int(conn.execute(f"SELECT COUNT(*) FROM {JOBS_TABLE} WHERE status = %s",
                                     (JobStatus.QUEUED.value,)).fetchone()[0])
 
+    def queue_position(self, job_id: str) -> int | None:
+        """0-based place of a QUEUED job among the queued ones (claim order: oldest first); None when not queued."""
+        with self._connection() as conn:
+            row = conn.execute(
+                f"SELECT (SELECT COUNT(*) FROM {JOBS_TABLE} o WHERE o.status = 'queued' "
+                f"AND (o.created_at, o.seq) < (j.created_at, j.seq)) FROM {JOBS_TABLE} j "
+                f"WHERE j.id = %s AND j.status = 'queued'", (_pg_text(job_id),)).fetchone()
+        return None if row is None else int(row[0])
+
     # -- transitions ------------------------------------------------------------------------------------------
 
     def _transition(self, job_id: str, allowed: Iterable[JobStatus], sets: str, args: tuple = (), *,
-                    durable: bool = True, worker_id: str | None = None) -> Job | None:
+                    durable: bool = True, worker_id: str | None = None, announce: bool = True) -> Job | None:
         """One compare-and-set UPDATE. `worker_id` fences it: the job must also be leased to that worker, so a
-        worker whose lease lapsed (and whose job another worker now runs) can no longer change it."""
+        worker whose lease lapsed (and whose job another worker now runs) can no longer change it. `announce`:
+        notify the job's (new) status in the same transaction (every status change does)."""
         fence, fence_args = ("", ()) if worker_id is None else (" AND lease_owner = %s", (_pg_text(worker_id),))
         with self._transaction(durable=durable) as conn:
             row = conn.execute(
                 f"UPDATE {JOBS_TABLE} SET {sets} WHERE id = %s AND status = ANY(%s::text[]){fence} "
                 f"RETURNING {', '.join(_COLUMNS)}",
                 (*args, _pg_text(job_id), _statuses(allowed), *fence_args)).fetchone()
+            if row is not None and announce:
+                _notify(conn, row[0], "status", status=row[_STATUS_INDEX])
         # parsed after the commit: a damaged row still takes the transition (then raises DamagedJob)
         return None if row is None else self._row_to_job(row)
 
@@ -474,7 +516,8 @@ class PostgresJobStore:
     def update_progress(self, job_id: str, done: int, total: int, *, worker_id: str | None = None) -> Job | None:
         """Progress of a RUNNING job; committed without waiting for the WAL flush, so cheap to call every step."""
         return self._transition(job_id, [JobStatus.RUNNING], "progress_done = %s, progress_total = %s",
-                                (max(0, int(done)), max(0, int(total))), durable=False, worker_id=worker_id)
+                                (max(0, int(done)), max(0, int(total))), durable=False, worker_id=worker_id,
+                                announce=False)
 
     def complete(self, job_id: str, outputs: Iterable[str], inference_ms: int | None, *,
                  worker_id: str | None = None) -> Job | None:
@@ -535,11 +578,14 @@ class PostgresJobStore:
             if requeued:
                 conn.execute(f"UPDATE {JOBS_TABLE} SET status = 'queued', started_at = NULL, progress_done = 0, "
                              f"lease_owner = NULL, lease_expires_at = NULL WHERE id = ANY(%s::text[])", (requeued,))
+            for job_id in requeued:
+                _notify(conn, job_id, "status", status=JobStatus.QUEUED.value)
             for job_id, attempts in failed:
                 message = f"interrupted: {why}, {attempts} of {max_attempts} attempts used"
                 conn.execute(f"UPDATE {JOBS_TABLE} SET status = 'failed', finished_at = %s, error = %s, "
                              f"error_code = 'interrupted', lease_expires_at = NULL WHERE id = %s",
                              (now, message, job_id))
+                _notify(conn, job_id, "status", status=JobStatus.FAILED.value)
         return requeued, [job_id for job_id, _ in failed]
 
     # -- leases (GPU workers sharing the queue) --------------------------------------------------------------
@@ -569,6 +615,8 @@ class PostgresJobStore:
                 f"ORDER BY created_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED) "
                 f"RETURNING {', '.join(_COLUMNS)}",
                 (now, _pg_text(worker_id), now + lease_s, *suits_args)).fetchone()
+            if row is not None:
+                _notify(conn, row[0], "status", status=JobStatus.RUNNING.value)
         return None if row is None else self._row_to_job(row)
 
     def renew_lease(self, job_id: str, worker_id: str, lease_s: float) -> Job | None:
@@ -576,7 +624,7 @@ class PostgresJobStore:
         no longer holds it (cancelled, failed, or re-queued after its lease lapsed): the worker must then stop
         and write nothing. Not waited onto the WAL: a lost renewal only makes the lease look shorter."""
         return self._transition(job_id, [JobStatus.RUNNING], "lease_expires_at = %s", (self._clock() + lease_s,),
-                                durable=False, worker_id=worker_id)
+                                durable=False, worker_id=worker_id, announce=False)
 
     def requeue_expired_leases(self, max_attempts: int = 2) -> tuple[list[str], list[str]]:
         """The sweeper: RUNNING jobs whose lease has lapsed go back to QUEUED while attempts < max_attempts,
@@ -584,6 +632,21 @@ class PostgresJobStore:
         process, :meth:`mark_running`) are not touched. Safe to run from every process at once."""
         return self._resolve_orphans(max_attempts, "the worker running this job stopped renewing its lease",
                                      lapsed_leases_only=True)
+
+    # -- notifications (LISTEN/NOTIFY) -------------------------------------------------------------------------
+
+    def publish(self, job_id: str, kind: str, **data) -> None:
+        """Tell every listener about a job event that changes no status (a worker's progress and chunk events;
+        status changes are announced by the transitions themselves). At most once: a listener that was
+        disconnected misses it, which is why listeners also poll (:class:`StoreListener`)."""
+        with self._connection() as conn:
+            _notify(conn, _pg_text(job_id), kind, **data)
+
+    def listener(self, on_message: Callable[[dict], None], *, on_tick: Callable[[], None] | None = None,
+                 tick_s: float = 1.0, name: str = "magi-store-listener") -> "StoreListener":
+        """A :class:`StoreListener` (not started) on this store's database and channel."""
+        return StoreListener(self._dsn, on_message, on_tick=on_tick, tick_s=tick_s, name=name,
+                             connect_timeout_s=self._connect_timeout_s)
 
     # -- retention --------------------------------------------------------------------------------------------
 
@@ -598,3 +661,84 @@ class PostgresJobStore:
                 f"SELECT {', '.join(_COLUMNS)} FROM gone ORDER BY created_at, seq",
                 (_statuses(TERMINAL), self._clock() - older_than_s)).fetchall()
         return self._rows_to_jobs(rows)  # a damaged row is deleted all the same; its files are not known
+
+
+class StoreListener:
+    """A thread that LISTENs on :data:`NOTIFY_CHANNEL` over a connection of its own and hands every message (the
+    decoded JSON object) to ``on_message``; every ``tick_s`` without one, and after each reconnect, it calls
+    ``on_tick`` (the caller's polling fallback: a notification sent while this connection was down is lost, so
+    whoever relies on them re-reads what it watches there). A broken connection is retried with a growing pause
+    (up to 5 s); :attr:`connected` says whether it currently listens. Callbacks run on this thread and must not
+    raise for long: an exception is logged and the loop goes on."""
+
+    def __init__(self, dsn: str, on_message: Callable[[dict], None], *, on_tick: Callable[[], None] | None = None,
+                 tick_s: float = 1.0, name: str = "magi-store-listener", connect_timeout_s: float = 10.0) -> None:
+        self._dsn = dsn
+        self._on_message = on_message
+        self._on_tick = on_tick
+        self._tick_s = tick_s
+        self._connect_timeout_s = connect_timeout_s
+        self._stop = threading.Event()
+        self._conn = None
+        self.connected = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self, wait_s: float | None = 10.0) -> "StoreListener":
+        """Start listening; with ``wait_s``, wait that long for the first LISTEN (so nothing sent after this
+        returns is missed), logging a warning when the database cannot be reached yet."""
+        self._thread.start()
+        if wait_s and not self.connected.wait(wait_s):
+            log.warning("the job store's notifications are not reachable yet; polling every %.1f s meanwhile",
+                        self._tick_s)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        pause = 0.2
+        while not self._stop.is_set():
+            try:
+                with _connect(self._dsn, connect_timeout_s=self._connect_timeout_s, lock_timeout_s=10.0,
+                              statement_timeout_s=10.0) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self.connected.set()
+                    pause = 0.2
+                    self._tick()  # whatever was sent while we were not listening
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=self._tick_s):
+                            self._deliver(note.payload)
+                            if self._stop.is_set():
+                                break
+                        self._tick()
+            except Exception as exc:  # the server restarted, the network broke, ...: poll, then listen again
+                if self._stop.is_set():
+                    break
+                if self.connected.is_set():
+                    log.warning("lost the job store's notifications (%s); polling until they are back",
+                                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                self.connected.clear()
+                self._tick()
+                self._stop.wait(pause)
+                pause = min(pause * 2, 5.0)
+        self.connected.clear()
+
+    def _deliver(self, payload: str) -> None:
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            log.warning("ignored a notification that is not JSON: %.200r", payload)
+            return
+        try:
+            self._on_message(message)
+        except Exception:
+            log.exception("a job-store notification handler failed")
+
+    def _tick(self) -> None:
+        if self._on_tick is None:
+            return
+        try:
+            self._on_tick()
+        except Exception:
+            log.exception("a job-store polling step failed")

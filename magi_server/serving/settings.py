@@ -52,6 +52,10 @@ class ServerSettings:
     header_timeout_s: float = 10.0  # a request's headers must be complete this long after it may start
     body_min_bytes_per_s: int = 16 * 1024  # a body must arrive at least this fast on average (after a 10 s grace)
     drain_timeout_s: float = 60.0  # on SIGTERM, how long the running jobs may take to finish before re-queueing
+    # scale-out (serving/cluster.py, serving/worker.py): a worker's claim on a job lapses this long after its last
+    # renewal (it renews every third of it), and then the job goes back to the queue
+    lease_s: float = 30.0
+    worker_id: str | None = None  # a worker's name in the store's leases; None: host:pid:random
 
     def base_url(self) -> str:
         return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")

@@ -172,21 +172,7 @@ def _generate(args: argparse.Namespace, config, flags: dict, job, load, progress
     return 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    import logging
-
-    from magi_server.serving.settings import ServerSettings
-    from magi_server.composition import serve
-    from magi_server.media import InputError
-    from magi_server.tools.generate import model_config
-    from magi_server.serving.jobs import JobStoreUnusable
-    from magi_server.serving.stores import open_job_store
-
-    try:  # a corrupt or unusable store is one line and exit 2, found before the model loads (minutes for 24B)
-        open_job_store(args.db).close()
-    except JobStoreUnusable as exc:
-        print(f"magi-server: {exc}", file=sys.stderr)
-        return 2
+def _setup_logging(args: argparse.Namespace) -> None:
     handler = logging.StreamHandler()
     if args.log_format == "json":
         from magi_server.composition import JsonLogFormatter, log_uncaught_exceptions
@@ -197,42 +183,122 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     logging.captureWarnings(True)
-    try:
+
+
+def _server_settings(args: argparse.Namespace, *, runs_model: bool, answers_http: bool):
+    """ServerSettings from the flags of serve, api or worker (and the environment: API keys, the URL secret);
+    raises ValueError with one line for a bad device or model. Flags a command lacks keep their defaults."""
+    from magi_server.serving.settings import ServerSettings
+    from magi_server.tools.generate import model_config
+
+    fields = dict(model=args.model, db_path=args.db, outputs_dir=args.outputs,
+                  cache_dir=str(_cache_dir(args.cache_dir)), drain_timeout_s=args.drain_timeout)
+    model_config(args.model)  # e.g. a preset not downloaded yet: one line naming the command, before any loading
+    if answers_http:
+        keys = list(args.api_key or [])
+        env_keys = os.environ.get("MAGI_SERVER_API_KEYS", "")
+        keys += [k.strip() for k in env_keys.split(",") if k.strip()]
+        tiny = str(args.model).lower() == "tiny"
+        fields.update(
+            host=args.host, port=args.port, public_base_url=args.public_url, api_keys=tuple(keys),
+            max_queue=args.max_queue, max_queue_per_key=args.max_queue_per_key, sync_timeout_s=args.sync_timeout,
+            resolution_scale=args.resolution_scale if args.resolution_scale is not None else (0.125 if tiny else 1.0),
+            fal_queue_port=args.fal_queue_port, fal_run_port=args.fal_run_port, tls_certfile=args.tls_cert,
+            tls_keyfile=args.tls_key, max_body_bytes=args.max_body_mb * 1024 * 1024,
+            keep_jobs_s=args.keep_jobs_hours * 3600.0 or None, max_connections=args.max_connections,
+            header_timeout_s=args.header_timeout, file_url_ttl_s=args.file_url_ttl_hours * 3600.0,
+            file_url_secret=os.environ.get("MAGI_SERVER_URL_SECRET") or None)
+    if runs_model:
         device = _device(args.device)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    keys = list(args.api_key or [])
-    env_keys = os.environ.get("MAGI_SERVER_API_KEYS", "")
-    keys += [k.strip() for k in env_keys.split(",") if k.strip()]
-    tiny = str(args.model).lower() == "tiny"  # its noise-like-video notice is logged when it loads
-    scale = args.resolution_scale if args.resolution_scale is not None else (0.125 if tiny else 1.0)
-    try:
         budget = _serving_memory_budget(args.model, device, args.device_memory)
-        model_config(args.model)  # e.g. a preset not downloaded yet: one line naming the command, before any loading
+        fields.update(device=device, max_batch_size=args.max_batch, job_timeout_s=args.job_timeout or None,
+                      compile=args.compile, **({} if budget is None else {"memory_budget_bytes": budget}))
+    if getattr(args, "lease_seconds", None) is not None:
+        if args.lease_seconds <= 0:
+            raise ValueError("--lease-seconds must be positive")
+        fields["lease_s"] = args.lease_seconds
+    if getattr(args, "worker_id", None):
+        fields["worker_id"] = args.worker_id
+    return ServerSettings(**fields)
+
+
+def _check_store(location: str, *, shared: bool = False) -> int:
+    """0, or 2 after one line when the job store cannot be opened (found before the model loads: minutes for 24B).
+    ``shared``: api and worker processes share their queue, which takes a PostgreSQL store."""
+    from magi_server.serving.jobs import JobStoreUnusable
+    from magi_server.serving.stores import is_postgres_url, open_job_store
+
+    if shared and not is_postgres_url(location):
+        print(f"magi-server: api replicas and workers share their queue through a PostgreSQL job store: pass "
+              f"--db postgresql://user@host/db (got {location!r}); `magi-server serve` runs on SQLite alone",
+              file=sys.stderr)
+        return 2
+    try:
+        open_job_store(location).close()
+    except JobStoreUnusable as exc:
+        print(f"magi-server: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    return _run_server(args, runs_model=True)
+
+
+def _cmd_api(args: argparse.Namespace) -> int:
+    return _run_server(args, runs_model=False)
+
+
+def _run_server(args: argparse.Namespace, *, runs_model: bool) -> int:
+    from magi_server.composition import serve
+    from magi_server.serving.jobs import JobStoreUnusable
+
+    if _check_store(args.db, shared=not runs_model):
+        return 2
+    _setup_logging(args)
+    try:
+        settings = _server_settings(args, runs_model=runs_model, answers_http=True)
     except ValueError as exc:  # InputError is one
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    settings = ServerSettings(
-        model=args.model, host=args.host, port=args.port, db_path=args.db, outputs_dir=args.outputs,
-        public_base_url=args.public_url, api_keys=tuple(keys), device=device, max_queue=args.max_queue,
-        max_queue_per_key=args.max_queue_per_key,
-        max_batch_size=args.max_batch, job_timeout_s=args.job_timeout or None, sync_timeout_s=args.sync_timeout,
-        resolution_scale=scale, fal_queue_port=args.fal_queue_port, fal_run_port=args.fal_run_port,
-        tls_certfile=args.tls_cert, tls_keyfile=args.tls_key, cache_dir=str(_cache_dir(args.cache_dir)),
-        max_body_bytes=args.max_body_mb * 1024 * 1024, compile=args.compile,
-        keep_jobs_s=args.keep_jobs_hours * 3600.0 or None, max_connections=args.max_connections,
-        header_timeout_s=args.header_timeout, drain_timeout_s=args.drain_timeout,
-        file_url_ttl_s=args.file_url_ttl_hours * 3600.0,
-        file_url_secret=os.environ.get("MAGI_SERVER_URL_SECRET") or None,
-        **({} if budget is None else {"memory_budget_bytes": budget}),
-    )
+    build = None
+    if not runs_model:
+        from functools import partial
+
+        from magi_server.composition import build_api_context
+        from magi_server.models.config import model_limits
+        from magi_server.tools.generate import model_config
+
+        build = partial(_build_api, build_api_context, limits=model_limits(model_config(args.model)))
     try:
-        serve(settings)
+        serve(settings, build=build)
     except JobStoreUnusable as exc:  # opened again by serve(): the store may have changed since the check above
         print(f"magi-server: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _build_api(build_api_context, settings, store, *, limits):
+    return build_api_context(settings, store=store, limits=limits)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from magi_server.composition import run_worker
+    from magi_server.serving.jobs import JobStoreUnusable
+
+    if _check_store(args.db, shared=True):
+        return 2
+    _setup_logging(args)
+    try:
+        settings = _server_settings(args, runs_model=True, answers_http=False)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return run_worker(settings)
+    except JobStoreUnusable as exc:
+        print(f"magi-server: {exc}", file=sys.stderr)
+        return 2
 
 
 def _serving_memory_budget(model: str, device: str, device_memory: str | None) -> int | None:
@@ -324,6 +390,72 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_flags(p: argparse.ArgumentParser, *, db_help: str, db_required: bool = False) -> None:
+    """Flags of every process that serves jobs (serve, api, worker)."""
+    p.add_argument("--model", default="tiny", metavar="PRESET|DIR",
+                   help="a preset that magi-server download fetched (e.g. 4.5B-distill, found in the Hugging Face "
+                        "cache), a weights folder, or 'tiny' (default: tiny, random weights)")
+    if db_required:
+        p.add_argument("--db", required=True, help=db_help)
+    else:
+        p.add_argument("--db", default="magi-server.db", help=db_help)
+    p.add_argument("--outputs", default="outputs",
+                   help="folder for MP4s and uploads (default: outputs; shared by API replicas and workers)")
+    p.add_argument("--cache-dir", default=None, help="where the tiny preset keeps its generated weights")
+    p.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
+                   help="on SIGTERM, seconds the running jobs may take to finish before going back to the queue")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="json: one object per line with the job id as a field")
+
+
+def _http_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of the processes that answer HTTP (serve, api)."""
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--public-url", default=None, help="base URL clients use to reach this server")
+    p.add_argument("--api-key", action="append", help="accepted API key (repeatable; also $MAGI_SERVER_API_KEYS)")
+    p.add_argument("--max-queue", type=int, default=64, help="jobs waiting before submits get 429")
+    p.add_argument("--max-queue-per-key", type=int, default=None, metavar="N",
+                   help="jobs one API key may have waiting or running (default: half of --max-queue when there "
+                        "are several keys, else no per-key limit)")
+    p.add_argument("--sync-timeout", type=float, default=600.0, help="seconds a sync-mode request may wait")
+    p.add_argument("--max-body-mb", type=int, default=25, help="largest request body accepted")
+    p.add_argument("--keep-jobs-hours", type=float, default=168.0,
+                   help="finished jobs, their videos and inputs are deleted this long after they end (0 = never)")
+    p.add_argument("--resolution-scale", type=float, default=None,
+                   help="render every size smaller (default: 1/8 for the tiny preset, 1 otherwise)")
+    p.add_argument("--file-url-ttl-hours", type=float, default=24.0, metavar="H",
+                   help="how long the signed output URLs the APIs hand out keep working (the signing secret: "
+                        "$MAGI_SERVER_URL_SECRET, else one kept in the outputs folder)")
+    p.add_argument("--max-connections", type=int, default=1000, metavar="N",
+                   help="open connections at once (kept below the open-file limit; the longest-idle one is "
+                        "closed for a new one, else 503)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds a client has to send a request's headers (slow or silent sockets are closed)")
+    p.add_argument("--fal-queue-port", type=int, default=None, help="TLS port for fal-client's queue calls")
+    p.add_argument("--fal-run-port", type=int, default=None, help="TLS port for fal-client's sync calls")
+    p.add_argument("--tls-cert", default=None, help="certificate (PEM) for the fal listeners")
+    p.add_argument("--tls-key", default=None, help="private key (PEM) for the fal listeners")
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of the processes that run the model (serve, worker)."""
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--max-batch", type=int, default=4, help="requests sharing one batched model call")
+    p.add_argument("--job-timeout", type=float, default=3600.0, help="seconds a job may run (0 = no limit)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the DiT layers (default: on for CUDA, off on the CPU)")
+    p.add_argument("--device-memory", default=None, metavar="SIZE",
+                   help="device memory to plan admission against, e.g. 80GB (default: the GPU's total; "
+                        "`magi-server plan` shows what a request needs)")
+
+
+def _lease_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lease-seconds", type=float, default=30.0, metavar="S",
+                   help="a worker's claim on a job lapses this long after its last renewal (it renews every third "
+                        "of it); the job then goes back to the queue (default: 30; the same on every process)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from magi_server.models.config import REAL_PRESETS
 
@@ -379,53 +511,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     srv = sub.add_parser("serve", help="serve the WaveSpeed, fal and Magic Hour APIs over the loaded model")
-    srv.add_argument("--model", default="tiny", metavar="PRESET|DIR",
-                     help="a preset that magi-server download fetched (e.g. 4.5B-distill, found in the Hugging Face "
-                          "cache), a weights folder, or 'tiny' (default: tiny, random weights)")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--db", default="magi-server.db",
-                     help="job store: a SQLite file, or a postgresql:// URL several processes share "
-                          "(default: magi-server.db)")
-    srv.add_argument("--outputs", default="outputs", help="folder for MP4s and uploads (default: outputs)")
-    srv.add_argument("--public-url", default=None, help="base URL clients use to reach this server")
-    srv.add_argument("--api-key", action="append", help="accepted API key (repeatable; also $MAGI_SERVER_API_KEYS)")
-    srv.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    srv.add_argument("--max-queue", type=int, default=64, help="jobs waiting before submits get 429")
-    srv.add_argument("--max-queue-per-key", type=int, default=None, metavar="N",
-                     help="jobs one API key may have waiting or running (default: half of --max-queue when there "
-                          "are several keys, else no per-key limit)")
-    srv.add_argument("--max-batch", type=int, default=4, help="requests sharing one batched model call")
-    srv.add_argument("--job-timeout", type=float, default=3600.0, help="seconds a job may run (0 = no limit)")
-    srv.add_argument("--sync-timeout", type=float, default=600.0, help="seconds a sync-mode request may wait")
-    srv.add_argument("--max-body-mb", type=int, default=25, help="largest request body accepted")
-    srv.add_argument("--keep-jobs-hours", type=float, default=168.0,
-                     help="finished jobs, their videos and inputs are deleted this long after they end (0 = never)")
-    srv.add_argument("--resolution-scale", type=float, default=None,
-                     help="render every size smaller (default: 1/8 for the tiny preset, 1 otherwise)")
-    srv.add_argument("--file-url-ttl-hours", type=float, default=24.0, metavar="H",
-                     help="how long the signed output URLs the APIs hand out keep working (the signing secret: "
-                          "$MAGI_SERVER_URL_SECRET, else one kept in the outputs folder)")
-    srv.add_argument("--max-connections", type=int, default=1000, metavar="N",
-                     help="open connections at once (kept below the open-file limit; the longest-idle one is "
-                          "closed for a new one, else 503)")
-    srv.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
-                     help="seconds a client has to send a request's headers (slow or silent sockets are closed)")
-    srv.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
-                     help="on SIGTERM, seconds the running jobs may take to finish before going back to the queue")
-    srv.add_argument("--fal-queue-port", type=int, default=None, help="TLS port for fal-client's queue calls")
-    srv.add_argument("--fal-run-port", type=int, default=None, help="TLS port for fal-client's sync calls")
-    srv.add_argument("--tls-cert", default=None, help="certificate (PEM) for the fal listeners")
-    srv.add_argument("--tls-key", default=None, help="private key (PEM) for the fal listeners")
-    srv.add_argument("--cache-dir", default=None, help="where the tiny preset keeps its generated weights")
-    srv.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                     help="torch.compile the DiT layers (default: on for CUDA, off on the CPU)")
-    srv.add_argument("--device-memory", default=None, metavar="SIZE",
-                     help="device memory to plan admission against, e.g. 80GB (default: the GPU's total; "
-                          "`magi-server plan` shows what a request needs)")
-    srv.add_argument("--log-format", choices=("text", "json"), default="text",
-                     help="json: one object per line with the job id as a field")
+    _store_flags(srv, db_help="job store: a SQLite file, or a postgresql:// URL several processes share "
+                              "(default: magi-server.db)")
+    _http_flags(srv)
+    _model_flags(srv)
     srv.set_defaults(func=_cmd_serve)
+
+    api = sub.add_parser("api", help="an API replica: the HTTP APIs over a PostgreSQL job store shared with "
+                                     "workers (no model here; run any number behind a load balancer)")
+    _store_flags(api, db_help="the shared job store: a postgresql:// URL (required)", db_required=True)
+    _http_flags(api)
+    _lease_flag(api)
+    api.set_defaults(func=_cmd_api)
+
+    wrk = sub.add_parser("worker", help="a GPU worker: loads the model and runs jobs it claims from the PostgreSQL "
+                                        "job store the API replicas share (one per GPU or GPU group)")
+    _store_flags(wrk, db_help="the shared job store: a postgresql:// URL (required)", db_required=True)
+    _model_flags(wrk)
+    _lease_flag(wrk)
+    wrk.add_argument("--worker-id", default=None, metavar="NAME",
+                     help="this worker's name in the job store's leases (default: host:pid:random)")
+    wrk.set_defaults(func=_cmd_worker)
 
     mg = sub.add_parser("migrate", help="create or upgrade the job store's schema (before starting replicas)")
     mg.add_argument("--db", default="magi-server.db", help="SQLite file or postgresql:// URL (as serve --db)")
