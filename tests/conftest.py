@@ -51,7 +51,7 @@ def postgres_dsn(postgres_server) -> str:
 @pytest.fixture(scope="session")
 def s3_server():
     """One moto S3 server process for the whole session (tests/s3_utils.py: moto stands in for a real S3 server,
-    which does not install here), as a `MotoServer` (endpoint URL, fake credentials passed explicitly, never through
+    which does not install here), as a `MotoS3` (endpoint URL, fake credentials passed explicitly, never through
     os.environ); skips, with the reason, where boto3 or moto is missing. Stopped when the session ends."""
     from tests.s3_utils import MotoServer, why_unavailable
 
