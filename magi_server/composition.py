@@ -54,8 +54,10 @@ def build_context(settings: ServerSettings, *, pipeline=None, store: JobStore | 
     executor = pipeline.runner.with_outputs(settings.outputs_dir)  # the pipeline's model; the engine's requests
     store = store if store is not None else open_job_store(settings.db_path)
     holder: dict[str, ServerContext] = {}
+    publish = _output_publisher(settings)  # outputs in an object store: each file is stored before its event
     engine = Engine(
-        executor, on_event=lambda event: on_engine_event(holder["ctx"], event), max_queue=settings.max_queue,
+        executor, on_event=lambda event: on_engine_event(holder["ctx"], publish(event) if publish else event),
+        max_queue=settings.max_queue,
         memory_budget_bytes=settings.memory_budget_bytes, max_batch_size=settings.max_batch_size,
         job_timeout_s=settings.job_timeout_s,
     )
@@ -66,9 +68,10 @@ def build_context(settings: ServerSettings, *, pipeline=None, store: JobStore | 
     ))
     ctx = ServerContext(settings=settings, store=store, engine=engine, executor=executor,
                         model_name=str(settings.model), notice=notice, metrics=metrics,
-                        model_limits=executor.model_limits())
+                        model_limits=executor.model_limits(),
+                        output_store=None if publish is None else publish.output_store)
     if settings.keep_jobs_s:
-        ctx.janitor = Janitor(store, settings.outputs_dir, settings.keep_jobs_s)
+        ctx.janitor = Janitor(store, settings.outputs_dir, settings.keep_jobs_s, output_store=ctx.output_store)
     holder["ctx"] = ctx
 
     requeued, failed = store.recover_after_restart(settings.max_attempts)
@@ -99,8 +102,14 @@ def build_api_context(settings: ServerSettings, *, store, limits) -> ServerConte
         jobs_by_status=lambda: {status.value: n for status, n in store.count_by_status().items()},
         gpu_memory_bytes=lambda: None, outputs_bytes=lambda: disk_bytes(settings.outputs_dir),
     ))
+    output_store = None
+    if settings.output_store:
+        from magi_server.serving.outputs import open_output_store
+
+        output_store = open_output_store(settings.output_store)
     ctx = ServerContext(settings=settings, store=store, engine=queue, executor=None, model_name=str(settings.model),
-                        metrics=metrics, model_limits=limits, store_queue_bound=settings.max_queue, runs_jobs=False)
+                        metrics=metrics, model_limits=limits, store_queue_bound=settings.max_queue, runs_jobs=False,
+                        output_store=output_store)
     bridge = StoreEventBridge(store, ctx.hub)
     sweeper = LeaseSweeper(store, max_attempts=settings.max_attempts, every_s=settings.lease_s / 2)
 
@@ -110,9 +119,20 @@ def build_api_context(settings: ServerSettings, *, store, limits) -> ServerConte
 
     ctx.listener = store.listener(bridge.on_message, on_tick=tick, name="magi-api-listener").start()
     if settings.keep_jobs_s:
-        ctx.janitor = Janitor(store, settings.outputs_dir, settings.keep_jobs_s)
+        ctx.janitor = Janitor(store, settings.outputs_dir, settings.keep_jobs_s, output_store=output_store)
         ctx.janitor.start()
     return ctx
+
+
+def _output_publisher(settings: ServerSettings):
+    """The OutputPublisher for ``settings.output_store`` (an object store), or None when outputs stay in the folder.
+    Raises OutputStoreError (one line) when the store cannot be reached."""
+    if not settings.output_store:
+        return None
+    from magi_server.serving.outputs import open_output_store
+    from magi_server.serving.worker import OutputPublisher
+
+    return OutputPublisher(open_output_store(settings.output_store), settings.outputs_dir)
 
 
 def _require_shared_store(store, command: str) -> None:
@@ -169,7 +189,11 @@ def run_worker(settings: ServerSettings, *, pipeline=None, stop=None) -> int:
         executor = pipeline.runner.with_outputs(settings.outputs_dir)
         holder: dict = {}
 
+        publish = _output_publisher(settings)
+
         def on_event(event) -> None:
+            if publish is not None:
+                event = publish(event)  # the object first, then the row that points at it
             on_engine_event(holder["ctx"], event)  # the row first: a freed place is claimed after the end is written
             holder["link"].on_engine_event(event)
 
@@ -178,7 +202,8 @@ def run_worker(settings: ServerSettings, *, pipeline=None, stop=None) -> int:
                         job_timeout_s=settings.job_timeout_s)
         holder["ctx"] = ServerContext(settings=settings, store=FencedStore(store, worker_id), engine=engine,
                                       executor=executor, model_name=str(settings.model), hub=ForwardingHub(store),
-                                      model_limits=executor.model_limits())
+                                      model_limits=executor.model_limits(),
+                                      output_store=None if publish is None else publish.output_store)
         link = holder["link"] = WorkerLink(store, engine, worker_id=worker_id, capacity=settings.max_batch_size,
                                            lease_s=settings.lease_s, outputs_dir=settings.outputs_dir)
         sweeper = LeaseSweeper(store, max_attempts=settings.max_attempts, every_s=settings.lease_s / 2)

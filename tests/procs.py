@@ -29,14 +29,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _location(value: Path | str) -> Path | str:
+    """A URL (postgresql://..., s3://...) stays a string; anything else is a path."""
+    return value if isinstance(value, str) and "://" in value else Path(value)
+
+
 class ServerProcess:
     """``python -m magi_server serve --model tiny`` (or ``api``: ``command="api"``, no model) on a free loopback port
     over a given db (a file, or a postgresql:// URL)/outputs/cache. ``env``: added to the process's environment."""
 
-    def __init__(self, *, db: Path | str, outputs: Path, cache: Path, log: Path, extra_args: tuple[str, ...] = (),
+    def __init__(self, *, db: Path | str, outputs: Path | str, cache: Path, log: Path, extra_args: tuple[str, ...] = (),
                  nofile_limit: int | None = None, command: str = "serve", env: dict | None = None) -> None:
-        self.db = db if isinstance(db, str) and "://" in db else Path(db)
-        self.outputs, self.cache, self.log_path = Path(outputs), Path(cache), Path(log)
+        self.db = _location(db)
+        self.outputs, self.cache, self.log_path = _location(outputs), Path(cache), Path(log)
         self.extra_args = tuple(extra_args)
         self.command = command
         self.env = dict(env or {})
@@ -85,7 +90,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "magi_server", self.command, "--model", "tiny", *device,
                "--host", "127.0.0.1", "--port", str(self.port), "--db", str(self.db), "--outputs", str(self.outputs),
                "--cache-dir", str(self.cache), *self.extra_args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO), **self.env)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **self.env}
         env.pop("MAGI_SERVER_API_KEYS", None)  # auth must be off for these tests whatever the caller's shell has
         with open(self.log_path, "ab") as log:
             log.write(f"\n===== start {' '.join(cmd)}\n".encode())
@@ -156,9 +161,9 @@ class WorkerProcess:
     """``python -m magi_server worker --model tiny`` over a shared PostgreSQL store; ready once it logs so. Its own
     session, like ServerProcess, so close() also ends the encoders a killed worker left behind."""
 
-    def __init__(self, *, db: str, outputs: Path, cache: Path, log: Path, extra_args: tuple[str, ...] = (),
+    def __init__(self, *, db: str, outputs: Path | str, cache: Path, log: Path, extra_args: tuple[str, ...] = (),
                  env: dict | None = None) -> None:
-        self.db, self.outputs, self.cache, self.log_path = db, Path(outputs), Path(cache), Path(log)
+        self.db, self.outputs, self.cache, self.log_path = db, _location(outputs), Path(cache), Path(log)
         self.extra_args = tuple(extra_args)
         self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
@@ -171,7 +176,7 @@ class WorkerProcess:
     def spawn(self) -> "WorkerProcess":
         cmd = [sys.executable, "-m", "magi_server", "worker", "--model", "tiny", "--device", "cpu",
                "--db", self.db, "--outputs", str(self.outputs), "--cache-dir", str(self.cache), *self.extra_args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO), **self.env)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **self.env}
         with open(self.log_path, "ab") as log:
             log.write(f"\n===== start {' '.join(cmd)}\n".encode())
             log.flush()

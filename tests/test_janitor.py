@@ -61,6 +61,31 @@ def test_sweep_deletes_old_finished_jobs_and_only_their_files(tmp_path):
     store.close()
 
 
+def test_sweep_deletes_a_pruned_jobs_objects_from_the_output_store(tmp_path):
+    """Outputs in an object store (--outputs s3://...): the pruned job's video and previews go from the store too;
+    a folder-backed OutputStore stands in for the bucket (tests/test_outputs.py runs both through one suite)."""
+    from magi_server.serving.outputs import LocalOutputStore
+
+    clock = FakeClock()
+    scratch, bucket = tmp_path / "scratch", tmp_path / "bucket"
+    scratch.mkdir()
+    objects = LocalOutputStore(bucket)
+    store = JobStore(tmp_path / "jobs.db", clock=clock)
+    old, kept = _job(store, scratch), _job(store, scratch)
+    for job in (old, kept):
+        for name in (f"{job.id}.mp4", f"{job.id}.chunk0.mp4", f"{job.id}.chunk1.mp4"):
+            (tmp_path / name).write_bytes(b"video")
+            objects.publish(tmp_path / name, name)
+        store.complete(job.id, [f"{job.id}.mp4"], 10)
+    clock.now += 2 * HOUR
+    # back to running (not ended: kept whatever its age)
+    store._conn.execute("UPDATE jobs SET status = 'running', finished_at = NULL WHERE id = ?", (kept.id,))
+    janitor = Janitor(store, scratch, ttl_s=HOUR, output_store=objects)
+    assert [job.id for job in janitor.sweep()] == [old.id]
+    assert objects.names() == sorted(f"{kept.id}{tail}" for tail in (".mp4", ".chunk0.mp4", ".chunk1.mp4"))
+    store.close()
+
+
 def test_the_serve_flag_sets_the_time_to_live(monkeypatch):
     seen = {}
     monkeypatch.setattr("magi_server.composition.serve", lambda settings, **kw: seen.setdefault("settings", settings))

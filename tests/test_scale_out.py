@@ -2,6 +2,10 @@
 queue (issue #11, acceptance 2 and 3). Every process is a real subprocess on loopback; the database is a fresh one
 on the session's PostgreSQL server (tests/postgres_utils.py), the outputs folder one shared folder, as on one box.
 
+The kill test runs twice: outputs in the shared folder, and outputs in an S3-compatible object store (moto's server
+stands in for S3, which cannot be installed here: tests/s3_utils.py), each process then writing to a scratch folder
+of its own, the replicas sharing only the URL-signing secret.
+
 Workers run with a 3 s lease (renewed every second) so a killed worker's job is back in the queue within ~5 s, and
 one intra-op thread each (three workers and two replicas share this machine's cores).
 """
@@ -36,19 +40,36 @@ class Cluster:
     def __init__(self, tmp: Path, cache: Path, dsn: str) -> None:
         self.tmp, self.cache, self.dsn = tmp, cache, dsn
         self.outputs = tmp / "outputs"
+        self.object_store: str | None = None  # s3://... once use_object_store() was called
+        self.env: dict[str, str] = {}
         self.apis: list[ServerProcess] = []
         self.workers: list[WorkerProcess] = []
 
+    def use_object_store(self, url: str, env: dict[str, str]) -> None:
+        self.object_store = url
+        self.env = {**env, "MAGI_SERVER_URL_SECRET": "one secret for every replica"}
+
+    def _outputs(self, name: str) -> tuple[Path | str, tuple[str, ...]]:
+        """(--outputs, extra args): the shared folder, or the object store plus a scratch folder of its own."""
+        if self.object_store is None:
+            return self.outputs, ()
+        return self.object_store, ("--scratch", str(self.tmp / f"scratch-{name}"))
+
     def api(self, *extra: str) -> ServerProcess:
-        srv = ServerProcess(db=self.dsn, outputs=self.outputs, cache=self.cache, command="api",
-                            log=self.tmp / f"api{len(self.apis)}.log", extra_args=("--lease-seconds", LEASE_S, *extra))
+        name = f"api{len(self.apis)}"
+        outputs, scratch = self._outputs(name)
+        srv = ServerProcess(db=self.dsn, outputs=outputs, cache=self.cache, command="api", env=self.env,
+                            log=self.tmp / f"{name}.log", extra_args=("--lease-seconds", LEASE_S, *scratch, *extra))
         self.apis.append(srv)
         return srv.start()
 
     def worker(self, *extra: str, wait: bool = True) -> WorkerProcess:
-        wrk = WorkerProcess(db=self.dsn, outputs=self.outputs, cache=self.cache, env=QUIET_PROCESS,
-                            log=self.tmp / f"worker{len(self.workers)}.log",
-                            extra_args=("--max-batch", "1", "--lease-seconds", LEASE_S, "--drain-timeout", "5", *extra))
+        name = f"worker{len(self.workers)}"
+        outputs, scratch = self._outputs(name)
+        wrk = WorkerProcess(db=self.dsn, outputs=outputs, cache=self.cache, env={**QUIET_PROCESS, **self.env},
+                            log=self.tmp / f"{name}.log",
+                            extra_args=("--max-batch", "1", "--lease-seconds", LEASE_S, "--drain-timeout", "5",
+                                        *scratch, *extra))
         self.workers.append(wrk)
         wrk.spawn()
         return wrk.wait_ready() if wait else wrk
@@ -99,11 +120,21 @@ def wait_for(condition, timeout_s: float, what: str, cluster: Cluster):
     raise AssertionError(f"{what} not within {timeout_s:.0f} s; logs:\n{cluster.logs()}")
 
 
-def test_two_replicas_three_workers_one_killed_mid_job(cluster: Cluster, tmp_path: Path):
+@pytest.mark.parametrize("outputs", ["folder", "s3"])
+def test_two_replicas_three_workers_one_killed_mid_job(cluster: Cluster, tmp_path: Path, outputs: str, request):
     """30 jobs through two replicas, three workers, one SIGKILLed while running a job: every job completes, the
     killed worker's job on its second attempt and every other on its first, one output per job, and each MP4 has
-    the requested frames when fetched through either replica."""
-    replicas = [cluster.api(), cluster.api()]
+    the requested frames when fetched through either replica. In the object store, the replicas' signed URLs also
+    expire (a TTL of seconds here)."""
+    object_store = None
+    if outputs == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        cluster.use_object_store(bucket.url("videos"), bucket.env())
+        from magi_server.serving.outputs import open_output_store
+
+        object_store = open_output_store(bucket.url("videos"), **bucket.store_kwargs())
+    ttl = ("--file-url-ttl-hours", "0.002") if object_store is not None else ()  # 7.2 s
+    replicas = [cluster.api(*ttl), cluster.api(*ttl)]
     cluster.worker()  # the first builds the tiny weights into the cache; the others then only read them
     cluster.worker(wait=False)
     cluster.worker(wait=False)
@@ -145,9 +176,15 @@ def test_two_replicas_three_workers_one_killed_mid_job(cluster: Cluster, tmp_pat
     assert set(attempts.values()) == {1}, attempts
 
     # exactly one output per job, and nothing half-written left by the killed attempt
-    finals = sorted(p.name for p in cluster.outputs.glob("*.mp4") if ".chunk" not in p.name)
+    if object_store is None:
+        stored = [p.name for p in cluster.outputs.glob("*.mp4")]
+        assert not list(cluster.outputs.glob(".*.part")), list(cluster.outputs.glob(".*.part"))
+    else:
+        stored = object_store.names()
+        assert not list(cluster.outputs.glob("*.mp4"))  # nothing in the folder the other test used
+    finals = sorted(name for name in stored if ".chunk" not in name)
     assert finals == sorted(f"{job_id}.mp4" for job_id in frames)
-    assert not list(cluster.outputs.glob(".*.part")), list(cluster.outputs.glob(".*.part"))
+    assert {name.split(".")[0] for name in stored} == set(frames)  # previews only of these jobs
     assert all(row["outputs"] == f'["{job_id}.mp4"]' for job_id, row in by_id.items())
 
     # every MP4 through either replica (the signed URLs work on both: one secret in the shared folder)
@@ -160,6 +197,16 @@ def test_two_replicas_three_workers_one_killed_mid_job(cluster: Cluster, tmp_pat
         path = tmp_path / f"{job_id}.mp4"
         path.write_bytes(video.content)
         assert probe_video(path).frames == num_frames, job_id
+        if object_store is not None:
+            assert video.content == object_store.read(f"{job_id}.mp4")
+
+    if object_store is not None:  # a signed URL stops working at its expiry (exp= unix seconds)
+        url = result(replicas[0], next(iter(frames)))["outputs"][0]
+        expires = int(url.split("exp=")[1].split("&")[0])
+        assert httpx.get(url, headers={"range": "bytes=0-99"}, timeout=10).status_code == 206
+        time.sleep(max(0.0, expires - time.time()) + 1.0)
+        late = httpx.get(url, timeout=10)
+        assert late.status_code == 403 and "expired" in late.text, late.text
 
 
 def test_replicas_share_one_queue_its_keys_cancels_and_events(cluster: Cluster):

@@ -172,6 +172,8 @@ class ServerContext:
     store_queue_bound: int | None = None
     runs_jobs: bool = True
     listener: Any = None  # the job store's notifications (jobs_postgres.StoreListener), stopped at shutdown
+    # where finished outputs live when not in outputs_dir (settings.output_store): a serving.outputs.OutputStore
+    output_store: Any = None
 
     @property
     def outputs_dir(self) -> Path:
@@ -211,6 +213,15 @@ class ServerContext:
         """The signed URL of an output or chunk preview: the SDKs download it without our API key. ``base``: the
         listener the client used (fal), else the public base URL; ``expires``: unix seconds (default: the TTL)."""
         return (base or self.settings.base_url()) + self.signer.sign(f"/files/{name}", expires)
+
+    def remove_output(self, name: str) -> None:
+        """Delete an output or preview wherever it lives (the object store too); a missing one is fine."""
+        (self.outputs_dir / name).unlink(missing_ok=True)
+        if self.output_store is not None:
+            try:
+                self.output_store.delete(name)
+            except Exception as exc:  # noqa: BLE001 - the store's one-line error; the janitor tries again later
+                log.warning("could not delete %s from %s: %s", name, self.output_store.location, exc)
 
     def upload_url(self, name: str) -> str:
         """The signed download URL of an upload (WaveSpeed's ``download_url``)."""

@@ -346,7 +346,7 @@ def _record_end(ctx: "ServerContext", event: EngineEvent, *, store_error: str = 
         job = store.fail(job_id, f"job store write failed: {store_error}; the result could not be recorded, "
                                  f"submit the job again", "internal")
         if job is not None and event.output:  # failed: no record will ever point at the video
-            (ctx.outputs_dir / event.output).unlink(missing_ok=True)
+            ctx.remove_output(event.output)
     elif event.kind == "finished":
         job = store.complete(job_id, [event.output], event.inference_ms)
         if job is not None and metrics is not None:
@@ -360,7 +360,7 @@ def _record_end(ctx: "ServerContext", event: EngineEvent, *, store_error: str = 
         if job is not None and job.status in (JobStatus.CANCELLED, JobStatus.FAILED) and event.output:
             # cancelled (or failed elsewhere: a worker's lapsed lease) while its last call ran: the client was told
             # so, and no output may appear
-            (ctx.outputs_dir / event.output).unlink(missing_ok=True)
+            ctx.remove_output(event.output)
     if job is not None and job.is_terminal:
         hub.publish(job_id, "status", status=job.status)  # wakes the job's waiters; the row is final already
     if job is not None and job.is_terminal and metrics is not None:

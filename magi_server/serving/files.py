@@ -277,6 +277,54 @@ class StoredFileResponse(Response):
             os.close(self.fd)
 
 
+class StoredObjectResponse(Response):
+    """Streams an object of the output store (an open ``serving.outputs.OutputReader``, closed when done) with single
+    byte ranges, as :class:`StoredFileResponse` does a file: API replicas serve S3-held outputs through their own
+    signed URLs, so clients never need to reach the object store."""
+
+    def __init__(self, reader, range_header: str | None, headers: dict[str, str]) -> None:
+        super().__init__(status_code=200, headers={**headers, "accept-ranges": "bytes"})
+        self.reader = reader
+        self.start, self.end = 0, reader.size
+        wanted = _byte_range(range_header, reader.size)
+        if wanted == "unsatisfiable":
+            self.status_code, self.end = 416, 0
+            self.headers["content-range"] = f"bytes */{reader.size}"
+        elif wanted is not None:
+            self.status_code = 206
+            self.start, self.end = wanted
+            self.headers["content-range"] = f"bytes {self.start}-{self.end - 1}/{reader.size}"
+        self.headers["content-length"] = str(self.end - self.start)
+
+    async def __call__(self, scope, receive, send) -> None:
+        pieces = self.reader.iter_bytes(self.start, self.end) if self.end > self.start else iter(())
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await asyncio.to_thread(self.reader.close)
+
+
+def _open_object(output_store, name: str):
+    """(reader, kind) of an object, or None when there is none (or the store cannot be read now: a 404 rather than
+    a 5xx, and the store's error is logged)."""
+    try:
+        reader = output_store.open(name)
+    except Exception as exc:  # noqa: BLE001 - serving.outputs.OutputStoreError, one line
+        log.warning("could not read %s from %s: %s", name, output_store.location, exc)
+        return None
+    if reader is None:
+        return None
+    try:
+        return reader, sniff_media(reader.head())
+    except Exception as exc:  # noqa: BLE001
+        reader.close()
+        log.warning("could not read %s from %s: %s", name, output_store.location, exc)
+        return None
+
+
 # --------------------------------------------------------------------------------------------------- routes
 
 
@@ -353,6 +401,12 @@ def add_file_routes(app: FastAPI, ctx: "ServerContext") -> None:
                 return _forbidden("this link has expired; fetch the job's result again for a fresh one")
             if verdict is None and ctx.settings.api_keys:
                 return _not_found()  # another tenant's file looks exactly like a missing one
+        if subfolder is None and ctx.output_store is not None:  # outputs and previews live in the object store
+            opened = await asyncio.to_thread(_open_object, ctx.output_store, name)
+            if opened is None:
+                return _not_found()
+            reader, kind = opened
+            return StoredObjectResponse(reader, request.headers.get("range"), _headers(name, kind))
         found = await asyncio.to_thread(_open_and_describe, ctx.outputs_dir, name, subfolder)
         if found is None:
             return _not_found()

@@ -34,8 +34,9 @@ class Janitor:
     """Sweeps every ``interval_s`` on a thread of its own; :meth:`sweep` is one pass (tests call it directly)."""
 
     def __init__(self, store: JobStore, outputs_dir: str | Path, ttl_s: float, interval_s: float = 600.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, output_store=None) -> None:
         self.store = store
+        self.output_store = output_store  # serving.outputs.OutputStore holding the finished outputs, if not the folder
         self.clock = clock  # wall-clock time, compared with file modification times
         self.outputs_dir = Path(outputs_dir)
         self.ttl_s = ttl_s
@@ -48,6 +49,8 @@ class Janitor:
         jobs = self.store.prune_jobs(self.ttl_s)
         for job in jobs:
             self._remove(self._files_of(job))
+            if self.output_store is not None:
+                self._remove_objects(job)
         self._remove(self._stale_uploads())
         if jobs:
             log.info("retention: removed %d job(s) older than %.0f h", len(jobs), self.ttl_s / 3600)
@@ -76,6 +79,14 @@ class Janitor:
             except OSError:
                 continue
         return stale
+
+    def _remove_objects(self, job: Job) -> None:
+        """The job's output and chunk previews in the object store."""
+        try:
+            for name in {*job.outputs, *self.output_store.names(f"{job.id}.chunk")}:
+                self.output_store.delete(name)
+        except Exception as exc:  # noqa: BLE001 - the store's one-line error; left for the operator's lifecycle rules
+            log.warning("could not remove job %s's outputs from %s: %s", job.id, self.output_store.location, exc)
 
     @staticmethod
     def _remove(paths) -> None:

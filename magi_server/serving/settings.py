@@ -55,6 +55,9 @@ class ServerSettings:
     # scale-out (serving/cluster.py, serving/worker.py): a worker's claim on a job lapses this long after its last
     # renewal (it renews every third of it), and then the job goes back to the queue
     lease_s: float = 30.0
+    # s3://bucket/prefix: finished outputs and chunk previews live in that object store (serving/outputs.py), and
+    # outputs_dir only holds what is being written, the uploads and the URL-signing secret; None: outputs_dir
+    output_store: str | None = None
     worker_id: str | None = None  # a worker's name in the store's leases; None: host:pid:random
 
     def base_url(self) -> str:

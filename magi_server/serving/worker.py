@@ -18,6 +18,9 @@ jobs come from and how writes are guarded:
   received it wrote it).
 * :class:`ForwardingHub` publishes the engine's progress and chunk events to every replica (NOTIFY); status changes
   need no forwarding, the store's transitions announce them.
+* :class:`OutputPublisher` moves each finished MP4 and chunk preview from the local folder the engine wrote it in
+  to the object store (``--outputs s3://...``) before its event is recorded, so a row never points at an object
+  that is not there yet. (`serve` uses it too when its outputs live in an object store.)
 
 Torch-free: this is the HTTP layer's side of the worker; the composition root adds the model and the engine.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from magi_server.engine.loop import EngineEvent, EventKind
@@ -80,6 +84,35 @@ class ForwardingHub(EventHub):
                 self._store.publish(job_id, kind, **data)
             except JobStoreError as exc:
                 log.debug("job %s: %s event not forwarded: %s", job_id, kind, exc)
+        return event
+
+
+class OutputPublisher:
+    """Engine events -> the same events once their files are in the output store (see the module docstring).
+
+    Runs on the engine thread, like the event's store write: an upload of a finished MP4 delays the next step by
+    its upload time (a 720p video is a few MB; seconds on a slow link). A preview that cannot be stored is dropped
+    from its event (the stream goes on without its URL); an output that cannot be stored fails the job."""
+
+    def __init__(self, output_store, local_dir: str | Path) -> None:
+        self.output_store = output_store
+        self.local_dir = Path(local_dir)
+
+    def __call__(self, event: EngineEvent) -> EngineEvent:
+        if event.kind is EventKind.CHUNK and event.preview:
+            try:
+                self.output_store.publish(self.local_dir / event.preview, event.preview)
+            except Exception as exc:  # noqa: BLE001 - serving.outputs.OutputStoreError, one line
+                log.warning("job %s: chunk preview not stored: %s", event.job_id, exc, extra={"job_id": event.job_id})
+                (self.local_dir / event.preview).unlink(missing_ok=True)
+                return replace(event, preview=None)
+        elif event.kind is EventKind.FINISHED and event.output:
+            try:
+                self.output_store.publish(self.local_dir / event.output, event.output)
+            except Exception as exc:  # noqa: BLE001
+                (self.local_dir / event.output).unlink(missing_ok=True)
+                return replace(event, kind=EventKind.FAILED, output=None, error_code="internal",
+                               error=f"the finished video could not be stored: {exc}")
         return event
 
 

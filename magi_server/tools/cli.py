@@ -191,7 +191,11 @@ def _server_settings(args: argparse.Namespace, *, runs_model: bool, answers_http
     from magi_server.serving.settings import ServerSettings
     from magi_server.tools.generate import model_config
 
-    fields = dict(model=args.model, db_path=args.db, outputs_dir=args.outputs,
+    from magi_server.serving.outputs import is_s3_url
+
+    in_object_store = is_s3_url(args.outputs)
+    fields = dict(model=args.model, db_path=args.db, outputs_dir=args.scratch if in_object_store else args.outputs,
+                  output_store=args.outputs if in_object_store else None,
                   cache_dir=str(_cache_dir(args.cache_dir)), drain_timeout_s=args.drain_timeout)
     model_config(args.model)  # e.g. a preset not downloaded yet: one line naming the command, before any loading
     if answers_http:
@@ -241,6 +245,20 @@ def _check_store(location: str, *, shared: bool = False) -> int:
     return 0
 
 
+def _check_output_store(settings) -> int:
+    """0, or 2 after one line when the object store named by --outputs cannot be reached (before anything loads)."""
+    if not settings.output_store:
+        return 0
+    from magi_server.serving.outputs import OutputStoreError, open_output_store
+
+    try:
+        open_output_store(settings.output_store).close()
+    except OutputStoreError as exc:
+        print(f"magi-server: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     return _run_server(args, runs_model=True)
 
@@ -260,6 +278,8 @@ def _run_server(args: argparse.Namespace, *, runs_model: bool) -> int:
         settings = _server_settings(args, runs_model=runs_model, answers_http=True)
     except ValueError as exc:  # InputError is one
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if _check_output_store(settings):
         return 2
     build = None
     if not runs_model:
@@ -293,6 +313,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         settings = _server_settings(args, runs_model=True, answers_http=False)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if _check_output_store(settings):
         return 2
     try:
         return run_worker(settings)
@@ -400,7 +422,12 @@ def _store_flags(p: argparse.ArgumentParser, *, db_help: str, db_required: bool 
     else:
         p.add_argument("--db", default="magi-server.db", help=db_help)
     p.add_argument("--outputs", default="outputs",
-                   help="folder for MP4s and uploads (default: outputs; shared by API replicas and workers)")
+                   help="where finished MP4s go: a folder (default: outputs; API replicas and workers share it) or "
+                        "s3://bucket/prefix, an S3-compatible store reached with the standard AWS environment "
+                        "variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL)")
+    p.add_argument("--scratch", default="outputs-scratch", metavar="DIR",
+                   help="with --outputs s3://...: the local folder for uploads and videos being written "
+                        "(default: outputs-scratch)")
     p.add_argument("--cache-dir", default=None, help="where the tiny preset keeps its generated weights")
     p.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
                    help="on SIGTERM, seconds the running jobs may take to finish before going back to the queue")
