@@ -205,7 +205,8 @@ def run_worker(settings: ServerSettings, *, pipeline=None, stop=None) -> int:
                                       model_limits=executor.model_limits(),
                                       output_store=None if publish is None else publish.output_store)
         link = holder["link"] = WorkerLink(store, engine, worker_id=worker_id, capacity=settings.max_batch_size,
-                                           lease_s=settings.lease_s, outputs_dir=settings.outputs_dir)
+                                           lease_s=settings.lease_s, outputs_dir=settings.outputs_dir,
+                                           output_store=holder["ctx"].output_store)
         sweeper = LeaseSweeper(store, max_attempts=settings.max_attempts, every_s=settings.lease_s / 2)
 
         def tick() -> None:

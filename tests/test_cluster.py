@@ -140,3 +140,32 @@ def test_api_and_worker_refuse_a_store_they_cannot_share(command, tmp_path, caps
     err = capsys.readouterr().err
     assert "PostgreSQL job store" in err and "--db postgresql://" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "jobs.db").exists()
+
+
+def test_an_input_image_reaches_a_worker_on_another_machine_through_the_object_store(tmp_path):
+    """The replica keeps the fitted input PNG in its own uploads folder and shares a copy as uploads/<name>; a worker
+    without that file fetches it into its own folder and runs the job on that path."""
+    from magi_server.params import GenerationParams
+    from magi_server.serving.common import _share_input
+    from magi_server.serving.outputs import LocalOutputStore
+
+    bucket = LocalOutputStore(tmp_path / "bucket")
+    replica_input = tmp_path / "replica" / "uploads" / "input-abc.png"
+    replica_input.parent.mkdir(parents=True)
+    replica_input.write_bytes(b"\x89PNG fitted input")
+    _share_input(SimpleNamespace(output_store=bucket), replica_input)
+    assert replica_input.read_bytes() == bucket.read("uploads/input-abc.png") == b"\x89PNG fitted input"
+
+    params = GenerationParams(prompts=("x",), width=64, height=64, num_frames=24, num_inference_steps=8, seed=1,
+                              image_path=str(replica_input))
+    other_machine = tmp_path / "worker"
+    link = WorkerLink(FakeStore(), SimpleNamespace(), worker_id="w", capacity=1, lease_s=3,
+                      outputs_dir=other_machine, output_store=bucket)
+    assert link._local_inputs(params) is params  # the path exists here (one machine): nothing to fetch
+    replica_input.unlink()
+    local = link._local_inputs(params)
+    assert local.image_path == str(other_machine / "uploads" / "input-abc.png")
+    assert (other_machine / "uploads" / "input-abc.png").read_bytes() == b"\x89PNG fitted input"
+    missing = GenerationParams(prompts=("x",), width=64, height=64, num_frames=24, num_inference_steps=8, seed=1,
+                               image_path=str(tmp_path / "nowhere" / "input-gone.png"))
+    assert link._local_inputs(missing) is missing  # the prefill then fails the job, naming the image

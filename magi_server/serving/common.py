@@ -566,7 +566,23 @@ async def build_params(ctx: ServerContext, *, prompt: str, image: ImageInput | N
         raise ParamError(fields.get(exc.param, exc.param), exc.message, exc.kind) from None
     if image is not None:
         await store_input_image(ctx, image, image_path, width, height)
+        if ctx.output_store is not None:  # workers on other machines fetch it from there (serving/worker.py)
+            await asyncio.to_thread(_share_input, ctx, image_path)
     return params
+
+
+def _share_input(ctx: ServerContext, path: Path) -> None:
+    """A copy of a stored input image in the object store, as ``uploads/<name>`` (the local one stays: this
+    replica's file routes serve it)."""
+    copy = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    try:
+        copy.write_bytes(path.read_bytes())
+        ctx.output_store.publish(copy, f"uploads/{path.name}")
+    except Exception as exc:  # noqa: BLE001 - serving.outputs.OutputStoreError, one line
+        copy.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        log.error("could not share an input image: %s", exc)
+        raise Unavailable(30.0, str(exc), "the server cannot store input images now; retry later") from None
 
 
 def fingerprint(*parts) -> str:

@@ -122,7 +122,8 @@ class WorkerLink:
     partial files."""
 
     def __init__(self, store, engine, *, worker_id: str, capacity: int, lease_s: float,
-                 outputs_dir: str | Path, variants: list[str] | None = None, poll_s: float = 1.0) -> None:
+                 outputs_dir: str | Path, variants: list[str] | None = None, poll_s: float = 1.0,
+                 output_store=None) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         if lease_s <= 0:
@@ -135,6 +136,7 @@ class WorkerLink:
         self.outputs_dir = Path(outputs_dir)
         self.variants = variants
         self.poll_s = poll_s
+        self.output_store = output_store  # where API replicas on other machines share input images, if anywhere
         self._held: set[str] = set()  # claimed here and not yet ended (engine events)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -227,7 +229,28 @@ class WorkerLink:
         if job.attempts > 1:
             self._clear_partial_files(job.id)
         log.info("job %s claimed (attempt %d)", job.id, job.attempts, extra={"job_id": job.id})
-        self.engine.submit(job.id, job.params, reserved=False)
+        self.engine.submit(job.id, self._local_inputs(job.params), reserved=False)
+
+    def _local_inputs(self, params):
+        """``params`` with an input image another machine stored (it is not here) fetched from the object store
+        into this worker's uploads folder. Left as it is when it cannot be fetched: the prefill then fails the job
+        naming the input."""
+        if self.output_store is None or not params.image_path or Path(params.image_path).exists():
+            return params
+        name = Path(params.image_path).name
+        local = self.outputs_dir / "uploads" / name
+        try:
+            data = self.output_store.read(f"uploads/{name}")
+            if data is None:
+                return params
+            local.parent.mkdir(parents=True, exist_ok=True)
+            part = local.with_name(f".{name}.part")
+            part.write_bytes(data)
+            part.replace(local)
+        except Exception as exc:  # noqa: BLE001 - serving.outputs.OutputStoreError or a local write error
+            log.warning("input image %s not fetched: %s", name, exc)
+            return params
+        return replace(params, image_path=str(local))
 
     def _clear_partial_files(self, job_id: str) -> None:
         """A dead attempt's half-written MP4 and chunk previews (its lease lapsed, so nobody writes them now)."""
