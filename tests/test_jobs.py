@@ -442,16 +442,18 @@ def test_a_version_1_store_is_migrated_in_place(tmp_path):
         s.fail(job.id, "image: not a PNG", "invalid_input", "image")
     conn = sqlite3.connect(path)  # back to what version 1 wrote
     conn.execute("ALTER TABLE jobs DROP COLUMN error_param")
+    conn.execute("ALTER TABLE jobs DROP COLUMN variant")
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
     with JobStore(path) as s:
         old = s.get(job.id)
-        assert (old.status, old.error, old.error_param) == (JobStatus.FAILED, "image: not a PNG", "")
-        other = s.create(make_job(prompt="second"))
+        assert (old.status, old.error, old.error_param, old.variant) == (JobStatus.FAILED, "image: not a PNG", "", None)
+        other = s.create(make_job(prompt="second", variant="4.5B-distill"))
         assert s.fail(other.id, "seed: too big", "invalid_input", "seed").error_param == "seed"
+        assert s.get(other.id).variant == "4.5B-distill"
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     conn.close()
 
 

@@ -116,7 +116,9 @@ def _bridge(tmp_path: Path):
     """What on_engine_event needs, over a real store whose commits can be refused."""
     store = JobStore(tmp_path / "jobs.db")
     (tmp_path / "outputs").mkdir()
-    ctx = SimpleNamespace(store=store, hub=EventHub(), metrics=None, outputs_dir=tmp_path / "outputs",
+    outputs = tmp_path / "outputs"
+    ctx = SimpleNamespace(store=store, hub=EventHub(), metrics=None, outputs_dir=outputs,
+                          remove_output=lambda name: (outputs / name).unlink(missing_ok=True),
                           backlog=StoreBacklog(retry_s=3600))  # no retry thread in the way: the test flushes
     return ctx, FullDisk(store)
 

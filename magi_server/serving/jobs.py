@@ -47,7 +47,7 @@ from magi_server.params import GenerationParams
 
 log = logging.getLogger("magi_server.serving.jobs")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APIS = ("wavespeed", "fal", "magichour")
 MAX_IDEMPOTENCY_KEY_LEN = 255  # Stripe's limit; longer keys are a client bug, not something to hash away
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -140,13 +140,14 @@ class Job:
     owner: str = ""  # opaque tenant key; "" when auth is off
     meta: dict = field(default_factory=dict)  # provider bookkeeping: webhook URL, fal app id, ...
     idempotency_key: str | None = None
+    variant: str | None = None  # the served model variant that must run it (serving/routing.py); None: any
 
     @classmethod
     def new(cls, api: str, model: str, params: GenerationParams, *, owner: str = "", meta: dict | None = None,
-            created_at: float | None = None) -> "Job":
+            created_at: float | None = None, variant: str | None = None) -> "Job":
         return cls(id=new_job_id(), api=api, model=model, status=JobStatus.QUEUED, params=params,
                    created_at=time.time() if created_at is None else created_at, owner=owner,
-                   meta=dict(meta or {}))
+                   meta=dict(meta or {}), variant=variant)
 
     @property
     def is_terminal(self) -> bool:
@@ -174,7 +175,8 @@ CREATE TABLE jobs (
     owner           TEXT NOT NULL DEFAULT '',
     meta            TEXT NOT NULL DEFAULT '{{}}',  -- JSON object
     idempotency_key TEXT,
-    idempotency_fingerprint TEXT
+    idempotency_fingerprint TEXT,
+    variant         TEXT                         -- the model variant that must run it (NULL: any)
 );
 CREATE INDEX jobs_status_created ON jobs (status, created_at);
 CREATE INDEX jobs_owner_created ON jobs (owner, created_at);
@@ -184,7 +186,7 @@ CREATE UNIQUE INDEX jobs_idempotency ON jobs (owner, idempotency_key) WHERE idem
 
 _COLUMNS = ("id", "api", "model", "status", "params", "created_at", "started_at", "finished_at", "progress_done",
             "progress_total", "outputs", "error", "error_code", "error_param", "attempts", "inference_ms", "owner", "meta",
-            "idempotency_key")
+            "idempotency_key", "variant")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 _ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 
@@ -317,8 +319,11 @@ class JobStore:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
-            elif version < 2:  # each later version adds its step here, inside this transaction
-                conn.execute("ALTER TABLE jobs ADD COLUMN error_param TEXT NOT NULL DEFAULT ''")
+            else:  # each later version adds its step here, inside this transaction
+                if version < 2:
+                    conn.execute("ALTER TABLE jobs ADD COLUMN error_param TEXT NOT NULL DEFAULT ''")
+                if version < 3:
+                    conn.execute("ALTER TABLE jobs ADD COLUMN variant TEXT")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
@@ -408,6 +413,7 @@ class JobStore:
             "owner": _text(job.owner), "meta": _json(job.meta),
             "idempotency_key": None if job.idempotency_key is None else _text(job.idempotency_key),
             "idempotency_fingerprint": fingerprint,
+            "variant": None if job.variant is None else _text(job.variant),
         }
 
     def _fetch(self, conn: sqlite3.Connection, job_id: str) -> Job | None:
