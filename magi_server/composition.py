@@ -45,7 +45,8 @@ def build_context(settings: ServerSettings, *, pipeline=None, store: JobStore | 
 
         hide_progress_bars()
         pipeline = MagiPipeline.from_pretrained(
-            settings.model, device=settings.device, cache_dir=settings.cache_dir, compile=settings.compile
+            settings.model, device=settings.device, cache_dir=settings.cache_dir, compile=settings.compile,
+            cp=settings.cp,
         )
     if str(settings.model).lower() == "tiny":
         from magi_server.runtime.tiny import TINY_NOTICE
@@ -185,7 +186,8 @@ def run_worker(settings: ServerSettings, *, pipeline=None, stop=None) -> int:
 
             hide_progress_bars()
             pipeline = MagiPipeline.from_pretrained(settings.model, device=settings.device,
-                                                    cache_dir=settings.cache_dir, compile=settings.compile)
+                                                    cache_dir=settings.cache_dir, compile=settings.compile,
+                                                    cp=settings.cp)
         executor = pipeline.runner.with_outputs(settings.outputs_dir)
         holder: dict = {}
 

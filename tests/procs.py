@@ -39,11 +39,13 @@ class ServerProcess:
     over a given db (a file, or a postgresql:// URL)/outputs/cache. ``env``: added to the process's environment."""
 
     def __init__(self, *, db: Path | str, outputs: Path | str, cache: Path, log: Path, extra_args: tuple[str, ...] = (),
-                 nofile_limit: int | None = None, command: str = "serve", env: dict | None = None) -> None:
+                 nofile_limit: int | None = None, command: str = "serve", env: dict | None = None,
+                 model: str = "tiny") -> None:
         self.db = _location(db)
         self.outputs, self.cache, self.log_path = _location(outputs), Path(cache), Path(log)
         self.extra_args = tuple(extra_args)
         self.command = command
+        self.model = model
         self.env = dict(env or {})
         self.nofile_limit = nofile_limit  # the server's open-file limit (soft and hard), e.g. the usual 1024
         self.spawned_at: float | None = None  # time.monotonic() just before the process was started
@@ -87,7 +89,7 @@ class ServerProcess:
 
     def _spawn(self) -> None:
         device = ("--device", "cpu") if self.command == "serve" else ()
-        cmd = [sys.executable, "-m", "magi_server", self.command, "--model", "tiny", *device,
+        cmd = [sys.executable, "-m", "magi_server", self.command, "--model", self.model, *device,
                "--host", "127.0.0.1", "--port", str(self.port), "--db", str(self.db), "--outputs", str(self.outputs),
                "--cache-dir", str(self.cache), *self.extra_args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **self.env}

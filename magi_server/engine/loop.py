@@ -308,7 +308,8 @@ class Engine:
     def _failure(self, exc: Exception) -> Failure:
         """What a client is told about ``exc``; notes a device error, after which the loop must stop."""
         text = str(exc)
-        if "CUDA error" in text and "out of memory" not in text.lower():
+        # an error marked device_lost (a context-parallel group that broke) leaves the device as unusable as a CUDA one
+        if ("CUDA error" in text and "out of memory" not in text.lower()) or getattr(exc, "device_lost", False):
             self._device_error = self._device_error or f"device error: {text}"
         log.error("job failed", exc_info=exc)
         if isinstance(exc, ParamError):

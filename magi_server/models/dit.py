@@ -8,6 +8,11 @@ This file owns:
   per-chunk cross-attention, sandwich-normed gated residuals, final layer and unpatchify.
 * :class:`KVCache` — the clean-chunk key/value store that a caller owns and hands to each forward (spec §2.12).
   It is kept per chunk index so a sampler can release chunks that no window reads any more.
+* :class:`ContextParallel` — what a forward needs from a context-parallel (Ulysses) group when the runtime sets one
+  with :meth:`VideoDiT.set_context_parallel`: each rank then holds 1/N of the call's tokens (the last rank's share
+  padded), self-attention runs on the whole sequence for 1/N of the heads (so block-causal ranges, the KV cache and
+  every attention backend are unchanged; the cache holds that rank's K/V groups), and the output is gathered. The
+  model only calls the three methods; it never creates a process group nor reads the environment.
 
 Memory and speed: the token-wise parts of a layer (projections, q/k norm + RoPE, everything after attention, the
 final layer) run in chunk-aligned token pieces (:func:`token_pieces`) with the residual stream updated in place, so
@@ -24,6 +29,7 @@ import contextlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -173,6 +179,40 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for store in self._store for t in store.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Context parallelism (the interface; the runtime implements it over torch.distributed)
+# ----------------------------------------------------------------------------------------------------------------
+class ContextParallel(Protocol):
+    """A group of ``size`` ranks running one forward together, Ulysses-style; this process is ``rank``.
+
+    Rows of a call's batch-flattened token sequence (``total`` rows) are sharded contiguously: every rank holds
+    ``shard = ceil(total / size)`` rows, rank r the rows [r·shard, (r+1)·shard), the rows past ``total`` being padding
+    that the model keeps at zero and that never reaches a result.
+    """
+
+    size: int
+    rank: int
+
+    def sequence_to_heads(self, x: torch.Tensor, total: int) -> torch.Tensor:
+        """(shard, H, D) local rows of every head -> (total, H/size, D): every row of this rank's heads."""
+        ...
+
+    def heads_to_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse: (total, H/size, D) -> (shard, H, D), the padding rows zero."""
+        ...
+
+    def gather_sequence(self, x: torch.Tensor, total: int) -> torch.Tensor:
+        """(shard, ...) local rows -> (total, ...) every row, on every rank."""
+        ...
+
+
+def shard_rows(total: int, size: int, rank: int) -> tuple[int, int, int]:
+    """(first row, real rows, padded shard rows) this rank holds of ``total`` rows (see :class:`ContextParallel`)."""
+    shard = -(-total // size)
+    first = rank * shard
+    return first, max(0, min(first + shard, total) - first), shard
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -419,6 +459,17 @@ class _CallContext:
     read_end: int = 0
     write_first: int = 0
     write_chunks: int = 0
+    # context parallelism: the group, the call's total rows, and the cross-attention query ranges in local rows
+    # (with no group: q_ranges, over every row)
+    cp: ContextParallel | None = None
+    total_rows: int = 0
+    xq_ranges: list[tuple[int, int]] | None = None
+
+    def new_rows(self, like: torch.Tensor, shape: tuple, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """An uninitialized per-row buffer; zeroed under context parallelism so that padding rows stay finite."""
+        if self.cp is None:
+            return like.new_empty(shape, dtype=dtype)
+        return like.new_zeros(shape, dtype=dtype)
 
     def per_request_rows(self, fn, rows: torch.Tensor) -> torch.Tensor:
         """fn applied to each batch element's caption tokens separately (batch invariance, see VideoDiT.forward)."""
@@ -572,27 +623,35 @@ class ParallelAttention(nn.Module):
         rows = h.shape[0]
         dt = ctx.dtype
         nh, ng, hd = self.num_heads, self.num_groups, self.head_dim
-        q = h.new_empty((rows, nh, hd))
-        k = h.new_empty((rows, ng, hd))
-        v = h.new_empty((rows, ng, hd))
+        q = ctx.new_rows(h, (rows, nh, hd))
+        k = ctx.new_rows(h, (rows, ng, hd))
+        v = ctx.new_rows(h, (rows, ng, hd))
         for piece in ctx.pieces:
             at = slice(piece.start, piece.end)
             pos = slice(piece.position, piece.position + piece.end - piece.start)
             q[at], k[at], v[at] = ctx.run(_self_attention_inputs, self, h[at], ctx.cos[pos], ctx.sin[pos], dt)
+        if ctx.cp is not None:
+            # Ulysses: [local rows, all heads] -> [all rows, this rank's heads]; the ranges, the cache and the kernel
+            # below then see the whole sequence exactly as in one process
+            q, k, v = (ctx.cp.sequence_to_heads(t, ctx.total_rows) for t in (q, k, v))
         key, value = ctx.keys_and_values(layer, k, v)
         del k, v
         core = range_attention(q, key, value, ctx.q_ranges, ctx.k_ranges, backend=ctx.backend)
         del q, key, value
+        if ctx.cp is not None:
+            core = ctx.cp.heads_to_sequence(core)
 
-        # cross-attention: linear_kv_xattn rows are per group [k | v]
-        qx = h.new_empty((rows, nh, hd))
+        # cross-attention: linear_kv_xattn rows are per group [k | v]. Each row attends to its own chunk's caption,
+        # so under context parallelism it runs on the local rows with every head (no exchange needed)
+        qx = ctx.new_rows(h, (rows, nh, hd))
         for piece in ctx.pieces:
             at = slice(piece.start, piece.end)
             qx[at] = ctx.run(_cross_attention_queries, self, h[at], dt)
         kvx = ctx.per_request_rows(self.linear_kv_xattn, ctx.captions).to(dt).view(-1, ng, 2 * hd)
         kx = self.k_layernorm_xattn(kvx[..., :hd]).contiguous()
         vx = kvx[..., hd:].contiguous()
-        cross = range_attention(qx, kx, vx, ctx.q_ranges, ctx.xk_ranges, backend=ctx.backend)
+        xq_ranges = ctx.q_ranges if ctx.xq_ranges is None else ctx.xq_ranges
+        cross = range_attention(qx, kx, vx, xq_ranges, ctx.xk_ranges, backend=ctx.backend)
         return core.view(rows, nh * hd), cross.view(rows, nh * hd)
 
 
@@ -679,6 +738,30 @@ class FinalLinear(nn.Module):
         self.linear = FP32Linear(hidden, out_features, bias=False, dtype=torch.float32)
 
 
+def _shard_call(ctx: _CallContext, cp: ContextParallel, h: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of the residual stream ``h`` (every row), padded with zeros to the shard size; ``ctx`` is
+    narrowed to them: the token pieces become the local parts of the same pieces (same chunk, same RoPE position)
+    and the cross-attention queries get local ranges. Self-attention keeps the call's ranges over every row."""
+    total = h.shape[0]
+    first, real, shard = shard_rows(total, cp.size, cp.rank)
+    local = h.new_zeros((shard, h.shape[1]))
+    local[:real] = h[first : first + real]
+    end = first + real
+    pieces, xq_ranges, xk_ranges = [], [], []
+    for piece in ctx.pieces:
+        lo, hi = max(piece.start, first), min(piece.end, end)
+        if lo < hi:
+            pieces.append(_Piece(lo - first, hi - first, piece.element, piece.chunk, piece.position + lo - piece.start))
+    for (qs, qe), xk in zip(ctx.q_ranges, ctx.xk_ranges):
+        lo, hi = max(qs, first), min(qe, end)
+        if lo < hi:
+            xq_ranges.append((lo - first, hi - first))
+            xk_ranges.append(xk)
+    ctx.pieces, ctx.xq_ranges, ctx.xk_ranges = pieces, xq_ranges, xk_ranges
+    ctx.cp, ctx.total_rows = cp, total
+    return local
+
+
 def _as_ranges(value, name: str) -> list[tuple[int, int]]:
     rows = list(value) if isinstance(value, (list, tuple)) else torch.as_tensor(value).reshape(-1, 2).tolist()
     out = []
@@ -707,6 +790,7 @@ class VideoDiT(nn.Module):
         self.attention_backend = attention_backend
         self.max_piece_tokens = int(max_piece_tokens)
         self.piece_runner = PieceRunner(compiled=False)
+        self.context_parallel: ContextParallel | None = None
         self.compute_dtype = getattr(torch, config.params_dtype)
         dt = self.compute_dtype
         pt, p = config.t_patch_size, config.patch_size
@@ -722,6 +806,18 @@ class VideoDiT(nn.Module):
         self.rope = RotaryBands(config.hidden_size // config.num_attention_heads)
         self.videodit_blocks = TransformerBlocks(config, dt)
         self.final_linear = FinalLinear(config.hidden_size, pt * p * p * config.out_channels)
+
+    def set_context_parallel(self, group: ContextParallel | None) -> None:
+        """Run every later forward together with the other ranks of ``group`` (None: alone, the default). Every
+        rank must then make the same forward calls in the same order; each returns the whole output."""
+        if group is not None and group.size > 1:
+            cfg = self.config
+            if cfg.num_attention_heads % group.size or cfg.num_query_groups % group.size:
+                raise ValueError(
+                    f"context parallelism over {group.size} ranks needs heads ({cfg.num_attention_heads}) and KV "
+                    f"groups ({cfg.num_query_groups}) divisible by {group.size}"
+                )
+        self.context_parallel = group if group is not None and group.size > 1 else None
 
     def set_compiled(self, compiled: bool) -> None:
         """Run the token-wise parts of every layer through ``torch.compile`` (dynamic token count) or eagerly."""
@@ -943,6 +1039,11 @@ class VideoDiT(nn.Module):
         # the residual stream (N·S, hidden) is updated in place by each layer
         h = tokens.reshape(n * seq, -1).to(dtype=cdt, memory_format=torch.contiguous_format, copy=True)
         del tokens, xs
+        cp = self.context_parallel
+        if cp is not None:
+            if intermediates is not None:
+                raise ValueError("intermediates are only collected by a forward without context parallelism")
+            h = _shard_call(ctx, cp, h)
         with self.piece_runner.settings():
             for index, layer in enumerate(self.videodit_blocks.layers):
                 h = layer(h, ctx, index)
@@ -953,7 +1054,7 @@ class VideoDiT(nn.Module):
         # piece by piece like the layers: the fp32 norm output of all window tokens would be the call's largest
         # tensor (2.7 GB for a 24B 720p window)
         final = self.final_linear.linear
-        out = h.new_empty((n * seq, final.out_features), dtype=torch.float32)  # (N·S, pT·p·p·C), C fastest
+        out = ctx.new_rows(h, (h.shape[0], final.out_features), dtype=torch.float32)  # (N·S, pT·p·p·C), C fastest
         normed = [] if intermediates is not None else None
         for piece in ctx.pieces:
             at = slice(piece.start, piece.end)
@@ -962,6 +1063,8 @@ class VideoDiT(nn.Module):
                 normed.append(x_piece)
             out[at] = final(x_piece)
         del h
+        if cp is not None:
+            out = cp.gather_sequence(out, n * seq)
         if normed is not None:
             intermediates["blocks_out_after_final_layernorm"] = torch.cat(normed).view(n, seq, -1).transpose(0, 1)
         c_out = cfg.out_channels

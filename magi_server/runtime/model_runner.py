@@ -418,6 +418,12 @@ class ModelRunner:
         """A prefill group is in flight (its results are not all polled yet)."""
         return self._groups_in_flight > 0
 
+    def sampler_state(self, job_id: str) -> SamplerState | None:
+        """Engine thread: the sampler state of a prefilled job (None once released or finished). Context
+        parallelism hands it to the other ranks so they make the job's model calls too."""
+        job = self._jobs.get(job_id)
+        return None if job is None else job.state
+
     def start_prefill(self, jobs: Sequence[tuple[str, GenerationParams]]) -> None:
         """Queue the prefill of these jobs as one group on the prefill worker; :meth:`poll` reports a ``Prefilled``
         or a ``JobFailed`` (bad input raises ParamError there, naming the parameter) for each, all in one poll."""

@@ -5,9 +5,11 @@ and the loop of one call: validate the inputs (the request contract's rules, plu
 output types, tensors, prompt embeddings), then the runner's prefill, one model call at a time until the plan is
 done, each chunk decoded the moment it is final, handed to ``callback_on_chunk`` and appended to the MP4. The
 server's engine drives the same runner methods, so the library and the server produce the same bytes.
+``from_pretrained(..., cp=N)`` spreads every model call over N processes (runtime/context_parallel.py).
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -89,6 +91,8 @@ class MagiPipeline:
         attention_backend: str = "auto",
         cache_dir: str | Path | None = None,
         compile: bool | None = None,
+        cp: int = 1,
+        cp_rendezvous: str | None = None,
     ) -> "MagiPipeline":
         """Load from a weights folder in the official layout, or a preset name (``tiny``, or a real preset that
         ``magi-server download`` put in the Hugging Face cache).
@@ -100,28 +104,22 @@ class MagiPipeline:
         weights). ``cache_dir``: where the ``tiny`` preset's generated weights live (default ~/.cache/magi-server).
         ``compile``: torch.compile the DiT's token-wise layer parts (default: on CUDA only; the first call of each
         resolution then pays the compile, later calls of any length reuse it).
+        ``cp``: context parallelism over this many ranks (Ulysses; heads and KV groups must divide by it): ranks
+        1..cp-1 are started here as processes that load the DiT only (on cuda:i+1.. when ``device`` is cuda:i), and
+        this process leads them; :meth:`close` stops them (they also end with this process). With
+        ``cp_rendezvous`` (``tcp://host:port``, e.g. torchrun's master address) nothing is started: ranks 1..cp-1 are
+        processes of their own that call :func:`magi_server.runtime.context_parallel.run_follower`.
         """
+        if cp > 1:
+            return cls._from_pretrained_parallel(
+                cp, cp_rendezvous, path, config, device=device, dtype=dtype, text_encoder=text_encoder, vae=vae,
+                special_tokens=special_tokens, attention_backend=attention_backend, cache_dir=cache_dir,
+                compile=compile,
+            )
         device = torch.device(device)
-        folder = Path(path)
-        if not folder.exists():
-            name = canonical_preset_name(str(path))
-            if name == "tiny":
-                from magi_server.runtime.tiny import TINY_NOTICE, ensure_tiny_weights
-
-                root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "magi-server"
-                folder = ensure_tiny_weights(root / "tiny-weights")
-                log.warning(TINY_NOTICE)
-            elif name is not None:
-                folder = find_downloaded_model(name)
-            else:
-                raise FileNotFoundError(f"model folder not found: {path}")
-        resolved = resolve_model_folder(folder, config)
-        if dtype is not None:
-            name = str(dtype).replace("torch.", "")
-            resolved = resolved.replace(dit=replace(resolved.dit, params_dtype=name))
-        backend = select_backend(device, getattr(torch, resolved.dit.params_dtype), attention_backend)
-        dit = load_dit(folder, resolved.dit, device=device, attention_backend=backend)
-        dit.set_compiled(device.type == "cuda" if compile is None else bool(compile))
+        folder, resolved, dit = _load_model_dit(path, config, device=device, dtype=dtype,
+                                                attention_backend=attention_backend, cache_dir=cache_dir,
+                                                compile=compile)
 
         if vae == LOAD:
             if not resolved.vae_pretrained:
@@ -144,6 +142,30 @@ class MagiPipeline:
         if special_tokens is None:
             raise FileNotFoundError(f"no special_tokens.npz found beside {folder}; pass special_tokens=PATH")
         return cls(ModelRunner(dit, vae, text_encoder, special_tokens, resolved, device=device))
+
+    @classmethod
+    def _from_pretrained_parallel(cls, cp: int, rendezvous: str | None, path, config, *, device, dtype, compile,
+                                  attention_backend, cache_dir, **parts) -> "MagiPipeline":
+        """from_pretrained(..., cp=N): start the followers (they load while this process does), then lead them."""
+        from magi_server.runtime.context_parallel import ContextParallelLaunch, rank_device
+
+        if rendezvous is not None:
+            launch = ContextParallelLaunch(cp, device, rendezvous)
+        else:
+            load_follower = functools.partial(load_dit_runner, path, config, dtype=dtype, compile=compile,
+                                              attention_backend=attention_backend, cache_dir=cache_dir)
+            launch = ContextParallelLaunch.spawn(cp, load_follower, device=device)
+        try:
+            pipe = cls.from_pretrained(path, config, device=rank_device(device, 0), dtype=dtype, compile=compile,
+                                       attention_backend=attention_backend, cache_dir=cache_dir, **parts)
+        except BaseException:
+            launch.abort()
+            raise
+        return cls(launch.lead(pipe.runner))
+
+    def close(self) -> None:
+        """Stop the runner's worker threads and, with context parallelism, the follower ranks."""
+        self.runner.shutdown()
 
     # ---------------------------------------------------------------------------------------------- validation
     def validate(
@@ -291,6 +313,43 @@ def _input_name(value) -> str | None:
     if value is None or isinstance(value, str):
         return value
     return str(value) if isinstance(value, Path) else f"<{type(value).__name__}>"
+
+
+def _load_model_dit(path, config, *, device: torch.device, dtype, attention_backend: str, cache_dir, compile):
+    """(weights folder, resolved MagiConfig, loaded DiT) for a folder or preset name (see from_pretrained)."""
+    folder = Path(path)
+    if not folder.exists():
+        name = canonical_preset_name(str(path))
+        if name == "tiny":
+            from magi_server.runtime.tiny import TINY_NOTICE, ensure_tiny_weights
+
+            root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "magi-server"
+            folder = ensure_tiny_weights(root / "tiny-weights")
+            log.warning(TINY_NOTICE)
+        elif name is not None:
+            folder = find_downloaded_model(name)
+        else:
+            raise FileNotFoundError(f"model folder not found: {path}")
+    resolved = resolve_model_folder(folder, config)
+    if dtype is not None:
+        name = str(dtype).replace("torch.", "")
+        resolved = resolved.replace(dit=replace(resolved.dit, params_dtype=name))
+    backend = select_backend(device, getattr(torch, resolved.dit.params_dtype), attention_backend)
+    dit = load_dit(folder, resolved.dit, device=device, attention_backend=backend)
+    dit.set_compiled(device.type == "cuda" if compile is None else bool(compile))
+    return folder, resolved, dit
+
+
+def load_dit_runner(path: str | Path, config: str | Path | MagiConfig | None = None, *,
+                    device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None,
+                    attention_backend: str = "auto", cache_dir: str | Path | None = None,
+                    compile: bool | None = None) -> ModelRunner:
+    """A runner with the DiT alone (no T5, VAE or special tokens): what a context-parallel follower rank needs,
+    since it only makes model calls on sampler states the leader prepared. Arguments as in from_pretrained."""
+    device = torch.device(device)
+    _, resolved, dit = _load_model_dit(path, config, device=device, dtype=dtype, attention_backend=attention_backend,
+                                       cache_dir=cache_dir, compile=compile)
+    return ModelRunner(dit, None, None, None, resolved, device=device)
 
 
 def _load_t5(path: str | Path, t5_device: str, device: torch.device):

@@ -5,7 +5,8 @@ runs the whole flow (submit, poll, download an MP4) on a laptop CPU. Its video i
 This module owns:
 
 * :func:`write_tiny_weights`: write a complete weights folder in a layout the loader reads (the model folder with
-  ``vae/``, ``t5/`` and the special tokens beside it),
+  ``vae/``, ``t5/`` and the special tokens beside it; ``dit=TINY_CP_DIT`` writes the variant whose heads and KV
+  groups divide by 2 and 4, for context parallelism),
   so the loaders in :mod:`magi_server.runtime.loading` serve the tiny and the real model through one code path::
 
       root/tiny/inference_weight.distill/   model.safetensors.index.json + 2 shards (the DiT)
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from magi_server.models.config import TINY_VAE, DiTConfig, SamplingConfig, VAEConfig, preset, weight_subfolder
+from magi_server.models.config import TINY_DIT, TINY_VAE, DiTConfig, SamplingConfig, VAEConfig, preset, weight_subfolder
 from magi_server.runtime.loading import INDEX_NAME, T5_SUBFOLDER, VAE_WEIGHTS_NAME, build_dit
 
 TINY_NOTICE = (
@@ -45,6 +46,9 @@ TINY_NOTICE = (
 )
 
 MODEL_FOLDER = "tiny"
+# The tiny DiT with 4 heads and 4 KV groups (head size 16): context parallelism over 2 or 4 ranks needs both to
+# divide by the rank count, and the preset's DiT has a single KV group.
+TINY_CP_DIT = dataclasses.replace(TINY_DIT, num_attention_heads=4, num_query_groups=4, kv_channels=16)
 CONFIG_NAME = "magi_config.json"
 SPECIAL_TOKENS_NAME = "special_tokens.npz"
 # Written last, only by ensure_tiny_weights: its presence (and matching files) is what "complete" means.
@@ -325,15 +329,16 @@ def _write_npz(path: Path, arrays: dict) -> None:
             archive.writestr(info, buffer.getvalue())
 
 
-def write_tiny_weights(root: Path, seed: int = 0) -> Path:
-    """Write the tiny preset's complete weights folder under ``root`` (layout in the module docstring).
+def write_tiny_weights(root: Path, seed: int = 0, *, dit: DiTConfig | None = None) -> Path:
+    """Write the tiny preset's complete weights folder under ``root`` (layout in the module docstring); ``dit``
+    replaces the preset's DiT config (e.g. :data:`TINY_CP_DIT`).
 
     Returns ``root/"tiny"``, the model folder (``--model`` / ``runtime_config.load``). Existing files of the same
     names are overwritten.
     """
     root = Path(root)
     magi = preset("tiny")
-    dit = magi.dit
+    dit = magi.dit if dit is None else dit
     model_folder = root / MODEL_FOLDER
     _write_dit(model_folder / weight_subfolder(dit), dit, seed)
     _write_json(model_folder / CONFIG_NAME, _reference_config(magi.sampling, dit))

@@ -23,6 +23,7 @@ class ServerSettings:
     api_keys: tuple[str, ...] = ()  # empty: auth off (only allowed on loopback)
     device: str = "cpu"
     compile: bool | None = None  # torch.compile of the DiT layers; None: on for CUDA, off elsewhere
+    cp: int = 1  # context parallelism: ranks (processes, GPUs) one video's DiT calls are split over (Ulysses)
     max_queue: int = 64
     max_queue_per_key: int | None = None  # None: half of max_queue when several API keys are configured
     max_batch_size: int = 4

@@ -215,8 +215,10 @@ def _server_settings(args: argparse.Namespace, *, runs_model: bool, answers_http
     if runs_model:
         device = _device(args.device)
         budget = _serving_memory_budget(args.model, device, args.device_memory)
+        if args.cp < 1:
+            raise ValueError("--cp must be at least 1")
         fields.update(device=device, max_batch_size=args.max_batch, job_timeout_s=args.job_timeout or None,
-                      compile=args.compile, **({} if budget is None else {"memory_budget_bytes": budget}))
+                      compile=args.compile, cp=args.cp, **({} if budget is None else {"memory_budget_bytes": budget}))
     if getattr(args, "lease_seconds", None) is not None:
         if args.lease_seconds <= 0:
             raise ValueError("--lease-seconds must be positive")
@@ -472,6 +474,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job-timeout", type=float, default=3600.0, help="seconds a job may run (0 = no limit)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the DiT layers (default: on for CUDA, off on the CPU)")
+    p.add_argument("--cp", type=int, default=1, metavar="N",
+                   help="context parallelism: split each video's model calls over N ranks (GPUs; processes on a "
+                        "CPU), Ulysses-style; N must divide the model's attention heads and KV groups (default: 1)")
     p.add_argument("--device-memory", default=None, metavar="SIZE",
                    help="device memory to plan admission against, e.g. 80GB (default: the GPU's total; "
                         "`magi-server plan` shows what a request needs)")
