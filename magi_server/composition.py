@@ -28,8 +28,42 @@ if TYPE_CHECKING:
 log = logging.getLogger("magi_server.composition")
 
 
-def build_context(settings: ServerSettings, *, pipeline=None, store: JobStore | None = None) -> ServerContext:
-    """Load the model, open the job store (unless given), recover what a dead process left, start the engine."""
+def model_specs(settings: ServerSettings) -> list[tuple[str, str]]:
+    """(variant name, preset or weights folder) of each served model (``--model``, repeatable): ``NAME=PATH`` names
+    a folder; a preset goes by its canonical name (``4.5B-distill``, ``tiny``); a bare folder by its own name."""
+    from magi_server.models.config import canonical_preset_name
+
+    specs = []
+    for spec in (settings.model, *settings.more_models):
+        spec = str(spec)
+        name, sep, path = spec.partition("=")
+        if sep and name.strip() and path.strip():
+            specs.append((name.strip(), path.strip()))
+        else:
+            specs.append((canonical_preset_name(spec) or Path(spec).name or spec, spec))
+    return specs
+
+
+def variant_for(name: str, config):
+    """The routing description (serving.routing.Variant) of a served model from its MagiConfig."""
+    from magi_server.models.config import model_limits
+    from magi_server.serving.routing import Variant, size_class
+
+    return Variant(name, size_class(config.dit.hidden_size), bool(config.dit.distill), model_limits(config))
+
+
+def make_router(settings: ServerSettings, variants):
+    from magi_server.serving.routing import Router
+
+    return Router(variants, dict(settings.route_map))
+
+
+def build_context(settings: ServerSettings, *, pipeline=None, store: JobStore | None = None,
+                  pipelines: dict | None = None) -> ServerContext:
+    """Load the models, open the job store (unless given), recover what a dead process left, start the engines:
+    one per served variant (``--model``, repeatable), each with its own runner and queue bound. ``pipeline``: the
+    one model, already loaded (tests); ``pipelines``: variant name -> loaded pipeline, for several."""
+    from magi_server.engine.group import EngineGroup
     from magi_server.engine.loop import Engine
     from magi_server.runtime.model_runner import leave_a_core_for_serving
     from magi_server.runtime.pipeline import MagiPipeline
@@ -39,37 +73,43 @@ def build_context(settings: ServerSettings, *, pipeline=None, store: JobStore | 
     from magi_server.serving.metrics import GaugeReaders, Metrics
 
     leave_a_core_for_serving(settings.device)  # before any model thread starts: the HTTP side keeps a core
-    notice = ""
-    if pipeline is None:
-        from magi_server.runtime.loading import hide_progress_bars
+    specs = model_specs(settings)
+    if pipelines is None:
+        pipelines = {specs[0][0]: pipeline} if pipeline is not None else {}
+    for name, location in specs:
+        if name not in pipelines:
+            from magi_server.runtime.loading import hide_progress_bars
 
-        hide_progress_bars()
-        pipeline = MagiPipeline.from_pretrained(
-            settings.model, device=settings.device, cache_dir=settings.cache_dir, compile=settings.compile,
-            cp=settings.cp,
-        )
-    if str(settings.model).lower() == "tiny":
+            hide_progress_bars()
+            pipelines[name] = MagiPipeline.from_pretrained(
+                location, device=settings.device, cache_dir=settings.cache_dir, compile=settings.compile,
+                cp=settings.cp,
+            )
+    notice = ""
+    if any(str(location).lower() == "tiny" for _, location in specs):
         from magi_server.runtime.tiny import TINY_NOTICE
 
         notice = TINY_NOTICE
-    executor = pipeline.runner.with_outputs(settings.outputs_dir)  # the pipeline's model; the engine's requests
+    # each variant's own model; the engines' requests (one outputs folder: job ids are unique)
+    executors = {name: pipelines[name].runner.with_outputs(settings.outputs_dir) for name, _ in specs}
+    router = make_router(settings, [variant_for(name, pipelines[name].config) for name, _ in specs])
     store = store if store is not None else open_job_store(settings.db_path)
     holder: dict[str, ServerContext] = {}
     publish = _output_publisher(settings)  # outputs in an object store: each file is stored before its event
-    engine = Engine(
+    engine = EngineGroup({name: Engine(
         executor, on_event=lambda event: on_engine_event(holder["ctx"], publish(event) if publish else event),
-        max_queue=settings.max_queue,
-        memory_budget_bytes=settings.memory_budget_bytes, max_batch_size=settings.max_batch_size,
-        job_timeout_s=settings.job_timeout_s,
-    )
+        max_queue=settings.max_queue, memory_budget_bytes=settings.memory_budget_bytes,
+        max_batch_size=settings.max_batch_size, job_timeout_s=settings.job_timeout_s,
+    ) for name, executor in executors.items()})
+    first = next(iter(executors.values()))
     metrics = Metrics(GaugeReaders(
         queue_depth=lambda: engine.queue_depth, engine_alive=engine.alive,
         jobs_by_status=lambda: {status.value: n for status, n in store.count_by_status().items()},
-        gpu_memory_bytes=executor.device_memory_bytes, outputs_bytes=lambda: disk_bytes(settings.outputs_dir),
+        gpu_memory_bytes=first.device_memory_bytes, outputs_bytes=lambda: disk_bytes(settings.outputs_dir),
     ))
-    ctx = ServerContext(settings=settings, store=store, engine=engine, executor=executor,
-                        model_name=str(settings.model), notice=notice, metrics=metrics,
-                        model_limits=executor.model_limits(),
+    ctx = ServerContext(settings=settings, store=store, engine=engine, executor=first,
+                        model_name=", ".join(router.served), notice=notice, metrics=metrics,
+                        model_limits=first.model_limits(), router=router,
                         output_store=None if publish is None else publish.output_store)
     if settings.keep_jobs_s:
         ctx.janitor = Janitor(store, settings.outputs_dir, settings.keep_jobs_s, output_store=ctx.output_store)
@@ -80,17 +120,24 @@ def build_context(settings: ServerSettings, *, pipeline=None, store: JobStore | 
         log.warning("recovered after restart: %d job(s) re-queued, %d failed as interrupted", len(requeued), len(failed))
     _remove_partial_files(Path(settings.outputs_dir))
     for job in store.queued_in_order():
-        engine.submit(job.id, job.params, reserved=False)
+        try:
+            member = engine.member(job.variant)
+        except KeyError:  # stored by a server that ran another model list
+            store.fail(job.id, f"this server no longer runs the model variant {job.variant!r} the job needs; it "
+                               f"runs {', '.join(router.served)}", "invalid_input", "model")
+            continue
+        member.submit(job.id, job.params, reserved=False)
     engine.start()
     if ctx.janitor is not None:
         ctx.janitor.start()
     return ctx
 
 
-def build_api_context(settings: ServerSettings, *, store, limits) -> ServerContext:
+def build_api_context(settings: ServerSettings, *, store, variants) -> ServerContext:
     """An API replica (``magi-server api``): the HTTP layer over a shared PostgreSQL store, with no model and no
-    engine. ``limits``: the served model's request limits (models.config.model_limits of its config), which every
-    submit is validated against here, before any worker sees it."""
+    engine. ``variants``: the model variants the workers serve (:func:`variant_for` of each ``--model``'s config,
+    read without loading it): routes are resolved and submits validated against them here, before any worker
+    sees them."""
     from magi_server.serving.cluster import LeaseSweeper, SharedQueue, StoreEventBridge
     from magi_server.serving.common import ServerContext
     from magi_server.serving.janitor import Janitor, disk_bytes
@@ -108,9 +155,11 @@ def build_api_context(settings: ServerSettings, *, store, limits) -> ServerConte
         from magi_server.serving.outputs import open_output_store
 
         output_store = open_output_store(settings.output_store)
-    ctx = ServerContext(settings=settings, store=store, engine=queue, executor=None, model_name=str(settings.model),
-                        metrics=metrics, model_limits=limits, store_queue_bound=settings.max_queue, runs_jobs=False,
-                        output_store=output_store)
+    router = make_router(settings, variants)
+    ctx = ServerContext(settings=settings, store=store, engine=queue, executor=None,
+                        model_name=", ".join(router.served), metrics=metrics, model_limits=variants[0].limits,
+                        store_queue_bound=settings.max_queue, runs_jobs=False, output_store=output_store,
+                        router=router)
     bridge = StoreEventBridge(store, ctx.hub)
     sweeper = LeaseSweeper(store, max_attempts=settings.max_attempts, every_s=settings.lease_s / 2)
 
@@ -180,14 +229,17 @@ def run_worker(settings: ServerSettings, *, pipeline=None, stop=None) -> int:
     store = open_job_store(settings.db_path)
     _require_shared_store(store, "worker")
     worker_id = settings.worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    (variant, location), *more = model_specs(settings)
+    if more:
+        store.close()
+        raise ValueError("a worker runs one model: give --model once (start a worker per variant)")
     try:
         if pipeline is None:
             from magi_server.runtime.loading import hide_progress_bars
 
             hide_progress_bars()
-            pipeline = MagiPipeline.from_pretrained(settings.model, device=settings.device,
-                                                    cache_dir=settings.cache_dir, compile=settings.compile,
-                                                    cp=settings.cp)
+            pipeline = MagiPipeline.from_pretrained(location, device=settings.device, cache_dir=settings.cache_dir,
+                                                    compile=settings.compile, cp=settings.cp)
         executor = pipeline.runner.with_outputs(settings.outputs_dir)
         holder: dict = {}
 
@@ -208,7 +260,7 @@ def run_worker(settings: ServerSettings, *, pipeline=None, stop=None) -> int:
                                       output_store=None if publish is None else publish.output_store)
         link = holder["link"] = WorkerLink(store, engine, worker_id=worker_id, capacity=settings.max_batch_size,
                                            lease_s=settings.lease_s, outputs_dir=settings.outputs_dir,
-                                           output_store=holder["ctx"].output_store)
+                                           output_store=holder["ctx"].output_store, variants=[variant])
         sweeper = LeaseSweeper(store, max_attempts=settings.max_attempts, every_s=settings.lease_s / 2)
 
         def tick() -> None:
@@ -219,8 +271,8 @@ def run_worker(settings: ServerSettings, *, pipeline=None, stop=None) -> int:
         engine.start()
         listener.start()
         link.start()
-        log.info("worker %s ready in %.1f s: model %s, up to %d job(s) at a time", worker_id,
-                 time.monotonic() - started, settings.model, settings.max_batch_size)
+        log.info("worker %s ready in %.1f s: model variant %s, up to %d job(s) at a time", worker_id,
+                 time.monotonic() - started, variant, settings.max_batch_size)
         while not stop.wait(0.5):
             if engine.dead_reason is not None:
                 log.critical("worker %s stops: %s", worker_id, engine.dead_reason)

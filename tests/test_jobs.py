@@ -565,3 +565,11 @@ def test_jobs_module_is_torch_free_and_imports_only_params():
                           cwd=REPO_ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
+
+
+def test_queue_position_counts_the_queued_jobs_ahead(store):
+    first, second, third = (store.create(make_job(created_at=t)) for t in (1.0, 2.0, 2.0))
+    assert [store.queue_position(j.id) for j in (first, second, third)] == [0, 1, 2]
+    store.mark_running(first.id)
+    assert [store.queue_position(j.id) for j in (first, second, third)] == [None, 0, 1]
+    assert store.queue_position("no-such-job") is None

@@ -260,7 +260,7 @@ def test_sync_run_answers_the_output(fal):
     r = run.post(f"/{DISTILLED}", json={"prompt": "fog", "seed": 3, **FAST})
     assert r.status_code == 200, r.text
     out = r.json()
-    assert set(out) == {"video", "seed"} and out["seed"] == 3
+    assert set(out) == {"video", "seed", "variant"} and out["seed"] == 3 and out["variant"] == "tiny"
     assert out["video"]["url"].startswith(f"{RUN}/files/")  # downloadable from the host the client used
     assert r.headers["x-fal-request-id"] == out["video"]["file_name"][:32]
     assert run.get(path_of(out["video"]["url"])).status_code == 200

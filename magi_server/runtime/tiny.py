@@ -331,7 +331,8 @@ def _write_npz(path: Path, arrays: dict) -> None:
 
 def write_tiny_weights(root: Path, seed: int = 0, *, dit: DiTConfig | None = None) -> Path:
     """Write the tiny preset's complete weights folder under ``root`` (layout in the module docstring); ``dit``
-    replaces the preset's DiT config (e.g. :data:`TINY_CP_DIT`).
+    replaces the preset's DiT config (e.g. :data:`TINY_CP_DIT`, or a base model: ``distill=False``, which is then
+    sampled with classifier-free guidance, three passes per step, as the real base models are).
 
     Returns ``root/"tiny"``, the model folder (``--model`` / ``runtime_config.load``). Existing files of the same
     names are overwritten.
@@ -341,7 +342,8 @@ def write_tiny_weights(root: Path, seed: int = 0, *, dit: DiTConfig | None = Non
     dit = magi.dit if dit is None else dit
     model_folder = root / MODEL_FOLDER
     _write_dit(model_folder / weight_subfolder(dit), dit, seed)
-    _write_json(model_folder / CONFIG_NAME, _reference_config(magi.sampling, dit))
+    sampling = magi.sampling if dit.distill or dit.fp8_quant else dataclasses.replace(magi.sampling, cfg_number=3)
+    _write_json(model_folder / CONFIG_NAME, _reference_config(sampling, dit))
     _write_vae(root / "vae", TINY_VAE, seed)
     _write_t5(root / "t5" / T5_SUBFOLDER, dit.caption_channels, seed)
     _write_npz(root / SPECIAL_TOKENS_NAME, tiny_special_tokens(dit.caption_channels, seed))

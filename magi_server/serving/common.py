@@ -63,6 +63,7 @@ from magi_server.serving.events import EventHub, StoreBacklog
 from magi_server.serving.jobs import (MAX_IDEMPOTENCY_KEY_LEN, DamagedJob, IdempotencyConflict, Job, JobStatus,
                                       JobStore, JobStoreError, QueueFull, QuotaExceeded)
 from magi_server.serving.files import ACCEPTED_KINDS, UPLOAD_NAME, FileSigner, MediaKind, sniff_media
+from magi_server.serving.routing import Router, UnservedRoute
 from magi_server.serving.settings import ServerSettings
 
 log = logging.getLogger("magi_server.serving.common")
@@ -172,6 +173,7 @@ class ServerContext:
     store_queue_bound: int | None = None
     runs_jobs: bool = True
     listener: Any = None  # the job store's notifications (jobs_postgres.StoreListener), stopped at shutdown
+    router: Router | None = None  # which served variant runs each hosted route (serving.routing)
     # where finished outputs live when not in outputs_dir (settings.output_store): a serving.outputs.OutputStore
     output_store: Any = None
 
@@ -213,6 +215,12 @@ class ServerContext:
         """The signed URL of an output or chunk preview: the SDKs download it without our API key. ``base``: the
         listener the client used (fal), else the public base URL; ``expires``: unix seconds (default: the TTL)."""
         return (base or self.settings.base_url()) + self.signer.sign(f"/files/{name}", expires)
+
+    def engine_for(self, variant: str | None):
+        """The engine that runs ``variant``'s jobs: a member of an EngineGroup, else the one engine (or the API
+        replica's shared queue)."""
+        member = getattr(self.engine, "member", None)
+        return self.engine if member is None else member(variant)
 
     def remove_output(self, name: str) -> None:
         """Delete an output or preview wherever it lives (the object store too); a missing one is fine."""
@@ -343,6 +351,8 @@ class ProviderRoute(APIRoute):
                 if isinstance(exc, Unavailable):  # its reason (a device error) stays in /health/ready and the log
                     return self.refuse(503, exc.message, retry)
                 return self.refuse(429, exc.message, retry)
+            except UnservedRoute as exc:
+                return self.refuse(404, str(exc))
             except IdempotencyConflict as exc:
                 return self.refuse(409, f"Idempotency-Key: {exc}")
             except DamagedJob as exc:
@@ -548,7 +558,8 @@ async def receive_upload(ctx: ServerContext, api: str, token: str, request: Requ
 
 
 async def build_params(ctx: ServerContext, *, prompt: str, image: ImageInput | None, resolution: str, aspect: str,
-                       num_frames: int, steps: int, seed: int | None, fields: Mapping[str, str]) -> GenerationParams:
+                       num_frames: int, steps: int, seed: int | None, fields: Mapping[str, str],
+                       limits: ModelLimits | None = None) -> GenerationParams:
     """A provider request as the contract's GenerationParams, checked by :func:`validate` against the served
     model's limits; a refusal names the provider's field (``fields`` maps the contract's parameter names to the
     provider's). The input image ("auto" takes the aspect ratio from its header) is decoded and stored at the
@@ -561,7 +572,7 @@ async def build_params(ctx: ServerContext, *, prompt: str, image: ImageInput | N
         params = validate(GenerationParams(
             prompts=(prompt,), width=width, height=height, num_frames=num_frames, num_inference_steps=steps,
             seed=resolve_seed(seed), image_path=None if image_path is None else str(image_path), trim_to_frames=True,
-        ), ctx.limits)
+        ), ctx.limits if limits is None else limits)
     except ParamError as exc:
         raise ParamError(fields.get(exc.param, exc.param), exc.message, exc.kind) from None
     if image is not None:
@@ -591,17 +602,30 @@ def fingerprint(*parts) -> str:
 
 
 class Admission:
-    """A submit let in by :func:`admitted`: it holds a queue slot until :meth:`commit` hands it to the job (or
-    the submit ends without a job and the slot is given back)."""
+    """A submit let in by :func:`admitted`: it holds a queue slot of its variant's engine until :meth:`commit`
+    hands it to the job (or the submit ends without a job and the slot is given back). ``choice``: the variant
+    the route runs and the model name responses give (serving.routing; None on a context without a router)."""
 
-    def __init__(self, ctx: ServerContext, owner: str, idempotency_key: str | None) -> None:
+    def __init__(self, ctx: ServerContext, owner: str, idempotency_key: str | None, engine, choice) -> None:
         self.ctx, self.owner, self.idempotency_key = ctx, owner, idempotency_key
+        self.engine, self.choice = engine, choice
         self._holds_slot = True
+
+    @property
+    def limits(self) -> ModelLimits:
+        """What the request is validated against: its variant's limits (and this server's prompt cap)."""
+        if self.choice is None:
+            return self.ctx.limits
+        return replace(self.choice.variant.limits, max_prompt_chars=self.ctx.settings.max_prompt_chars)
+
+    def model(self, route: str) -> str:
+        """The model name this submit's responses give: the route's own id, or the variant that runs instead."""
+        return route if self.choice is None else self.choice.model
 
     def release(self) -> None:
         if self._holds_slot:
             self._holds_slot = False
-            self.ctx.engine.unreserve()
+            self.engine.unreserve()
 
     async def commit(self, *, api: str, model: str, params: GenerationParams, meta: dict | None = None,
                      request_fingerprint: str = "") -> Job:
@@ -610,30 +634,35 @@ class Admission:
         request raises IdempotencyConflict. A request that made no job leaves nothing stored (its input image is
         removed) and gives its slot back."""
         self._holds_slot = False  # _commit owns the slot now, and settles it even if this request is cancelled
-        return await asyncio.to_thread(_commit, self.ctx, api=api, model=model, params=params, owner=self.owner,
-                                       meta=meta, idempotency_key=self.idempotency_key,
-                                       request_fingerprint=request_fingerprint)
+        variant = None if self.choice is None else self.choice.variant.name
+        return await asyncio.to_thread(_commit, self.ctx, self.engine, api=api, model=model, params=params,
+                                       owner=self.owner, meta=meta, idempotency_key=self.idempotency_key,
+                                       request_fingerprint=request_fingerprint, variant=variant)
 
 
 @asynccontextmanager
-async def admitted(ctx: ServerContext, *, owner: str, idempotency_key: str | None = None) -> AsyncIterator[Admission]:
-    """Admission, before the request costs anything (no fetch, no decode, nothing stored): the engine must take
-    work (else Unavailable: 503), a queue slot is reserved (else Overloaded: 429) and the owner must be under its
-    key quota (Overloaded). Inside the block the request reads its image and commits; a block that ends without
+async def admitted(ctx: ServerContext, *, owner: str, idempotency_key: str | None = None,
+                   route: str | None = None) -> AsyncIterator[Admission]:
+    """Admission, before the request costs anything (no fetch, no decode, nothing stored): the route must have a
+    variant to run it (else UnservedRoute: a 4xx naming the served variants), its engine must take work (else
+    Unavailable: 503), a queue slot is reserved (else Overloaded: 429) and the owner must be under its key quota
+    (Overloaded). Inside the block the request reads its image and commits; a block that ends without
     :meth:`Admission.commit` gives the slot back."""
-    if not ctx.engine.accepting():
+    choice = ctx.router.resolve(route) if ctx.router is not None and route is not None else None
+    engine = ctx.engine_for(None if choice is None else choice.variant.name)
+    if not engine.accepting():
         _count_rejection(ctx, "engine_dead")
-        if ctx.engine.draining:
-            raise Unavailable(ctx.engine.retry_after_s, "draining",
+        if engine.draining:
+            raise Unavailable(engine.retry_after_s, "draining",
                               "the server is shutting down; retry shortly (another instance may take it)")
         # reliability goal 11: no job is accepted into a dead GPU loop (readiness is already 503)
-        raise Unavailable(ctx.engine.retry_after_s, ctx.engine.dead_reason or "the GPU loop is not running")
+        raise Unavailable(engine.retry_after_s, engine.dead_reason or "the GPU loop is not running")
     try:
-        ctx.engine.try_reserve()
+        engine.try_reserve()
     except QueueFullError as exc:
         _count_rejection(ctx, "queue_full")
         raise Overloaded(exc.retry_after_s) from None
-    admission = Admission(ctx, owner, idempotency_key)
+    admission = Admission(ctx, owner, idempotency_key, engine, choice)
     try:
         quota = ctx.key_quota
         # a cheap look at the owner's jobs (the store's create(quota=) stays the final word). Skipped with an
@@ -643,7 +672,7 @@ async def admitted(ctx: ServerContext, *, owner: str, idempotency_key: str | Non
                                                  limit=quota, owner=owner))
             if active >= quota:
                 _count_rejection(ctx, "key_quota")
-                raise Overloaded(ctx.engine.retry_after_s, str(QuotaExceeded(active, quota)))
+                raise Overloaded(engine.retry_after_s, str(QuotaExceeded(active, quota)))
         yield admission
     finally:
         admission.release()
@@ -654,11 +683,11 @@ def _count_rejection(ctx: ServerContext, reason: str) -> None:
         ctx.metrics.jobs_rejected.labels(reason=reason).inc()
 
 
-def _commit(ctx: ServerContext, *, api: str, model: str, params: GenerationParams, owner: str, meta: dict | None,
-            idempotency_key: str | None, request_fingerprint: str) -> Job:
-    """:meth:`Admission.commit`'s blocking part; it settles the queue slot the submit holds."""
+def _commit(ctx: ServerContext, engine, *, api: str, model: str, params: GenerationParams, owner: str,
+            meta: dict | None, idempotency_key: str | None, request_fingerprint: str, variant: str | None) -> Job:
+    """:meth:`Admission.commit`'s blocking part; it settles the queue slot the submit holds in ``engine``."""
     try:
-        job, created = Job.new(api, model, params, owner=owner, meta=meta or {}), True
+        job, created = Job.new(api, model, params, owner=owner, meta=meta or {}, variant=variant), True
         bounds = {"quota": ctx.key_quota, "max_queued": ctx.store_queue_bound}
         if idempotency_key is None:
             job = ctx.store.create(job, **bounds)
@@ -666,19 +695,19 @@ def _commit(ctx: ServerContext, *, api: str, model: str, params: GenerationParam
             job, created = ctx.store.create_idempotent(job, idempotency_key, request_fingerprint,
                                                        ttl_s=IDEMPOTENCY_TTL_S, **bounds)
     except (QuotaExceeded, QueueFull) as exc:
-        ctx.engine.unreserve()
+        engine.unreserve()
         _discard_input(params)
         _count_rejection(ctx, "key_quota" if isinstance(exc, QuotaExceeded) else "queue_full")
-        raise Overloaded(ctx.engine.retry_after_s, str(exc)) from None
+        raise Overloaded(engine.retry_after_s, str(exc)) from None
     except BaseException:
-        ctx.engine.unreserve()
+        engine.unreserve()
         _discard_input(params)
         raise
     if not created:  # a repeat: the first submit's job stands
-        ctx.engine.unreserve()
+        engine.unreserve()
         _discard_input(params)
         return job
-    ctx.engine.submit(job.id, job.params, reserved=True)
+    engine.submit(job.id, job.params, reserved=True)
     if ctx.metrics is not None:
         ctx.metrics.jobs_submitted.labels(api=api).inc()
     ctx.hub.publish(job.id, "status", status=JobStatus.QUEUED)

@@ -594,6 +594,15 @@ class JobStore:
         with self._read() as conn:
             return conn.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (JobStatus.QUEUED.value,)).fetchone()[0]
 
+    def queue_position(self, job_id: str) -> int | None:
+        """0-based place of a QUEUED job among the queued ones (oldest first); None when it is not queued."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT (SELECT COUNT(*) FROM jobs o WHERE o.status = 'queued' AND (o.created_at < j.created_at "
+                "OR (o.created_at = j.created_at AND o.rowid < j.rowid))) FROM jobs j WHERE j.id = ? "
+                "AND j.status = 'queued'", (_text(job_id),)).fetchone()
+        return None if row is None else int(row[0])
+
     # -- transitions ----------------------------------------------------------------------------------------
 
     def _transition(self, job_id: str, allowed: Iterable[JobStatus], sets: str, args: tuple = (), *,

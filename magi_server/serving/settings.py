@@ -14,7 +14,9 @@ from magi_server.params import MAX_PROMPT_CHARS
 class ServerSettings:
     """Everything ``magi-server serve`` is configured with (the CLI builds it; nothing reads env vars below it)."""
 
-    model: str = "tiny"  # preset name or weights folder
+    model: str = "tiny"  # preset name or weights folder (or NAME=FOLDER): the first served variant
+    more_models: tuple[str, ...] = ()  # further variants served at once (--model repeated; serving/routing.py)
+    route_map: tuple[tuple[str, str], ...] = ()  # (hosted route, variant name) the operator fixed (--route-map)
     host: str = "127.0.0.1"
     port: int = 8000
     db_path: str = "magi-server.db"

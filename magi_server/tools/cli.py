@@ -194,15 +194,19 @@ def _server_settings(args: argparse.Namespace, *, runs_model: bool, answers_http
     from magi_server.serving.outputs import is_s3_url
 
     in_object_store = is_s3_url(args.outputs)
-    fields = dict(model=args.model, db_path=args.db, outputs_dir=args.scratch if in_object_store else args.outputs,
+    models = args.model or ["tiny"]
+    fields = dict(model=models[0], more_models=tuple(models[1:]), db_path=args.db,
+                  outputs_dir=args.scratch if in_object_store else args.outputs,
                   output_store=args.outputs if in_object_store else None,
                   cache_dir=str(_cache_dir(args.cache_dir)), drain_timeout_s=args.drain_timeout)
-    model_config(args.model)  # e.g. a preset not downloaded yet: one line naming the command, before any loading
+    if runs_model:  # e.g. a preset not downloaded yet: one line naming the command, before any loading
+        for model in models:
+            model_config(_model_location(model))
     if answers_http:
         keys = list(args.api_key or [])
         env_keys = os.environ.get("MAGI_SERVER_API_KEYS", "")
         keys += [k.strip() for k in env_keys.split(",") if k.strip()]
-        tiny = str(args.model).lower() == "tiny"
+        tiny = all(str(_model_location(model)).lower() == "tiny" for model in models)
         fields.update(
             host=args.host, port=args.port, public_base_url=args.public_url, api_keys=tuple(keys),
             max_queue=args.max_queue, max_queue_per_key=args.max_queue_per_key, sync_timeout_s=args.sync_timeout,
@@ -211,10 +215,11 @@ def _server_settings(args: argparse.Namespace, *, runs_model: bool, answers_http
             tls_keyfile=args.tls_key, max_body_bytes=args.max_body_mb * 1024 * 1024,
             keep_jobs_s=args.keep_jobs_hours * 3600.0 or None, max_connections=args.max_connections,
             header_timeout_s=args.header_timeout, file_url_ttl_s=args.file_url_ttl_hours * 3600.0,
-            file_url_secret=os.environ.get("MAGI_SERVER_URL_SECRET") or None)
+            file_url_secret=os.environ.get("MAGI_SERVER_URL_SECRET") or None,
+            route_map=tuple(_route_map(args.route_map).items()))
     if runs_model:
         device = _device(args.device)
-        budget = _serving_memory_budget(args.model, device, args.device_memory)
+        budget = _serving_memory_budget(_model_location(models[0]), device, args.device_memory)
         if args.cp < 1:
             raise ValueError("--cp must be at least 1")
         fields.update(device=device, max_batch_size=args.max_batch, job_timeout_s=args.job_timeout or None,
@@ -225,7 +230,26 @@ def _server_settings(args: argparse.Namespace, *, runs_model: bool, answers_http
         fields["lease_s"] = args.lease_seconds
     if getattr(args, "worker_id", None):
         fields["worker_id"] = args.worker_id
-    return ServerSettings(**fields)
+    settings = ServerSettings(**fields)
+    _check_route_map(settings)
+    return settings
+
+
+def _check_route_map(settings) -> None:
+    """ValueError with one line for a --route-map naming an unknown route or a variant not served (before any
+    model loads)."""
+    from magi_server.composition import model_specs
+    from magi_server.serving.routing import ROUTE_PROMISES, RouteMapError
+
+    names = [name for name, _ in model_specs(settings)]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model: two --model values have the same variant name ({', '.join(names)}); name them "
+                         f"with NAME=DIR")
+    for route, name in settings.route_map:
+        if route not in ROUTE_PROMISES:
+            raise RouteMapError(f"--route-map: unknown route {route!r}; routes: {', '.join(ROUTE_PROMISES)}")
+        if name not in names:
+            raise RouteMapError(f"--route-map: {route} -> {name!r}, which is not served; served: {', '.join(names)}")
 
 
 def _check_store(location: str, *, shared: bool = False) -> int:
@@ -288,10 +312,13 @@ def _run_server(args: argparse.Namespace, *, runs_model: bool) -> int:
         from functools import partial
 
         from magi_server.composition import build_api_context
-        from magi_server.models.config import model_limits
-        from magi_server.tools.generate import model_config
 
-        build = partial(_build_api, build_api_context, limits=model_limits(model_config(args.model)))
+        try:
+            variants = _served_variants(settings)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        build = partial(_build_api, build_api_context, variants=variants)
     try:
         serve(settings, build=build)
     except JobStoreUnusable as exc:  # opened again by serve(): the store may have changed since the check above
@@ -300,8 +327,36 @@ def _run_server(args: argparse.Namespace, *, runs_model: bool) -> int:
     return 0
 
 
-def _build_api(build_api_context, settings, store, *, limits):
-    return build_api_context(settings, store=store, limits=limits)
+def _build_api(build_api_context, settings, store, *, variants):
+    return build_api_context(settings, store=store, variants=variants)
+
+
+def _model_location(spec: str) -> str:
+    """The preset or folder of a --model value (``NAME=DIR`` names a folder)."""
+    name, sep, path = str(spec).partition("=")
+    return path.strip() if sep and name.strip() and path.strip() else spec
+
+
+def _route_map(items: list[str]) -> dict[str, str]:
+    from magi_server.serving.routing import parse_route_map
+
+    return parse_route_map(items)
+
+
+def _served_variants(settings) -> list:
+    """What an API replica routes to: each --model's variant, from its config alone (no weights are needed here:
+    a preset's config is known, a folder's is read). ValueError with one line for a model it cannot describe."""
+    from magi_server.composition import make_router, model_specs, variant_for
+    from magi_server.models.config import canonical_preset_name, preset
+    from magi_server.tools.generate import model_config
+
+    variants = []
+    for name, location in model_specs(settings):
+        canonical = canonical_preset_name(location)
+        config = preset(canonical) if canonical is not None else model_config(location)
+        variants.append(variant_for(name, config))
+    make_router(settings, variants)  # a --route-map naming an unknown route or variant is one line, now
+    return variants
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -416,9 +471,11 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 def _store_flags(p: argparse.ArgumentParser, *, db_help: str, db_required: bool = False) -> None:
     """Flags of every process that serves jobs (serve, api, worker)."""
-    p.add_argument("--model", default="tiny", metavar="PRESET|DIR",
+    p.add_argument("--model", action="append", metavar="PRESET|DIR|NAME=DIR",
                    help="a preset that magi-server download fetched (e.g. 4.5B-distill, found in the Hugging Face "
-                        "cache), a weights folder, or 'tiny' (default: tiny, random weights)")
+                        "cache), a weights folder (NAME=DIR names it), or 'tiny' (default: tiny, random weights). "
+                        "serve and api take it repeated: every variant named is served, each hosted route by the "
+                        "variant it promises (a 24B route by a 24B model, ...); a worker runs one")
     if db_required:
         p.add_argument("--db", required=True, help=db_help)
     else:
@@ -461,6 +518,9 @@ def _http_flags(p: argparse.ArgumentParser) -> None:
                         "closed for a new one, else 503)")
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
                    help="seconds a client has to send a request's headers (slow or silent sockets are closed)")
+    p.add_argument("--route-map", action="append", default=[], metavar="ROUTE=VARIANT",
+                   help="run a hosted route (e.g. wavespeed-ai/magi-1-24b, fal-ai/magi, magichour) by this served "
+                        "variant whatever it promises; responses then name the variant that ran (repeatable)")
     p.add_argument("--fal-queue-port", type=int, default=None, help="TLS port for fal-client's queue calls")
     p.add_argument("--fal-run-port", type=int, default=None, help="TLS port for fal-client's sync calls")
     p.add_argument("--tls-cert", default=None, help="certificate (PEM) for the fal listeners")

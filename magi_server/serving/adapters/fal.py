@@ -37,7 +37,7 @@ from pydantic import BaseModel, BeforeValidator, Field, StrictBool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from magi_server.params import MAX_SEED, GenerationParams
+from magi_server.params import MAX_SEED, GenerationParams, ModelLimits
 from magi_server.serving.common import (
     MAX_IMAGE_REF_CHARS,
     AspectRatio,
@@ -168,15 +168,15 @@ def app_base(app_id: str) -> str:
     return "/".join(app_id.split("/")[:2])
 
 
-async def to_params(ctx: ServerContext, body: BaseModel) -> GenerationParams:
-    """A valid fal input -> GenerationParams; fetches the image and stores it at the working size. Raises
-    ParamError naming the field."""
+async def to_params(ctx: ServerContext, body: BaseModel, limits: ModelLimits | None = None) -> GenerationParams:
+    """A valid fal input -> GenerationParams (checked against ``limits``: the variant's that will run it); fetches
+    the image and stores it at the working size. Raises ParamError naming the field."""
     image_url = getattr(body, "image_url", None)
     image = None if image_url is None else await read_image_field(ctx, image_url, "image_url")
     return await build_params(
         ctx, prompt=body.prompt, image=image,
         resolution=body.resolution, aspect=body.aspect_ratio, num_frames=body.num_frames,
-        steps=body.num_inference_steps, seed=body.seed, fields=FIELDS,
+        steps=body.num_inference_steps, seed=body.seed, fields=FIELDS, limits=limits,
     )
 
 
@@ -241,6 +241,7 @@ def output_body(ctx: ServerContext, job: Job, base: str) -> dict:
         "video": {"url": ctx.file_url(name, base=base), "content_type": "video/mp4", "file_name": name,
                   "file_size": size},
         "seed": job.params.seed,
+        **({"variant": job.variant} if job.variant is not None else {}),  # the served model variant that ran it
     }
 
 
@@ -325,8 +326,9 @@ def build_router(ctx: ServerContext, *, sync: bool) -> APIRouter:
     async def accept(app: FalApp, body: BaseModel, owner: str, idempotency_key: str | None) -> Job:
         """Admit (queue, quota: before the image is fetched or decoded), validate, store the image and the job
         (nothing stored when refused)."""
-        async with admitted(ctx, owner=owner, idempotency_key=idempotency_key) as admission:
-            return await admission.commit(api="fal", model=app.app_id, params=await to_params(ctx, body),
+        async with admitted(ctx, owner=owner, idempotency_key=idempotency_key, route=app.app_id) as admission:
+            return await admission.commit(api="fal", model=admission.model(app.app_id),
+                                          params=await to_params(ctx, body, admission.limits),
                                           meta={"app": app.app_id},
                                           request_fingerprint=fingerprint(app.app_id, body.model_dump(mode="json")))
 

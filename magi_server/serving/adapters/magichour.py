@@ -49,7 +49,7 @@ from pydantic import AfterValidator, BaseModel, Field, Strict, StrictBool
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
-from magi_server.params import FPS, GenerationParams, ParamError
+from magi_server.params import FPS, GenerationParams, ModelLimits, ParamError
 from magi_server.serving.common import (
     MAX_IMAGE_REF_CHARS,
     RAW_BODY,
@@ -215,7 +215,8 @@ def _resolution(body: ImageToVideoBody) -> str:
     return requested
 
 
-async def to_params(ctx: ServerContext, body: ImageToVideoBody) -> tuple[GenerationParams, dict]:
+async def to_params(ctx: ServerContext, body: ImageToVideoBody,
+                    limits: ModelLimits | None = None) -> tuple[GenerationParams, dict]:
     """A valid Magic Hour body -> GenerationParams (+ meta). Raises ParamError naming the field. Every cheap check
     runs before the image is fetched, and the image is stored (at the working size) only once the request is
     valid."""
@@ -238,7 +239,7 @@ async def to_params(ctx: ServerContext, body: ImageToVideoBody) -> tuple[Generat
     params = await build_params(
         ctx, prompt=(body.style and body.style.prompt) or "", image=image,
         resolution=SERVED_TIER[requested], aspect="auto", num_frames=round(body.end_seconds * FPS),
-        steps=ctx.settings.default_steps, seed=None, fields=FIELDS,
+        steps=ctx.settings.default_steps, seed=None, fields=FIELDS, limits=limits,
     )
     name = body.name if body.name is not None else f"Image To Video - {iso_time(time.time())}"
     return params, {"name": name, "end_seconds": body.end_seconds, "resolution": requested, "model": model}
@@ -320,8 +321,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
     @router.post("/v1/image-to-video", responses=error_responses(MagicHourError, 409, 429))
     async def create(body: ImageToVideoBody, owner: str = Depends(tenant), idempotency_key: IdempotencyKey = None):
         # admission (queue, quota) before the image is fetched or decoded
-        async with admitted(ctx, owner=owner, idempotency_key=idempotency_key) as admission:
-            params, meta = await to_params(ctx, body)
+        async with admitted(ctx, owner=owner, idempotency_key=idempotency_key, route="magichour") as admission:
+            params, meta = await to_params(ctx, body, admission.limits)
             job = await admission.commit(
                 api="magichour", model=meta["model"], params=params, meta=meta,
                 request_fingerprint=fingerprint("image-to-video", body.model_dump(mode="json")))

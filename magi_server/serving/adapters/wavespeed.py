@@ -28,7 +28,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, Field, StrictBool
 from starlette.exceptions import HTTPException
 
-from magi_server.params import FPS, RANDOM_SEEDS, GenerationParams
+from magi_server.params import FPS, RANDOM_SEEDS, GenerationParams, ModelLimits
 from magi_server.serving.common import (
     MAX_IMAGE_REF_CHARS,
     RAW_BODY,
@@ -219,20 +219,22 @@ def prediction_data(ctx: ServerContext, job: Job, encoded: Base64Outputs) -> dic
         "progress": {"chunks_done": job.progress_done, "chunks_total": job.progress_total},
         "seed": job.params.seed,
     }
+    if job.variant is not None:  # the served model variant that runs it (model says so too, if not the route's)
+        data["variant"] = job.variant
     if job.status is JobStatus.FAILED:
         data["code"] = ERROR_CODES.get(job.error_code, 1403)
     return data
 
 
-async def to_params(ctx: ServerContext, body: SubmitBody) -> GenerationParams:
-    """A valid WaveSpeed body -> GenerationParams; fetches the image and stores it at the working size. Raises
-    ParamError naming the field."""
+async def to_params(ctx: ServerContext, body: SubmitBody, limits: ModelLimits | None = None) -> GenerationParams:
+    """A valid WaveSpeed body -> GenerationParams (checked against ``limits``: the variant's that will run it);
+    fetches the image and stores it at the working size. Raises ParamError naming the field."""
     s = ctx.settings
     return await build_params(
         ctx, prompt=body.prompt, image=await read_image_field(ctx, body.image, "image") if body.image else None,
         resolution=body.resolution or s.default_resolution, aspect=body.aspect_ratio or "auto",
         num_frames=body.num_frames or s.default_num_frames, steps=body.num_inference_steps or s.default_steps,
-        seed=body.seed, fields=FIELDS,
+        seed=body.seed, fields=FIELDS, limits=limits,
     )
 
 
@@ -259,9 +261,10 @@ def build_router(ctx: ServerContext) -> APIRouter:
                                          "result URL")
 
             # admission (queue, quota) before the image is fetched or decoded
-            async with admitted(ctx, owner=owner, idempotency_key=idempotency_key) as admission:
+            async with admitted(ctx, owner=owner, idempotency_key=idempotency_key, route=model_id) as admission:
                 job = await admission.commit(
-                    api="wavespeed", model=model_id, params=await to_params(ctx, body),
+                    api="wavespeed", model=admission.model(model_id),
+                    params=await to_params(ctx, body, admission.limits),
                     meta={"base64_output": bool(body.enable_base64_output),
                           "resolution": body.resolution or ctx.settings.default_resolution},
                     request_fingerprint=fingerprint(model_id, body.model_dump(mode="json")))
