@@ -411,3 +411,15 @@ def test_every_status_change_and_published_event_is_heard_by_listeners(leased_st
     finally:
         listener.stop()
     assert not listener.connected.is_set()
+
+
+def test_a_restarting_serve_leaves_the_workers_leased_jobs_alone(leased_stores):
+    """One database, a `serve` process and workers: the serve's restart re-queues its own orphaned job (no lease)
+    but not a job a live worker holds."""
+    a, b, _ = leased_stores
+    own, leased = a.create(make_job(created_at=1.0)), a.create(make_job(created_at=2.0))
+    assert a.mark_running(own.id) is not None
+    assert b.claim("w1", None, lease_s=30).id == leased.id
+    assert a.recover_after_restart(max_attempts=2) == ([own.id], [])
+    assert b.get(leased.id).status is JobStatus.RUNNING
+    assert b.complete(leased.id, ["x.mp4"], 1, worker_id="w1") is not None

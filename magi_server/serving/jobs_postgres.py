@@ -556,9 +556,9 @@ class PostgresJobStore:
         """Resolve jobs a dead process left RUNNING: back to QUEUED while attempts < max_attempts, else FAILED with
         error_code "interrupted". Returns (requeued ids, failed ids), oldest first.
 
-        Like the SQLite store's, this treats every RUNNING row as orphaned: right for one `serve` process per
-        database, called once before its engine starts. Workers sharing the database hold leases instead, and
-        :meth:`requeue_expired_leases` resolves the jobs of those that died."""
+        Like the SQLite store's, this treats every RUNNING row without a lease as orphaned: right for one `serve`
+        process per database, called once before its engine starts. Jobs leased to workers sharing the database
+        are left alone: :meth:`requeue_expired_leases` resolves the jobs of those that died."""
         return self._resolve_orphans(max_attempts, "the server stopped while this job was running",
                                      lapsed_leases_only=False)
 
@@ -569,7 +569,9 @@ class PostgresJobStore:
             raise ValueError("max_attempts must be at least 1")
         with self._transaction() as conn:
             now = self._clock()
-            lapsed = " AND lease_expires_at < %s" if lapsed_leases_only else ""
+            # a serve process's own jobs hold no lease; a worker's leased job is the sweeper's to judge, never a
+            # restarting serve's (it would steal a job a live worker is running)
+            lapsed = " AND lease_expires_at < %s" if lapsed_leases_only else " AND lease_owner IS NULL"
             rows = conn.execute(f"SELECT id, attempts FROM {JOBS_TABLE} WHERE status = %s{lapsed} "
                                 f"ORDER BY created_at, seq FOR UPDATE SKIP LOCKED",
                                 (JobStatus.RUNNING.value, *((now,) if lapsed_leases_only else ()))).fetchall()
