@@ -92,6 +92,10 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "magi_server", self.command, "--model", self.model, *device,
                "--host", "127.0.0.1", "--port", str(self.port), "--db", str(self.db), "--outputs", str(self.outputs),
                "--cache-dir", str(self.cache), *self.extra_args]
+        self._run(cmd)
+
+    def _run(self, cmd: list[str]) -> None:
+        """Start ``cmd`` in a session of its own, its output appended to the log."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **self.env}
         env.pop("MAGI_SERVER_API_KEYS", None)  # auth must be off for these tests whatever the caller's shell has
         with open(self.log_path, "ab") as log:
@@ -159,31 +163,23 @@ class ServerProcess:
         self.close()
 
 
-class WorkerProcess:
+class WorkerProcess(ServerProcess):
     """``python -m magi_server worker --model tiny`` over a shared PostgreSQL store; ready once it logs so. Its own
-    session, like ServerProcess, so close() also ends the encoders a killed worker left behind."""
+    session, like ServerProcess (whose kill9, close and log_tail it shares), so close() also ends the encoders a
+    killed worker left behind."""
 
     def __init__(self, *, db: str, outputs: Path | str, cache: Path, log: Path, extra_args: tuple[str, ...] = (),
                  env: dict | None = None) -> None:
-        self.db, self.outputs, self.cache, self.log_path = db, _location(outputs), Path(cache), Path(log)
-        self.extra_args = tuple(extra_args)
-        self.env = dict(env or {})
-        self.proc: subprocess.Popen | None = None
+        super().__init__(db=db, outputs=outputs, cache=cache, log=log, extra_args=extra_args, command="worker",
+                         env=env)
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    def _spawn(self) -> None:
+        cmd = [sys.executable, "-m", "magi_server", "worker", "--model", self.model, "--device", "cpu",
+               "--db", str(self.db), "--outputs", str(self.outputs), "--cache-dir", str(self.cache), *self.extra_args]
+        self._run(cmd)
 
     def spawn(self) -> "WorkerProcess":
-        cmd = [sys.executable, "-m", "magi_server", "worker", "--model", "tiny", "--device", "cpu",
-               "--db", self.db, "--outputs", str(self.outputs), "--cache-dir", str(self.cache), *self.extra_args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **self.env}
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n===== start {' '.join(cmd)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self._spawn()
         return self
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> "WorkerProcess":
@@ -198,34 +194,3 @@ class WorkerProcess:
 
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> "WorkerProcess":
         return self.spawn().wait_ready(timeout_s)
-
-    def kill9(self) -> None:
-        os.kill(self.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def close(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    pass
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        finally:
-            self.proc = None
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"

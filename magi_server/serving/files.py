@@ -243,6 +243,22 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None | str:
     return start, end
 
 
+def _serve_range(headers, range_header: str | None, size: int) -> tuple[int, int, int]:
+    """(start, end exclusive, status) of the bytes a response sends for ``Range: range_header`` of ``size`` bytes:
+    200 whole, 206 one range, 416 none; sets ``content-range`` and ``content-length`` in ``headers``."""
+    start, end, status = 0, size, 200
+    wanted = _byte_range(range_header, size)
+    if wanted == "unsatisfiable":
+        status, end = 416, 0
+        headers["content-range"] = f"bytes */{size}"
+    elif wanted is not None:
+        status = 206
+        start, end = wanted
+        headers["content-range"] = f"bytes {start}-{end - 1}/{size}"
+    headers["content-length"] = str(end - start)
+    return start, end, status
+
+
 class StoredFileResponse(Response):
     """Streams an already opened file descriptor (closed when done), with single byte ranges (video players seek
     with them). Starlette's FileResponse opens its path again, which would follow a link swapped in meanwhile."""
@@ -250,16 +266,7 @@ class StoredFileResponse(Response):
     def __init__(self, fd: int, info: os.stat_result, range_header: str | None, headers: dict[str, str]) -> None:
         super().__init__(status_code=200, headers={**headers, "accept-ranges": "bytes"})
         self.fd = fd
-        self.start, self.end = 0, info.st_size
-        wanted = _byte_range(range_header, info.st_size)
-        if wanted == "unsatisfiable":
-            self.status_code, self.end = 416, 0
-            self.headers["content-range"] = f"bytes */{info.st_size}"
-        elif wanted is not None:
-            self.status_code = 206
-            self.start, self.end = wanted
-            self.headers["content-range"] = f"bytes {self.start}-{self.end - 1}/{info.st_size}"
-        self.headers["content-length"] = str(self.end - self.start)
+        self.start, self.end, self.status_code = _serve_range(self.headers, range_header, info.st_size)
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -285,16 +292,7 @@ class StoredObjectResponse(Response):
     def __init__(self, reader, range_header: str | None, headers: dict[str, str]) -> None:
         super().__init__(status_code=200, headers={**headers, "accept-ranges": "bytes"})
         self.reader = reader
-        self.start, self.end = 0, reader.size
-        wanted = _byte_range(range_header, reader.size)
-        if wanted == "unsatisfiable":
-            self.status_code, self.end = 416, 0
-            self.headers["content-range"] = f"bytes */{reader.size}"
-        elif wanted is not None:
-            self.status_code = 206
-            self.start, self.end = wanted
-            self.headers["content-range"] = f"bytes {self.start}-{self.end - 1}/{reader.size}"
-        self.headers["content-length"] = str(self.end - self.start)
+        self.start, self.end, self.status_code = _serve_range(self.headers, range_header, reader.size)
 
     async def __call__(self, scope, receive, send) -> None:
         pieces = self.reader.iter_bytes(self.start, self.end) if self.end > self.start else iter(())
