@@ -99,9 +99,11 @@ def test_readme_serve_command_from_a_fresh_clone(tmp_path):
         info = probe_video(out)
         assert (info.frames, info.width, info.height) == (48, 96, 64)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        try:  # the group is gone when the command died early: the failure above is the one to report
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(30)
+        except ProcessLookupError:
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
