@@ -236,7 +236,37 @@ def _is_corruption(exc: BaseException | None) -> bool:
     return isinstance(exc, sqlite3.DatabaseError) and code is not None and code & 0xFF in (11, 26)
 
 
-class JobStore:
+class IdempotentCreate:
+    """The Stripe-style submit both stores make the same decision for (jobs_postgres.PostgresJobStore too): inside
+    the store's own write transaction, with its own lock held, look the key up; a key older than the TTL is
+    forgotten, the same body replays, another body is a conflict; a new job passes the quota and the queue bound.
+    Each store supplies the SQL: ``_key_row``, ``_forget_key``, ``_check_quota``, ``_check_queue``, ``_insert``,
+    ``_fetch`` and ``_clock``."""
+
+    @staticmethod
+    def _check_key(key: str, fingerprint: str) -> None:
+        if not key or len(key) > MAX_IDEMPOTENCY_KEY_LEN:
+            raise ValueError(f"idempotency key must be 1..{MAX_IDEMPOTENCY_KEY_LEN} characters")
+        if not fingerprint:
+            raise ValueError("fingerprint must not be empty")
+
+    def _create_keyed(self, conn, job: Job, key: str, safe_key: str, safe_fp: str, owner: str,
+                      ttl_s: float | None, quota: int | None, max_queued: int | None) -> tuple[Job, bool]:
+        row = self._key_row(conn, owner, safe_key)
+        if row is not None:
+            existing_id, stored_fp, created_at = row
+            if ttl_s is not None and created_at < self._clock() - ttl_s:
+                self._forget_key(conn, existing_id)
+            elif stored_fp == safe_fp:
+                return self._fetch(conn, existing_id), False
+            else:
+                raise IdempotencyConflict("idempotency key was already used with a different request body")
+        self._check_quota(conn, owner, quota)
+        self._check_queue(conn, max_queued)
+        return self._insert(conn, replace(job, idempotency_key=key), safe_fp), True
+
+
+class JobStore(IdempotentCreate):
     """Durable job table in one SQLite file. Every write has committed (and, with FULL, fsynced) on return.
 
     `synchronous`: FULL (default) survives power loss; NORMAL survives only a process crash, one fsync cheaper
@@ -479,29 +509,21 @@ class JobStore:
         :meth:`create` (a replay is never refused).
         """
         self._check_new(job)
-        if not key or len(key) > MAX_IDEMPOTENCY_KEY_LEN:
-            raise ValueError(f"idempotency key must be 1..{MAX_IDEMPOTENCY_KEY_LEN} characters")
-        if not fingerprint:
-            raise ValueError("fingerprint must not be empty")
+        self._check_key(key, fingerprint)
         safe_key, safe_fp, owner = _text(key), _text(fingerprint), _text(job.owner)
         # BEGIN IMMEDIATE takes SQLite's write lock before the lookup, so two replicas cannot both miss and both
         # insert; the unique index is the backstop if someone writes the table without this method.
         with self._write() as conn:
-            row = conn.execute(
-                "SELECT id, idempotency_fingerprint, created_at FROM jobs WHERE owner = ? AND idempotency_key = ?",
-                (owner, safe_key)).fetchone()
-            if row is not None:
-                existing_id, stored_fp, created_at = row
-                if ttl_s is not None and created_at < self._clock() - ttl_s:
-                    conn.execute("UPDATE jobs SET idempotency_key = NULL, idempotency_fingerprint = NULL "
-                                 "WHERE id = ?", (existing_id,))
-                elif stored_fp == safe_fp:
-                    return self._fetch(conn, existing_id), False
-                else:
-                    raise IdempotencyConflict("idempotency key was already used with a different request body")
-            self._check_quota(conn, owner, quota)
-            self._check_queue(conn, max_queued)
-            return self._insert(conn, replace(job, idempotency_key=key), safe_fp), True
+            return self._create_keyed(conn, job, key, safe_key, safe_fp, owner, ttl_s, quota, max_queued)
+
+    @staticmethod
+    def _key_row(conn: sqlite3.Connection, owner: str, key: str) -> tuple | None:
+        return conn.execute("SELECT id, idempotency_fingerprint, created_at FROM jobs WHERE owner = ? AND "
+                            "idempotency_key = ?", (owner, key)).fetchone()
+
+    @staticmethod
+    def _forget_key(conn: sqlite3.Connection, job_id: str) -> None:
+        conn.execute("UPDATE jobs SET idempotency_key = NULL, idempotency_fingerprint = NULL WHERE id = ?", (job_id,))
 
     # -- reads ----------------------------------------------------------------------------------------------
 

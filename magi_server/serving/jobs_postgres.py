@@ -58,15 +58,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 
 from magi_server.serving.jobs import (
     _COLUMNS,
     _ACTIVE,
-    MAX_IDEMPOTENCY_KEY_LEN,
     TERMINAL,
     DuplicateJob,
-    IdempotencyConflict,
+    IdempotentCreate,
     Job,
     JobStatus,
     JobStore,
@@ -254,7 +252,7 @@ def migrate(dsn: str, *, connect_timeout_s: float = 10.0, lock_timeout_s: float 
         raise JobStoreUnusable(f"the job store {redact_dsn(dsn)} cannot be opened: {exc}") from exc
 
 
-class PostgresJobStore:
+class PostgresJobStore(IdempotentCreate):
     """Durable job table on a PostgreSQL server; every write has committed on return (with the server's
     `synchronous_commit`, on by default, that is flushed to its WAL). Public methods as `jobs.JobStore`.
 
@@ -389,10 +387,7 @@ class PostgresJobStore:
         `ttl_s`: a key older than this is forgotten and the call creates a new job; the old job keeps everything
         but its key. `quota` as for :meth:`create` (a replay is never refused)."""
         self._check_new(job)
-        if not key or len(key) > MAX_IDEMPOTENCY_KEY_LEN:
-            raise ValueError(f"idempotency key must be 1..{MAX_IDEMPOTENCY_KEY_LEN} characters")
-        if not fingerprint:
-            raise ValueError("fingerprint must not be empty")
+        self._check_key(key, fingerprint)
         import psycopg
 
         safe_key, safe_fp, owner = _pg_text(key), _pg_text(fingerprint), _pg_text(job.owner)
@@ -410,21 +405,17 @@ class PostgresJobStore:
                                 ttl_s: float | None, quota: int | None, max_queued: int | None) -> tuple[Job, bool]:
         with self._transaction() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("idempotency", owner, safe_key),))
-            row = conn.execute(
-                f"SELECT id, idempotency_fingerprint, created_at FROM {JOBS_TABLE} "
-                f"WHERE owner = %s AND idempotency_key = %s", (owner, safe_key)).fetchone()
-            if row is not None:
-                existing_id, stored_fp, created_at = row
-                if ttl_s is not None and created_at < self._clock() - ttl_s:
-                    conn.execute(f"UPDATE {JOBS_TABLE} SET idempotency_key = NULL, idempotency_fingerprint = NULL "
-                                 f"WHERE id = %s", (existing_id,))
-                elif stored_fp == safe_fp:
-                    return self._fetch(conn, existing_id), False
-                else:
-                    raise IdempotencyConflict("idempotency key was already used with a different request body")
-            self._check_quota(conn, owner, quota)
-            self._check_queue(conn, max_queued)
-            return self._insert(conn, replace(job, idempotency_key=key), safe_fp), True
+            return self._create_keyed(conn, job, key, safe_key, safe_fp, owner, ttl_s, quota, max_queued)
+
+    @staticmethod
+    def _key_row(conn, owner: str, key: str) -> tuple | None:
+        return conn.execute(f"SELECT id, idempotency_fingerprint, created_at FROM {JOBS_TABLE} "
+                            f"WHERE owner = %s AND idempotency_key = %s", (owner, key)).fetchone()
+
+    @staticmethod
+    def _forget_key(conn, job_id: str) -> None:
+        conn.execute(f"UPDATE {JOBS_TABLE} SET idempotency_key = NULL, idempotency_fingerprint = NULL "
+                     f"WHERE id = %s", (job_id,))
 
     # -- reads ------------------------------------------------------------------------------------------------
 
