@@ -468,8 +468,9 @@ def serve(settings: ServerSettings, *, log_ready: bool = True, build=None) -> No
             for role, front in fronts.items():
                 front.app = create_app(ctx, role)
             if log_ready:
-                log.info("%s %s ready in %.1f s; serving on %s", "model" if ctx.runs_jobs else "API replica for",
-                         settings.model, time.monotonic() - started, settings.base_url())
+                log.info("%s %s %s in %.1f s; serving on %s", "model" if ctx.runs_jobs else "API replica for",
+                         ctx.model_name, "loaded" if ctx.runs_jobs else "ready", time.monotonic() - started,
+                         settings.base_url())
             await asyncio.wait({stop_wait, serving}, return_when=asyncio.FIRST_COMPLETED)
             if stopping.is_set():
                 await _drain(ctx, settings.drain_timeout_s, hurry)

@@ -131,7 +131,7 @@ def test_serve_preset_name_finds_the_cached_weights(prefilled_hf_home, tmp_path,
     monkeypatch.setenv("HF_HOME", str(prefilled_hf_home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with ServerProcess(db=tmp_path / "jobs.db", outputs=tmp_path / "out", cache=tmp_path / "cache",
-                       log=tmp_path / "serve.log", extra_args=("--model", "4.5B-distill")) as server:
+                       log=tmp_path / "serve.log", model="4.5B-distill") as server:
         ready = httpx.get(f"{server.url}/health/ready", timeout=5).json()
         assert ready["status"] == "ready"
     assert "model 4.5B-distill loaded" in server.log_tail()

@@ -142,14 +142,14 @@ def test_cancel_queued_and_running(tmp_path, pipeline):
 
         r = client.post(f"/api/v3/predictions/{queued}/cancel")
         assert r.status_code == 200 and r.json()["data"]["status"] == "cancelled"
-        steps_at_cancel = ctx.engine.steps_run
+        steps_at_cancel = ctx.engine_for(None).steps_run
         r = client.post(f"/api/v3/predictions/{running}/cancel")
         assert r.status_code == 200 and r.json()["data"]["status"] == "cancelled"
         # the engine lets go of it at the next safe point: at most the model call in flight completes
         _until(lambda: ctx.engine.running_count == 0, 10, "the running job to stop")
-        assert ctx.engine.steps_run - steps_at_cancel <= 1
+        assert ctx.engine_for(None).steps_run - steps_at_cancel <= 1
         time.sleep(0.3)  # and nothing runs afterwards
-        assert ctx.engine.steps_run - steps_at_cancel <= 1
+        assert ctx.engine_for(None).steps_run - steps_at_cancel <= 1
 
         for job_id in (running, queued):
             data = _status(client, job_id)
@@ -276,12 +276,12 @@ def test_metrics_count_what_happened(tmp_path, pipeline):
         assert client.post(MODEL, json={"seed": 1}).status_code == 400  # no prompt
         # a full queue, deterministically: hold every slot as in-flight submits would
         for _ in range(ctx.settings.max_queue):
-            ctx.engine.try_reserve()
+            ctx.engine_for(None).try_reserve()
         try:
             assert client.post(MODEL, json=SHORT).status_code == 429
         finally:
             for _ in range(ctx.settings.max_queue):
-                ctx.engine.unreserve()
+                ctx.engine_for(None).unreserve()
         _until(lambda: _m(_metrics(client), "magi_jobs_finished_total", outcome="completed")
                >= _m(before, "magi_jobs_finished_total", outcome="completed") + 3, 10, "the finish counter")
         after = _metrics(client)

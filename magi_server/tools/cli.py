@@ -199,9 +199,6 @@ def _server_settings(args: argparse.Namespace, *, runs_model: bool, answers_http
                   outputs_dir=args.scratch if in_object_store else args.outputs,
                   output_store=args.outputs if in_object_store else None,
                   cache_dir=str(_cache_dir(args.cache_dir)), drain_timeout_s=args.drain_timeout)
-    if runs_model:  # e.g. a preset not downloaded yet: one line naming the command, before any loading
-        for model in models:
-            model_config(_model_location(model))
     if answers_http:
         keys = list(args.api_key or [])
         env_keys = os.environ.get("MAGI_SERVER_API_KEYS", "")
@@ -224,6 +221,8 @@ def _server_settings(args: argparse.Namespace, *, runs_model: bool, answers_http
             raise ValueError("--cp must be at least 1")
         fields.update(device=device, max_batch_size=args.max_batch, job_timeout_s=args.job_timeout or None,
                       compile=args.compile, cp=args.cp, **({} if budget is None else {"memory_budget_bytes": budget}))
+        for model in models:  # e.g. a preset not downloaded yet: one line naming the command, before any loading
+            model_config(_model_location(model))
     if getattr(args, "lease_seconds", None) is not None:
         if args.lease_seconds <= 0:
             raise ValueError("--lease-seconds must be positive")
