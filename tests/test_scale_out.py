@@ -289,3 +289,30 @@ def test_replicas_share_one_queue_its_keys_cancels_and_events(cluster: Cluster):
     assert not (cluster.outputs / f"{long_id}.mp4").exists()
     assert not list(cluster.outputs.glob(f".{long_id}.*.part"))
     assert result(b, long_id)["status"] == "cancelled"
+
+
+def test_an_upload_ticket_from_one_replica_is_taken_by_another(cluster: Cluster, s3_bucket):
+    """Presigned uploads carry their ticket in the URL: with outputs in an object store (each replica a scratch
+    folder of its own), a WaveSpeed ticket issued by A takes its PUT on B; the download URL works on A, and a Magic
+    Hour file_path stored through B is read by a submit through A (no worker runs: it only has to be accepted)."""
+    import numpy as np
+
+    from magi_server.media.images import encode_png
+
+    cluster.use_object_store(s3_bucket.url("videos"), s3_bucket.env())
+    a, b = cluster.api(), cluster.api()
+    image = encode_png(np.full((48, 64, 3), 120, dtype=np.uint8))
+    ticket = httpx.post(f"{a.url}/api/v3/media/uploads", json={"filename": "cat.png", "size": len(image)}, timeout=10)
+    assert ticket.status_code == 200, ticket.text
+    put_url = ticket.json()["data"]["upload"]["url"].replace(a.url, b.url)
+    assert httpx.put(put_url, content=image, timeout=10).status_code == 200
+    assert httpx.put(put_url, content=image, timeout=10).status_code == 404  # one PUT per ticket, on any replica
+    download = httpx.get(ticket.json()["data"]["download_url"], timeout=10)  # signed by A, served by A from the store
+    assert download.status_code == 200 and download.content == image
+
+    items = httpx.post(f"{b.url}/v1/files/upload-urls", json={"items": [{"type": "image", "extension": "png"}]},
+                       timeout=10).json()["items"]
+    assert httpx.put(items[0]["upload_url"], content=image, timeout=10).status_code == 200
+    created = httpx.post(f"{a.url}/v1/image-to-video", timeout=30, json={
+        "end_seconds": 1.0, "assets": {"image_file_path": items[0]["file_path"]}, "style": {"prompt": "a cat"}})
+    assert created.status_code == 200, created.text

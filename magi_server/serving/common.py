@@ -153,7 +153,6 @@ class ServerContext:
     notice: str = ""  # e.g. the tiny preset's "noise-like video" warning
     hub: EventHub = field(default_factory=EventHub)
     metrics: Any = None
-    uploads: dict = field(default_factory=dict)  # upload token -> its ticket (see open_upload)
     webhook_secret: str = field(default_factory=lambda: "whsec_" + secrets.token_hex(24))
     started_at: float = field(default_factory=time.time)
     model_limits: ModelLimits = field(default_factory=ModelLimits)  # the served model's (the composition root's)
@@ -489,10 +488,29 @@ def resolve_upload(ctx: ServerContext, value: str) -> Path | None:
     # ("*" would otherwise match any stored upload, another tenant's included)
     if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9]{1,8})?", token):
         return None
-    for path in ctx.uploads_dir.glob(f"{token.split('.')[0]}.*"):
+    stem = token.split(".")[0]
+    for path in ctx.uploads_dir.glob(f"{stem}.*"):
         if not path.is_symlink() and path.is_file() and UPLOAD_NAME.fullmatch(path.name):
             return path
-    return None
+    return _fetch_shared_upload(ctx, stem)
+
+
+def _fetch_shared_upload(ctx: ServerContext, stem: str) -> Path | None:
+    """An upload another replica took (outputs in an object store: each replica has a folder of its own), copied
+    from the store into this replica's uploads folder; None when there is none."""
+    if ctx.output_store is None:
+        return None
+    try:
+        names = [n for n in ctx.output_store.names(f"uploads/{stem}.") if UPLOAD_NAME.fullmatch(n.split("/", 1)[1])]
+        data = ctx.output_store.read(names[0]) if names else None
+    except Exception as exc:  # noqa: BLE001 - serving.outputs.OutputStoreError, one line
+        log.warning("upload %s not fetched from the output store: %s", stem, exc)
+        return None
+    if not data:
+        return None
+    path = ctx.uploads_dir / names[0].split("/", 1)[1]
+    _write_atomically(path, data)
+    return path
 
 
 # --------------------------------------------------------------------------------------------------- uploads
@@ -519,39 +537,61 @@ def save_upload(ctx: ServerContext, data: bytes, suffix: str, owner: str = "") -
         safe_suffix = "".join(ch for ch in suffix.lower() if ch.isalnum())[:8] or "bin"
     path = ctx.uploads_dir / f"{ctx.signer.upload_token(owner)}.{safe_suffix}"
     _write_atomically(path, data)
+    if data and ctx.output_store is not None:  # replicas on other machines read it from there (resolve_upload)
+        _share_input(ctx, path)
     return path
 
 
-def open_upload(ctx: ServerContext, api: str, suffix: str, owner: str = "") -> Path:
-    """A presigned-URL ticket (WaveSpeed's and Magic Hour's upload flows): an empty placeholder fixes the file's
-    name, and so the URL it is read from, before its one PUT. The placeholder's stem is the token that makes the PUT
-    URL unguessable; :func:`receive_upload` takes the bytes. Tickets nobody used are forgotten here."""
-    now = time.time()
-    for token, ticket in list(ctx.uploads.items()):
-        if ticket["expires"] < now:
-            ctx.uploads.pop(token, None)
-            if ticket["path"].is_file() and ticket["path"].stat().st_size == 0:
-                ticket["path"].unlink(missing_ok=True)
+@dataclass(frozen=True)
+class UploadTicket:
+    """A presigned upload (WaveSpeed's and Magic Hour's flows): one PUT of ``name`` until ``expires`` (unix
+    seconds), to the API's PUT route for ``token`` with ``query`` appended. Everything the PUT needs is in its URL
+    (signed with the URL secret), so any API replica takes it, not only the one that issued it."""
+
+    token: str  # the file's stem: unguessable, tagged with its owner (FileSigner.upload_token)
+    name: str  # <token>.<extension> in the uploads folder
+    expires: int
+    query: str
+
+
+def open_upload(ctx: ServerContext, api: str, suffix: str, owner: str = "") -> UploadTicket:
+    """A presigned-URL ticket: an empty placeholder fixes the file's name (an unused one is removed by the janitor
+    once old); :func:`receive_upload` takes the bytes."""
     path = save_upload(ctx, b"", suffix, owner)
-    ctx.uploads[path.stem] = {"api": api, "path": path, "expires": now + UPLOAD_URL_TTL_S}
-    return path
+    expires = int(time.time() + UPLOAD_URL_TTL_S)
+    extension = path.suffix.lstrip(".")
+    signature = ctx.signer.sign_upload(api, path.name, expires)
+    return UploadTicket(path.stem, path.name, expires, f"?ext={extension}&exp={expires}&sig={signature}")
 
 
 async def receive_upload(ctx: ServerContext, api: str, token: str, request: Request) -> None:
-    """The PUT of a ticket's bytes: unauthenticated (the SDKs PUT with a bare HTTP client, so the unguessable URL
-    is the credential), one per ticket; 404 for an unknown or expired one, 413 above the size limit, 415 for bytes
-    that are not an image or video (the ticket stays open for a right one)."""
-    ticket = ctx.uploads.get(token)
-    if ticket is None or ticket["api"] != api or ticket["expires"] < time.time():
+    """The PUT of a ticket's bytes: unauthenticated (the SDKs PUT with a bare HTTP client, so the signed,
+    unguessable URL is the credential), one per ticket; 404 for an unknown, expired or used one, 413 above the size
+    limit, 415 for bytes that are not an image or video (the ticket stays open for a right one)."""
+    query = request.query_params
+    name = f"{token}.{query.get('ext', '')}"
+    if (not UPLOAD_NAME.fullmatch(name)
+            or ctx.signer.check_upload(api, name, query.get("exp", ""), query.get("sig", "")) != "valid"):
         raise HTTPException(404, "unknown or expired upload URL")
+    path = ctx.uploads_dir / name
+    if await asyncio.to_thread(_holds_bytes, path):
+        raise HTTPException(404, "this upload URL was used already")
     data = bytearray()
     async for part in request.stream():
         data.extend(part)
         if len(data) > MAX_UPLOAD_BYTES:
             raise HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes")
     media_kind_of(bytes(data[:64]))
-    await asyncio.to_thread(_write_atomically, ticket["path"], bytes(data))
-    ctx.uploads.pop(token, None)
+    await asyncio.to_thread(_write_atomically, path, bytes(data))
+    if ctx.output_store is not None:  # replicas on other machines read it from there (resolve_upload)
+        await asyncio.to_thread(_share_input, ctx, path)
+
+
+def _holds_bytes(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------------ submitting
@@ -583,8 +623,8 @@ async def build_params(ctx: ServerContext, *, prompt: str, image: ImageInput | N
 
 
 def _share_input(ctx: ServerContext, path: Path) -> None:
-    """A copy of a stored input image in the object store, as ``uploads/<name>`` (the local one stays: this
-    replica's file routes serve it)."""
+    """A copy of a stored input image or upload in the object store, as ``uploads/<name>`` (the local one stays:
+    this replica's file routes serve it)."""
     copy = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
     try:
         copy.write_bytes(path.read_bytes())

@@ -180,6 +180,19 @@ class FileSigner:
         nonce = secrets.token_hex(16)
         return f"{nonce}_{self._mac('upload', owner, nonce)[:16]}"
 
+    def sign_upload(self, api: str, name: str, expires: int) -> str:
+        """The signature of a presigned upload (one PUT of ``name`` through ``api``'s route until ``expires``): the
+        ticket lives in the URL, so any replica sharing the secret takes the PUT."""
+        return self._mac("upload-put", api, name, str(int(expires)))
+
+    def check_upload(self, api: str, name: str, expires: str, sig: str) -> str:
+        """``"valid"``, ``"expired"`` or ``"invalid"`` for a presigned upload URL's ``exp`` and ``sig``."""
+        if not (expires.isascii() and expires.isdigit() and len(expires) <= 12):
+            return "invalid"
+        if not hmac.compare_digest(sig.encode(), self.sign_upload(api, name, int(expires)).encode()):
+            return "invalid"
+        return "expired" if int(expires) < self.clock() else "valid"
+
     def owns_upload(self, token: str, owner: str) -> bool:
         nonce, _, tag = token.partition("_")
         return bool(tag) and hmac.compare_digest(tag.encode(), self._mac("upload", owner, nonce)[:16].encode())
@@ -406,6 +419,12 @@ def add_file_routes(app: FastAPI, ctx: "ServerContext") -> None:
             reader, kind = opened
             return StoredObjectResponse(reader, request.headers.get("range"), _headers(name, kind))
         found = await asyncio.to_thread(_open_and_describe, ctx.outputs_dir, name, subfolder)
+        if found is None and subfolder == "uploads" and ctx.output_store is not None:
+            # taken by another replica (each has a folder of its own): the object store holds the shared copy
+            opened = await asyncio.to_thread(_open_object, ctx.output_store, f"uploads/{name}")
+            if opened is not None:
+                reader, kind = opened
+                return StoredObjectResponse(reader, request.headers.get("range"), _headers(name, kind))
         if found is None:
             return _not_found()
         fd, info, kind = found

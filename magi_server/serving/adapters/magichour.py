@@ -346,11 +346,11 @@ def build_router(ctx: ServerContext) -> APIRouter:
     async def upload_urls(body: UploadUrlsBody, owner: str = Depends(tenant)):
         base, answer = ctx.settings.base_url(), []
         for item in body.items:
-            path = await asyncio.to_thread(open_upload, ctx, "magichour", item.extension, owner)
+            ticket = await asyncio.to_thread(open_upload, ctx, "magichour", item.extension, owner)
             answer.append({
-                "upload_url": f"{base}/v1/files/upload/{path.stem}",
-                "file_path": f"api-assets/{path.name}",
-                "expires_at": iso_time(ctx.uploads[path.stem]["expires"]),
+                "upload_url": f"{base}/v1/files/upload/{ticket.token}{ticket.query}",
+                "file_path": f"api-assets/{ticket.name}",
+                "expires_at": iso_time(ticket.expires),
             })
         return {"items": answer}
 

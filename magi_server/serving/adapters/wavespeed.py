@@ -315,12 +315,13 @@ def build_router(ctx: ServerContext) -> APIRouter:
             raise HTTPException(413, f"size: at most {MAX_UPLOAD_BYTES} bytes, got {body.size}")
         content_type = body.content_type or mimetypes.guess_type(body.filename)[0] or ""
         suffix = Path(body.filename).suffix.lstrip(".") or (content_type.split("/")[-1] if content_type else "bin")
-        path = await asyncio.to_thread(open_upload, ctx, "wavespeed", suffix, owner)
+        ticket = await asyncio.to_thread(open_upload, ctx, "wavespeed", suffix, owner)
         return envelope({
-            "upload": {"method": "PUT", "url": f"{ctx.settings.base_url()}/api/v3/media/upload/{path.stem}",
+            "upload": {"method": "PUT",
+                       "url": f"{ctx.settings.base_url()}/api/v3/media/upload/{ticket.token}{ticket.query}",
                        "headers": {"Content-Type": content_type} if content_type else {}},
             # signed: a bare HTTP client can read it back; the server reads it from disk when a submit names it
-            "download_url": ctx.upload_url(path.name),
+            "download_url": ctx.upload_url(ticket.name),
         })
 
     @router.put("/api/v3/media/upload/{token}", openapi_extra=RAW_BODY, responses=UPLOAD_ERRORS)
