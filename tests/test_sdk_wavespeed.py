@@ -77,3 +77,23 @@ def test_run_no_throw_reports_a_bad_request(client):
     # the submit itself was refused, so the SDK has no task id and no outputs
     assert result["status"] == "failed" and not result["outputs"] and result["task_id"] == "unknown", result
     assert "HTTP 400" in result["error"] and "prompt: field required" in result["error"], result["error"]
+
+
+def test_a_sync_job_failing_at_the_time_limit_is_a_failure_to_the_sdk(tmp_path):
+    """The server's job time limit (--job-timeout) fails a job: in sync mode that is a failed task with WaveSpeed's
+    "task failed" code, which the SDK reports as a failure, never as its own sync timeout (code 5004: "query the
+    result later")."""
+    srv = ServerProcess(db=tmp_path / "jobs.db", outputs=tmp_path / "outputs", cache=tmp_path / "cache",
+                        log=tmp_path / "server.log", extra_args=("--job-timeout", "1", "--max-batch", "1"))
+    try:
+        srv.start()
+        sdk = wavespeed.Client(api_key="unused", base_url=srv.url, max_connection_retries=1)
+        long = dict(BODY, num_frames=480, num_inference_steps=32)  # minutes of work, a second allowed
+        outcome = sdk.run_no_throw(MODEL, long, timeout=SDK_TIMEOUT_S, enable_sync_mode=True)
+        assert outcome["status"] == "failed" and not outcome["outputs"], outcome
+        assert "Sync mode timed out" not in outcome["error"] and "time limit" in outcome["error"], outcome
+        with pytest.raises(Exception) as raised:
+            sdk.run(MODEL, dict(long, seed=44), timeout=SDK_TIMEOUT_S, enable_sync_mode=True)
+        assert "Sync mode timed out" not in str(raised.value) and "failed" in str(raised.value).lower(), raised.value
+    finally:
+        srv.close()

@@ -213,7 +213,7 @@ def test_job_time_limit_fails_the_job(tmp_path, pipeline):
         data = wait_status(client, job_id, timeout=30)
         elapsed = time.monotonic() - started
         assert data["status"] == "failed", data
-        assert "exceeded its time limit" in data["error"] and data["code"] == 5004, data
+        assert "exceeded its time limit" in data["error"] and data["code"] == 1405, data
         assert data["outputs"] == [] and not (ctx.outputs_dir / f"{job_id}.mp4").exists()
         assert data["progress"]["chunks_done"] < 40  # it was stopped, not allowed to finish
         assert limit <= elapsed < limit + 5.0, elapsed  # within the cap plus one model call and polling slack

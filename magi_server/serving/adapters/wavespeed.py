@@ -80,7 +80,7 @@ ERROR_CODES = MappingProxyType({  # WaveSpeed's documented task error codes
     "internal": 1403,
     "oom": 1403,
     "interrupted": 1405,
-    "timeout": 5004,
+    "timeout": 1405,  # the job outran the server's time limit: a failed task (5004 is the SDK's own sync timeout)
     "cancelled": 1405,
 })
 QUIET_CHECK_S = 15.0  # how often a quiet event stream looks in the store whether its job ended unannounced
