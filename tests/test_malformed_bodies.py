@@ -87,3 +87,42 @@ def _dump(value) -> bytes:
     import json
 
     return json.dumps(value, allow_nan=True).encode()
+
+
+def test_unknown_paths_wrong_methods_and_large_bodies_answer_in_each_providers_format(tmp_path):
+    """The router's 404/405 and the body limit's 413 speak the API the path belongs to: WaveSpeed's envelope under
+    /api/v3/, Magic Hour's {"message"} under /v1/, fal's {"detail"} on the fal listeners (never FastAPI's bare
+    {"detail": "Not Found"} on a provider path)."""
+    from fastapi.testclient import TestClient
+
+    from magi_server.serving.app import create_app
+    from magi_server.serving.common import ServerContext
+    from magi_server.serving.jobs import JobStore
+    from magi_server.serving.cluster import SharedQueue
+    from tests.server_utils import tiny_settings
+
+    settings = tiny_settings(tmp_path, tmp_path / "cache", max_body_bytes=1024)
+    store = JobStore(tmp_path / "jobs.db")
+    ctx = ServerContext(settings=settings, store=store, engine=SharedQueue(store), executor=None, model_name="tiny")
+    try:
+        with TestClient(create_app(ctx)) as main, \
+                TestClient(create_app(ctx, "fal_queue"), base_url="https://localhost:8443") as fal:
+            r = main.post("/api/v3/wavespeed-ai/no-such-model", json={"prompt": "x"})
+            assert r.status_code == 404 and r.json()["code"] == 404 and r.json()["data"] is None, r.text
+            assert "no-such-model" in r.json()["message"]
+            r = main.get("/api/v3/wavespeed-ai/magi-1-24b")
+            assert r.status_code == 405 and r.json()["code"] == 405 and "POST" in r.headers["allow"], r.text
+            r = main.post("/api/v3/wavespeed-ai/magi-1-24b", content=b"x" * 2048,
+                          headers={"content-type": "application/json"})
+            assert r.status_code == 413 and r.json()["code"] == 413 and "1024 bytes" in r.json()["message"], r.text
+            r = main.get("/v1/no-such-route")
+            assert r.status_code == 404 and set(r.json()) == {"message"}, r.text
+            r = main.post("/v1/image-to-video", content=b"x" * 2048, headers={"content-type": "application/json"})
+            assert r.status_code == 413 and set(r.json()) == {"message"}, r.text
+            r = fal.post("/fal-ai/no-such-app", json={})
+            assert r.status_code == 404 and isinstance(r.json()["detail"], str), r.text
+            r = fal.post("/fal-ai/magi", content=b"x" * 2048, headers={"content-type": "application/json"})
+            assert r.status_code == 413 and set(r.json()) == {"detail"}, r.text
+            assert main.get("/api/v3/predictions/" + "0" * 32 + "/result").json()["message"].startswith("prediction")
+    finally:
+        store.close()

@@ -11,6 +11,7 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from magi_server.serving.common import ServerContext
@@ -25,12 +26,31 @@ access_log = logging.getLogger("magi_server.access")
 # -------------------------------------------------------------------------------------------------- middleware
 
 
-class BodyLimit:
-    """413 for bodies over the limit, by Content-Length up front and by counting streamed bytes (chunked bodies)."""
+def provider_error(role: str, path: str, status: int, message: str) -> JSONResponse:
+    """An answer the router or the body limit gives (404 unknown path, 405 wrong method, 413 too large) in the error
+    format of the API the path belongs to: fal's ``{"detail"}`` on the fal listeners, WaveSpeed's envelope under
+    ``/api/v3/``, Magic Hour's ``{"message"}`` under ``/v1/``, else ``{"detail"}``."""
+    if role != "main":
+        from magi_server.serving.adapters.fal import fal_json
 
-    def __init__(self, app, max_bytes: int) -> None:
+        return fal_json({"detail": message}, status)
+    if path.startswith("/api/v3/"):
+        from magi_server.serving.adapters.wavespeed import error
+
+        return error(status, message)
+    if path.startswith("/v1/"):
+        return JSONResponse({"message": message}, status_code=status)
+    return JSONResponse({"detail": message}, status_code=status)
+
+
+class BodyLimit:
+    """413 for bodies over the limit, by Content-Length up front and by counting streamed bytes (chunked bodies),
+    in the format of the API the path belongs to (:func:`provider_error`)."""
+
+    def __init__(self, app, max_bytes: int, role: str = "main") -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.role = role
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -42,7 +62,7 @@ class BodyLimit:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    return await self._reject(send)
+                    return await self._reject(scope, send)
         received = 0
         started = rejected = False
 
@@ -54,7 +74,7 @@ class BodyLimit:
                 if received > self.max_bytes:
                     if not started and not rejected:
                         rejected = True
-                        await self._reject(send)
+                        await self._reject(scope, send)
                     # the app sees a client that went away (ClientDisconnect), not an exception it turns into a 500
                     return {"type": "http.disconnect"}
             return message
@@ -68,12 +88,10 @@ class BodyLimit:
 
         await self.app(scope, limited_receive, guarded_send)
 
-    async def _reject(self, send) -> None:
-        body = (b'{"code": 413, "message": "request body larger than %d bytes", "data": null, "detail": '
-                b'"request body too large"}' % self.max_bytes)
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+    async def _reject(self, scope, send) -> None:
+        response = provider_error(self.role, scope.get("path", ""), 413,
+                                  f"request body larger than {self.max_bytes} bytes")
+        await response({"type": "http"}, None, send)
 
 
 # a path segment that may be a credential (an upload token, a presigned name) or an id: the access log shows "*"
@@ -166,6 +184,19 @@ def create_app(ctx: ServerContext, role: str = "main") -> FastAPI:
         app.include_router(fal.build_router(ctx, sync=(role == "fal_run")))
         _add_file_routes(app, ctx)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def unrouted(request: Request, exc: StarletteHTTPException):
+        # the router's own 404 (no such path) and 405 (wrong method), in the provider's words; routes answer theirs
+        message = str(exc.detail)
+        if request.scope.get("route") is None:  # the router's: no route matched (a route's own text stands)
+            message = {404: f"no such path: {request.method} {request.url.path}",
+                       405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
+                                                                                                 message)
+        response = provider_error(role, request.url.path, exc.status_code, message)
+        for name, value in (exc.headers or {}).items():  # e.g. 405's Allow
+            response.headers[name] = value
+        return response
+
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, exc: ClientDisconnect):
         # the client left, or BodyLimit cut an oversized body (and already answered 413): nothing to say
@@ -177,11 +208,11 @@ def create_app(ctx: ServerContext, role: str = "main") -> FastAPI:
         return JSONResponse({"code": 500, "message": "internal error; see the server log", "data": None},
                             status_code=500)
 
-    return BodyLimitApp(app, ctx.settings.max_body_bytes)
+    return BodyLimitApp(app, ctx.settings.max_body_bytes, role)
 
 
-def BodyLimitApp(app: FastAPI, max_bytes: int):
-    wrapped = BodyLimit(app, max_bytes)
+def BodyLimitApp(app: FastAPI, max_bytes: int, role: str = "main"):
+    wrapped = BodyLimit(app, max_bytes, role)
     wrapped.fastapi = app  # tests reach routes through it
     return wrapped
 
