@@ -384,3 +384,22 @@ def test_bad_videos_raise_input_error(tmp_path, clip_12fps, images):
     assert_input_error("video", load_video, clip_12fps, width=32, height=16, max_bytes=1000)
     assert_input_error("max_frames", load_video, clip_12fps, width=32, height=16, max_frames=0)
     assert_input_error("fps", load_video, clip_12fps, width=32, height=16, fps=float("nan"))
+
+
+def test_the_operators_private_allowlist_opens_only_what_it_names(server):
+    """--allow-private-urls: a listed network or host name may be fetched although private, on any port; anything
+    else keeps the rules (a private host that is not listed is still refused before connecting)."""
+    base, handler = server
+    port = base.rsplit(":", 1)[1]
+    for allow in (("127.0.0.1",), ("127.0.0.0/8",), ("localhost", "127.0.0.1")):
+        policy = SourcePolicy(private_allowlist=allow, timeout_s=5.0)
+        url = f"http://{'localhost' if 'localhost' in allow else '127.0.0.1'}:{port}/img.png"
+        np.testing.assert_array_equal(load_image(url, policy=policy), gradient())
+    hits = len(handler.hits)
+    assert_input_error("image", load_image, f"{base}/img.png", policy=SourcePolicy(private_allowlist=("10.0.0.0/8",)))
+    err = assert_input_error("image", load_image, f"http://localhost:{port}/img.png",
+                             policy=SourcePolicy(private_allowlist=("assets.internal",)))
+    assert "non-public" in str(err) or "port" in str(err)
+    assert len(handler.hits) == hits  # the refused ones never reached the server
+    with pytest.raises(ValueError, match="not a network or host name"):
+        SourcePolicy(private_allowlist=("10.0.0.0/33",))

@@ -39,10 +39,32 @@ class SourcePolicy:
     allow_private_hosts: bool = False
     allowed_ports: tuple[int, ...] | None = (80, 443)
     timeout_s: float = 15.0
+    # The operator's exceptions (``--allow-private-urls``): networks ("10.0.0.0/8", "127.0.0.1") and host names
+    # ("assets.internal") that may be fetched although private, on any port. Everything else keeps the rules above.
+    private_allowlist: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
             raise ValueError("SourcePolicy.timeout_s must be a positive number of seconds")
+        networks, names = [], []
+        for entry in self.private_allowlist:
+            try:
+                networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+            except ValueError:
+                if not entry.strip() or "/" in entry:
+                    raise ValueError(f"not a network or host name: {entry!r}") from None
+                names.append(entry.strip().lower().rstrip("."))
+        object.__setattr__(self, "_networks", tuple(networks))
+        object.__setattr__(self, "_names", frozenset(names))
+
+    def allows_private(self, host: str, address: str | None = None) -> bool:
+        """The operator allowed this host name, or (given) this address, although private."""
+        if host.lower().rstrip(".") in self._names:
+            return True
+        if address is None:
+            return False
+        ip = ipaddress.ip_address(address)
+        return any(ip.version == net.version and ip in net for net in self._networks)
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -76,7 +98,8 @@ def _resolve(host: str, port: int, param: str, policy: SourcePolicy) -> list[str
         if family not in (socket.AF_INET, socket.AF_INET6):
             continue
         text = str(sockaddr[0]).split("%", 1)[0]
-        if not policy.allow_private_hosts and not _is_public(ipaddress.ip_address(text)):
+        if (not policy.allow_private_hosts and not _is_public(ipaddress.ip_address(text))
+                and not policy.allows_private(host, text)):
             # One private answer among public ones is refused too: the attacker controls which one we would use.
             raise InputError(param, f"host {host!r} resolves to a non-public address; only public hosts are allowed")
         if text not in addresses:
@@ -133,12 +156,15 @@ def _fetch_url(url: str, *, param: str, max_bytes: int, policy: SourcePolicy) ->
     except UnicodeError:
         raise InputError(param, f"invalid host name {parts.hostname!r}") from None
     port = port or (443 if scheme == "https" else 80)
-    if policy.allowed_ports is not None and port not in policy.allowed_ports:
-        allowed = ", ".join(str(p) for p in policy.allowed_ports)
-        raise InputError(param, f"port {port} is not allowed (allowed: {allowed})")
+    odd_port = policy.allowed_ports is not None and port not in policy.allowed_ports
+    if odd_port and not policy.private_allowlist:
+        raise InputError(param, f"port {port} is not allowed (allowed: {', '.join(map(str, policy.allowed_ports))})")
 
     deadline = time.monotonic() + policy.timeout_s
     addresses = _resolve(host, port, param, policy)
+    # an operator-allowed private host may use any port (internal services rarely sit on 80/443)
+    if odd_port and not all(policy.allows_private(host, address) for address in addresses):
+        raise InputError(param, f"port {port} is not allowed (allowed: {', '.join(map(str, policy.allowed_ports))})")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     context = None
     if scheme == "https":

@@ -415,7 +415,8 @@ def _read_image_field(ctx: ServerContext, value: str, field_name: str) -> ImageI
         if local is not None:
             data = read_image_bytes(local, param=field_name)
         elif value.startswith(("http://", "https://", "data:")):
-            policy = SourcePolicy(allow_paths=False, allow_private_hosts=ctx.settings.allow_private_image_hosts)
+            policy = SourcePolicy(allow_paths=False, allow_private_hosts=ctx.settings.allow_private_image_hosts,
+                                  private_allowlist=ctx.settings.allow_private_urls)
             data = read_image_bytes(value, param=field_name, policy=policy)
         else:
             try:  # bare base64 (WaveSpeed accepts it as a harmless extension)

@@ -47,6 +47,8 @@ class ServerSettings:
     tls_keyfile: str | None = None
     cache_dir: str | None = None  # where the tiny preset's generated weights are kept
     allow_private_image_hosts: bool = False
+    # --allow-private-urls: networks and host names a request's URLs may point at although private (media/fetch.py)
+    allow_private_urls: tuple[str, ...] = ()
     # signed file URLs (serving/files.py): None keeps a random secret in <outputs_dir>/.url-signing-key (0600)
     file_url_secret: str | None = None
     file_url_ttl_s: float = 24 * 3600.0  # how long a handed-out output/preview/upload URL works without a key

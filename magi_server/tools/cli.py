@@ -213,7 +213,8 @@ def _server_settings(args: argparse.Namespace, *, runs_model: bool, answers_http
             keep_jobs_s=args.keep_jobs_hours * 3600.0 or None, max_connections=args.max_connections,
             header_timeout_s=args.header_timeout, file_url_ttl_s=args.file_url_ttl_hours * 3600.0,
             file_url_secret=os.environ.get("MAGI_SERVER_URL_SECRET") or None,
-            route_map=tuple(_route_map(args.route_map).items()))
+            route_map=tuple(_route_map(args.route_map).items()),
+            allow_private_urls=_private_allowlist(args.allow_private_urls))
     if runs_model:
         device = _device(args.device)
         budget = _serving_memory_budget(_model_location(models[0]), device, args.device_memory)
@@ -334,6 +335,17 @@ def _model_location(spec: str) -> str:
     """The preset or folder of a --model value (``NAME=DIR`` names a folder)."""
     name, sep, path = str(spec).partition("=")
     return path.strip() if sep and name.strip() and path.strip() else spec
+
+
+def _private_allowlist(items: list[str]) -> tuple[str, ...]:
+    """--allow-private-urls, checked (ValueError with one line for an entry that is no network or host name)."""
+    from magi_server.media.fetch import SourcePolicy
+
+    try:
+        SourcePolicy(private_allowlist=tuple(items))
+    except ValueError as exc:
+        raise ValueError(f"--allow-private-urls: {exc}") from None
+    return tuple(items)
 
 
 def _route_map(items: list[str]) -> dict[str, str]:
@@ -517,6 +529,9 @@ def _http_flags(p: argparse.ArgumentParser) -> None:
                         "closed for a new one, else 503)")
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
                    help="seconds a client has to send a request's headers (slow or silent sockets are closed)")
+    p.add_argument("--allow-private-urls", nargs="+", action="extend", default=[], metavar="CIDR|HOST",
+                   help="networks (10.0.0.0/8, 127.0.0.1) and host names a request's image URL may point at although "
+                        "private, on any port (off by default: only public hosts on ports 80/443)")
     p.add_argument("--route-map", action="append", default=[], metavar="ROUTE=VARIANT",
                    help="run a hosted route (e.g. wavespeed-ai/magi-1-24b, fal-ai/magi, magichour) by this served "
                         "variant whatever it promises; responses then name the variant that ran (repeatable)")
