@@ -52,6 +52,16 @@ def variant_for(name: str, config):
     return Variant(name, size_class(config.dit.hidden_size), bool(config.dit.distill), model_limits(config))
 
 
+def load_prompt_enhancer(settings: ServerSettings, device: str = "cpu"):
+    """The configured prompt enhancer (runtime.prompt_enhancer), or None; ValueError with one line for a folder
+    that holds no causal language model."""
+    if not settings.prompt_enhancer:
+        return None
+    from magi_server.runtime.prompt_enhancer import PromptEnhancer
+
+    return PromptEnhancer.from_pretrained(settings.prompt_enhancer, device=device)
+
+
 def make_router(settings: ServerSettings, variants):
     from magi_server.serving.routing import Router
 
@@ -110,7 +120,8 @@ def build_context(settings: ServerSettings, *, pipeline=None, store: JobStore | 
     ctx = ServerContext(settings=settings, store=store, engine=engine, executor=first,
                         model_name=", ".join(router.served), notice=notice, metrics=metrics,
                         model_limits=first.model_limits(), router=router,
-                        output_store=None if publish is None else publish.output_store)
+                        output_store=None if publish is None else publish.output_store,
+                        prompt_enhancer=load_prompt_enhancer(settings, settings.device))
     if settings.keep_jobs_s:
         ctx.janitor = Janitor(store, settings.outputs_dir, settings.keep_jobs_s, output_store=ctx.output_store)
     holder["ctx"] = ctx
@@ -159,7 +170,7 @@ def build_api_context(settings: ServerSettings, *, store, variants) -> ServerCon
     ctx = ServerContext(settings=settings, store=store, engine=queue, executor=None,
                         model_name=", ".join(router.served), metrics=metrics, model_limits=variants[0].limits,
                         store_queue_bound=settings.max_queue, runs_jobs=False, output_store=output_store,
-                        router=router)
+                        router=router, prompt_enhancer=load_prompt_enhancer(settings))
     bridge = StoreEventBridge(store, ctx.hub)
     sweeper = LeaseSweeper(store, max_attempts=settings.max_attempts, every_s=settings.lease_s / 2)
 

@@ -173,6 +173,8 @@ class ServerContext:
     runs_jobs: bool = True
     listener: Any = None  # the job store's notifications (jobs_postgres.StoreListener), stopped at shutdown
     router: Router | None = None  # which served variant runs each hosted route (serving.routing)
+    # rewrites prompts (runtime.prompt_enhancer.PromptEnhancer or anything with enhance(str) -> str); None: none
+    prompt_enhancer: Any = None
     # where finished outputs live when not in outputs_dir (settings.output_store): a serving.outputs.OutputStore
     output_store: Any = None
 
@@ -635,6 +637,19 @@ def _share_input(ctx: ServerContext, path: Path) -> None:
         path.unlink(missing_ok=True)
         log.error("could not share an input image: %s", exc)
         raise Unavailable(30.0, str(exc), "the server cannot store input images now; retry later") from None
+
+
+async def enhance_prompt(ctx: ServerContext, prompt: str, field: str) -> str:
+    """The prompt rewritten by the configured enhancer (on a worker thread: a generation takes a while). A request
+    that asks for it on a server without one is refused naming ``field``, never silently served as is."""
+    if ctx.prompt_enhancer is None:
+        raise ParamError(field, "this server has no prompt enhancer (start it with --prompt-enhancer PATH); leave "
+                                "it out or set it to false")
+    try:
+        return await asyncio.to_thread(ctx.prompt_enhancer.enhance, prompt)
+    except Exception as exc:  # noqa: BLE001 - the model's failure is the server's, not the request's
+        log.error("prompt enhancer failed: %s", exc)
+        raise Unavailable(10.0, str(exc), f"the prompt enhancer failed ({exc}); retry, or leave {field} out") from None
 
 
 def fingerprint(*parts) -> str:

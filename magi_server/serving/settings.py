@@ -49,6 +49,7 @@ class ServerSettings:
     allow_private_image_hosts: bool = False
     # --allow-private-urls: networks and host names a request's URLs may point at although private (media/fetch.py)
     allow_private_urls: tuple[str, ...] = ()
+    prompt_enhancer: str | None = None  # a local causal LM checkpoint folder (runtime/prompt_enhancer.py)
     # signed file URLs (serving/files.py): None keeps a random secret in <outputs_dir>/.url-signing-key (0600)
     file_url_secret: str | None = None
     file_url_ttl_s: float = 24 * 3600.0  # how long a handed-out output/preview/upload URL works without a key

@@ -214,7 +214,10 @@ def _server_settings(args: argparse.Namespace, *, runs_model: bool, answers_http
             header_timeout_s=args.header_timeout, file_url_ttl_s=args.file_url_ttl_hours * 3600.0,
             file_url_secret=os.environ.get("MAGI_SERVER_URL_SECRET") or None,
             route_map=tuple(_route_map(args.route_map).items()),
-            allow_private_urls=_private_allowlist(args.allow_private_urls))
+            allow_private_urls=_private_allowlist(args.allow_private_urls),
+            prompt_enhancer=args.prompt_enhancer)
+        if args.prompt_enhancer:
+            _check_prompt_enhancer(args.prompt_enhancer)
     if runs_model:
         device = _device(args.device)
         budget = _serving_memory_budget(_model_location(models[0]), device, args.device_memory)
@@ -324,6 +327,9 @@ def _run_server(args: argparse.Namespace, *, runs_model: bool) -> int:
     except JobStoreUnusable as exc:  # opened again by serve(): the store may have changed since the check above
         print(f"magi-server: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:  # a model or prompt enhancer that did not load: its one line
+        print(f"magi-server: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -335,6 +341,20 @@ def _model_location(spec: str) -> str:
     """The preset or folder of a --model value (``NAME=DIR`` names a folder)."""
     name, sep, path = str(spec).partition("=")
     return path.strip() if sep and name.strip() and path.strip() else spec
+
+
+def _check_prompt_enhancer(path: str) -> None:
+    """ValueError with one line unless ``path`` is a folder holding a transformers model config (the weights load
+    with the server; this catches a wrong path before anything loads)."""
+    if not Path(path).is_dir():
+        raise ValueError(f"--prompt-enhancer: {path!r} is not a folder")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"--prompt-enhancer: {path} holds no model config: {first}") from None
 
 
 def _private_allowlist(items: list[str]) -> tuple[str, ...]:
@@ -532,6 +552,10 @@ def _http_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-private-urls", nargs="+", action="extend", default=[], metavar="CIDR|HOST",
                    help="networks (10.0.0.0/8, 127.0.0.1) and host names a request's image URL may point at although "
                         "private, on any port (off by default: only public hosts on ports 80/443)")
+    p.add_argument("--prompt-enhancer", default=None, metavar="DIR",
+                   help="a local instruction-tuned causal language model (a transformers checkpoint folder) that "
+                        "rewrites prompts when a request sets enable_prompt_expansion (default: none; such requests "
+                        "are then refused)")
     p.add_argument("--route-map", action="append", default=[], metavar="ROUTE=VARIANT",
                    help="run a hosted route (e.g. wavespeed-ai/magi-1-24b, fal-ai/magi, magichour) by this served "
                         "variant whatever it promises; responses then name the variant that ran (repeatable)")

@@ -42,6 +42,7 @@ from magi_server.serving.common import (
     ServerContext,
     Text,
     admitted,
+    enhance_prompt,
     api_key_auth,
     build_params,
     cancel_job,
@@ -106,8 +107,17 @@ class SubmitBody(BaseModel):
     num_inference_steps: Int | None = Field(None, ge=4, le=256, multiple_of=4,  # the window holds 4 chunks
                                             description="absent: the server's default")
     enable_safety_checker: StrictBool | None = None  # accepted; no safety classifier runs here (README)
+    enable_prompt_expansion: StrictBool | None = Field(None, description=(
+        "rewrite the prompt with the server's prompt enhancer first (the prediction returns enhanced_prompt); "
+        "a 400 when the server has none"))
     enable_base64_output: StrictBool | None = None
     enable_sync_mode: StrictBool | None = None
+
+
+class EnhanceBody(BaseModel):
+    """``POST /api/v3/prompt/enhance``."""
+
+    prompt: Prompt
 
 
 class UploadTicketBody(BaseModel):
@@ -221,17 +231,21 @@ def prediction_data(ctx: ServerContext, job: Job, encoded: Base64Outputs) -> dic
     }
     if job.variant is not None:  # the served model variant that runs it (model says so too, if not the route's)
         data["variant"] = job.variant
+    if job.meta.get("enhanced_prompt"):  # what the model was given instead of the request's prompt
+        data["enhanced_prompt"] = job.meta["enhanced_prompt"]
     if job.status is JobStatus.FAILED:
         data["code"] = ERROR_CODES.get(job.error_code, 1403)
     return data
 
 
-async def to_params(ctx: ServerContext, body: SubmitBody, limits: ModelLimits | None = None) -> GenerationParams:
-    """A valid WaveSpeed body -> GenerationParams (checked against ``limits``: the variant's that will run it);
-    fetches the image and stores it at the working size. Raises ParamError naming the field."""
+async def to_params(ctx: ServerContext, body: SubmitBody, limits: ModelLimits | None = None,
+                    prompt: str | None = None) -> GenerationParams:
+    """A valid WaveSpeed body -> GenerationParams (checked against ``limits``: the variant's that will run it;
+    ``prompt``: the enhanced prompt, when asked for); fetches the image and stores it at the working size. Raises
+    ParamError naming the field."""
     s = ctx.settings
     return await build_params(
-        ctx, prompt=body.prompt, image=await read_image_field(ctx, body.image, "image") if body.image else None,
+        ctx, prompt=prompt or body.prompt, image=await read_image_field(ctx, body.image, "image") if body.image else None,
         resolution=body.resolution or s.default_resolution, aspect=body.aspect_ratio or "auto",
         num_frames=body.num_frames or s.default_num_frames, steps=body.num_inference_steps or s.default_steps,
         seed=body.seed, fields=FIELDS, limits=limits,
@@ -262,11 +276,14 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
             # admission (queue, quota) before the image is fetched or decoded
             async with admitted(ctx, owner=owner, idempotency_key=idempotency_key, route=model_id) as admission:
+                enhanced = (await enhance_prompt(ctx, body.prompt, "enable_prompt_expansion")
+                            if body.enable_prompt_expansion else None)
                 job = await admission.commit(
                     api="wavespeed", model=admission.model(model_id),
-                    params=await to_params(ctx, body, admission.limits),
+                    params=await to_params(ctx, body, admission.limits, prompt=enhanced),
                     meta={"base64_output": bool(body.enable_base64_output),
-                          "resolution": body.resolution or ctx.settings.default_resolution},
+                          "resolution": body.resolution or ctx.settings.default_resolution,
+                          **({"original_prompt": body.prompt, "enhanced_prompt": enhanced} if enhanced else {})},
                     request_fingerprint=fingerprint(model_id, body.model_dump(mode="json")))
             if body.enable_sync_mode:
                 job = await wait_for_terminal(ctx, job.id, ctx.settings.sync_timeout_s) or job
@@ -281,6 +298,11 @@ def build_router(ctx: ServerContext) -> APIRouter:
     for model_id in WAVESPEED_MODELS:
         router.add_api_route(f"/api/v3/{model_id}", submit_route(model_id), methods=["POST"],
                              name=f"submit {model_id}", responses=SUBMIT_ERRORS)
+
+    @router.post("/api/v3/prompt/enhance", responses=error_responses(ErrorEnvelope, 503))
+    async def enhance(body: EnhanceBody, owner: str = Depends(tenant)):
+        """The server's prompt enhancer on its own: what ``enable_prompt_expansion`` would send to the model."""
+        return envelope({"prompt": await enhance_prompt(ctx, body.prompt, "prompt"), "original_prompt": body.prompt})
 
     @router.get("/api/v3/predictions/{job_id}/result")
     @router.get("/api/v3/predictions/{job_id}")
