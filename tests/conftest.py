@@ -83,7 +83,7 @@ SLOW_FILES = {
     "test_async_prefill.py", "test_offline_equals_served.py", "test_openapi_conformance.py",
     "test_server_fal.py", "test_file_access.py", "test_batching.py", "test_video.py", "test_malformed_bodies.py",
     "test_image_admission.py", "test_poll_latency.py", "test_connection_limits.py", "test_server_lifecycle.py",
-    "test_outputs.py", "test_scale_out.py", "test_context_parallel.py", "test_readme_scale_out.py",
+    "test_outputs.py", "test_scale_out.py", "test_scene_prompts.py", "test_context_parallel.py", "test_readme_scale_out.py",
 }
 
 

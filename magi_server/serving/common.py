@@ -602,7 +602,8 @@ def _holds_bytes(path: Path) -> bool:
 
 async def build_params(ctx: ServerContext, *, prompt: str, image: ImageInput | None, resolution: str, aspect: str,
                        num_frames: int, steps: int, seed: int | None, fields: Mapping[str, str],
-                       limits: ModelLimits | None = None) -> GenerationParams:
+                       limits: ModelLimits | None = None, prompts: tuple[str, ...] | None = None,
+                       window_size: int | None = None) -> GenerationParams:
     """A provider request as the contract's GenerationParams, checked by :func:`validate` against the served
     model's limits; a refusal names the provider's field (``fields`` maps the contract's parameter names to the
     provider's). The input image ("auto" takes the aspect ratio from its header) is decoded and stored at the
@@ -613,8 +614,9 @@ async def build_params(ctx: ServerContext, *, prompt: str, image: ImageInput | N
     image_path = ctx.uploads_dir / f"input-{uuid.uuid4().hex}.png" if image is not None else None
     try:
         params = validate(GenerationParams(
-            prompts=(prompt,), width=width, height=height, num_frames=num_frames, num_inference_steps=steps,
-            seed=resolve_seed(seed), image_path=None if image_path is None else str(image_path), trim_to_frames=True,
+            prompts=tuple(prompts) if prompts else (prompt,), width=width, height=height, num_frames=num_frames,
+            num_inference_steps=steps, seed=resolve_seed(seed), window_size=window_size,
+            image_path=None if image_path is None else str(image_path), trim_to_frames=True,
         ), ctx.limits if limits is None else limits)
     except ParamError as exc:
         raise ParamError(fields.get(exc.param, exc.param), exc.message, exc.kind) from None

@@ -28,7 +28,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, Field, StrictBool
 from starlette.exceptions import HTTPException
 
-from magi_server.params import FPS, RANDOM_SEEDS, GenerationParams, ModelLimits
+from magi_server.params import FPS, MAX_PROMPTS, MAX_WINDOW, RANDOM_SEEDS, GenerationParams, ModelLimits
 from magi_server.serving.common import (
     MAX_IMAGE_REF_CHARS,
     RAW_BODY,
@@ -107,6 +107,11 @@ class SubmitBody(BaseModel):
     num_inference_steps: Int | None = Field(None, ge=4, le=256, multiple_of=4,  # the window holds 4 chunks
                                             description="absent: the server's default")
     enable_safety_checker: StrictBool | None = None  # accepted; no safety classifier runs here (README)
+    prompts: list[Prompt] | None = Field(None, min_length=1, max_length=MAX_PROMPTS, description=(
+        "extension: one prompt per 24-frame chunk (scene changes; the last holds for the chunks after it); "
+        "replaces prompt for the generation"))
+    window_size: Int | None = Field(None, ge=1, le=MAX_WINDOW, description=(
+        "extension: chunks denoised together (absent: the model's, 4); 1 needs the least memory"))
     enable_prompt_expansion: StrictBool | None = Field(None, description=(
         "rewrite the prompt with the server's prompt enhancer first (the prediction returns enhanced_prompt); "
         "a 400 when the server has none"))
@@ -248,7 +253,8 @@ async def to_params(ctx: ServerContext, body: SubmitBody, limits: ModelLimits | 
         ctx, prompt=prompt or body.prompt, image=await read_image_field(ctx, body.image, "image") if body.image else None,
         resolution=body.resolution or s.default_resolution, aspect=body.aspect_ratio or "auto",
         num_frames=body.num_frames or s.default_num_frames, steps=body.num_inference_steps or s.default_steps,
-        seed=body.seed, fields=FIELDS, limits=limits,
+        seed=body.seed, fields=FIELDS, limits=limits, prompts=None if prompt else body.prompts,
+        window_size=body.window_size,
     )
 
 
