@@ -169,3 +169,10 @@ def test_an_input_image_reaches_a_worker_on_another_machine_through_the_object_s
     missing = GenerationParams(prompts=("x",), width=64, height=64, num_frames=24, num_inference_steps=8, seed=1,
                                image_path=str(tmp_path / "nowhere" / "input-gone.png"))
     assert link._local_inputs(missing) is missing  # the prefill then fails the job, naming the image
+
+
+def test_a_worker_runs_one_model(postgres_dsn, tmp_path, capsys):
+    assert cli.main(["worker", "--db", postgres_dsn, "--outputs", str(tmp_path), "--model", "tiny",
+                     "--model", "other=" + str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "a worker runs one model" in err and len(err.splitlines()) == 1, err

@@ -394,6 +394,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from magi_server.composition import run_worker
     from magi_server.serving.jobs import JobStoreUnusable
 
+    if len(args.model or []) > 1:
+        print("magi-server: a worker runs one model: give --model once (start a worker per variant)", file=sys.stderr)
+        return 2
     if _check_store(args.db, shared=True):
         return 2
     _setup_logging(args)
@@ -406,7 +409,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         return 2
     try:
         return run_worker(settings)
-    except JobStoreUnusable as exc:
+    except (JobStoreUnusable, ValueError) as exc:  # e.g. two --model values, or weights that do not load
         print(f"magi-server: {exc}", file=sys.stderr)
         return 2
 
