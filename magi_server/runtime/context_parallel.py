@@ -20,8 +20,9 @@ handed to it with ``set_context_parallel``); this module owns everything else:
 * launching (:class:`ContextParallelLaunch`): N-1 follower processes started with ``torch.multiprocessing``
   (spawn), or started by ``torchrun`` and entering :func:`run_follower` themselves. Only rank 0 writes outputs.
 
-Nothing here reads the environment: ranks, sizes and rendezvous addresses arrive as arguments (``tools/cli.py`` reads
-torchrun's variables).
+Nothing here reads the environment: ranks, sizes and rendezvous addresses arrive as arguments. ``serve``/``worker
+--cp N`` spawn their followers; a torchrun launch (ranks entering :func:`run_follower` from torchrun's variables,
+read by the CLI) is not wired into the CLI yet.
 """
 from __future__ import annotations
 
