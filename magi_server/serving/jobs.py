@@ -237,11 +237,21 @@ def _is_corruption(exc: BaseException | None) -> bool:
 
 
 class IdempotentCreate:
-    """The Stripe-style submit both stores make the same decision for (jobs_postgres.PostgresJobStore too): inside
+    """What both stores (this one and jobs_postgres.PostgresJobStore) decide the same way over their own SQL: who may
+    read a row by id (:meth:`_owned_job`), and the Stripe-style submit: inside
     the store's own write transaction, with its own lock held, look the key up; a key older than the TTL is
     forgotten, the same body replays, another body is a conflict; a new job passes the quota and the queue bound.
     Each store supplies the SQL: ``_key_row``, ``_forget_key``, ``_check_quota``, ``_check_queue``, ``_insert``,
     ``_fetch`` and ``_clock``."""
+
+    @classmethod
+    def _owned_job(cls, row: tuple | None, owner: str | None) -> Job | None:
+        """A row read by id as the Job ``get`` answers: None when absent or (``owner``, already escaped the way the
+        store stores it) someone else's, checked before parsing so another tenant learns nothing, not even that a
+        row is damaged."""
+        if row is None or (owner is not None and dict(zip(_COLUMNS, row))["owner"] != owner):
+            return None
+        return cls._row_to_job(row)
 
     @staticmethod
     def _check_key(key: str, fingerprint: str) -> None:
@@ -539,12 +549,7 @@ class JobStore(IdempotentCreate):
             if _is_corruption(exc.__cause__):  # the page this lookup landed on is damaged: this job, not the store
                 raise DamagedJob(job_id, str(exc.__cause__)) from exc
             raise
-        if row is None:
-            return None
-        row_owner = dict(zip(_COLUMNS, row))["owner"]
-        if owner is not None and row_owner != _text(owner):
-            return None  # checked before parsing: another tenant learns nothing, not even that a row is damaged
-        return self._row_to_job(row)
+        return self._owned_job(row, None if owner is None else _text(owner))
 
     def list(self, statuses: Iterable[JobStatus] | None = None, limit: int = 100,
              owner: str | None = None) -> list[Job]:

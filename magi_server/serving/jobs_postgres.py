@@ -424,11 +424,7 @@ class PostgresJobStore(IdempotentCreate):
         DamagedJob when its row cannot be read back (with `owner`, only to that owner)."""
         with self._connection() as conn:
             row = conn.execute(f"{_SELECT} WHERE id = %s", (_pg_text(job_id),)).fetchone()
-        if row is None:
-            return None
-        if owner is not None and dict(zip(_COLUMNS, row))["owner"] != _pg_text(owner):
-            return None  # checked before parsing: another tenant learns nothing, not even that a row is damaged
-        return self._row_to_job(row)
+        return self._owned_job(row, None if owner is None else _pg_text(owner))
 
     def list(self, statuses: Iterable[JobStatus] | None = None, limit: int = 100,
              owner: str | None = None) -> list[Job]:
