@@ -1,7 +1,8 @@
 """Where request media comes from: raw bytes, a ``data:`` URI, a local path or an http(s) URL (:func:`open_source`),
 each read under a byte cap, and which of these a caller accepts (:class:`SourcePolicy`). The URL fetch is
 hand-written on http.client so that it connects only to addresses it has checked (SSRF: spec reliability.md §4.1)
-and follows no redirects; ``_fetch_url`` says why urllib would not do.
+and follows no redirects; ``_fetch_url`` says why urllib would not do. Outgoing POSTs to URLs a request names
+(webhooks: :func:`post_to_url`) go through the same checks and pinned connections.
 """
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ import socket
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 from magi_server.media import InputError
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -132,12 +135,29 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
-def _fetch_url(url: str, *, param: str, max_bytes: int, policy: SourcePolicy) -> bytes:
-    """GET one URL with no redirects, a total deadline and a byte cap enforced while streaming.
+@dataclass(frozen=True)
+class CheckedURL:
+    """An http(s) URL that passed the policy: its parts and the addresses it may be reached at (checked now, so a
+    second DNS answer cannot move it elsewhere: connect with :meth:`connection`)."""
 
-    urllib is not used directly: it follows redirects and resolves the name again at connect time, both of which
-    defeat the address check. The lower layer it is built on (http.client) lets us connect to the checked address.
-    """
+    url: str
+    scheme: str
+    host: str
+    port: int
+    target: str  # path and query
+    addresses: tuple[str, ...]
+
+    def connection(self, address: str, timeout_s: float) -> http.client.HTTPConnection:
+        if self.scheme == "https":
+            import ssl
+
+            return _PinnedHTTPSConnection(self.host, self.port, address, timeout_s, ssl.create_default_context())
+        return _PinnedHTTPConnection(self.host, self.port, address, timeout_s)
+
+
+def check_url(url: str, *, param: str, policy: SourcePolicy) -> CheckedURL:
+    """The URL's scheme, credentials, host, port and resolved addresses checked against ``policy`` (the SSRF rules,
+    spec reliability.md §4.1); InputError naming ``param`` when any fails. Resolves the name (blocking)."""
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
@@ -159,48 +179,78 @@ def _fetch_url(url: str, *, param: str, max_bytes: int, policy: SourcePolicy) ->
     odd_port = policy.allowed_ports is not None and port not in policy.allowed_ports
     if odd_port and not policy.private_allowlist:
         raise InputError(param, f"port {port} is not allowed (allowed: {', '.join(map(str, policy.allowed_ports))})")
-
-    deadline = time.monotonic() + policy.timeout_s
     addresses = _resolve(host, port, param, policy)
     # an operator-allowed private host may use any port (internal services rarely sit on 80/443)
     if odd_port and not all(policy.allows_private(host, address) for address in addresses):
         raise InputError(param, f"port {port} is not allowed (allowed: {', '.join(map(str, policy.allowed_ports))})")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    context = None
-    if scheme == "https":
-        import ssl
+    return CheckedURL(url, scheme, host, port, target, tuple(addresses))
 
-        context = ssl.create_default_context()
 
+def _over_pinned_connection(checked: CheckedURL, *, param: str, deadline: float, timeout_s: float, what: str,
+                            talk: Callable[[http.client.HTTPConnection], T]) -> T:
+    """``talk(conn)`` over a connection to the first of ``checked``'s addresses that accepts one before
+    ``deadline``. Socket timeouts apply per read, so a server trickling bytes could outlast them; a watchdog that
+    shuts the socket at the deadline makes the limit total. ``what`` names the exchange in the refusals."""
     last_error: Exception | None = None
-    for address in addresses:
+    for address in checked.addresses:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
-        if scheme == "https":
-            conn: http.client.HTTPConnection = _PinnedHTTPSConnection(host, port, address, remaining, context)
-        else:
-            conn = _PinnedHTTPConnection(host, port, address, remaining)
+        conn = checked.connection(address, remaining)
         try:
             conn.connect()
         except OSError as exc:
             last_error = exc
             conn.close()
             continue
-        # Socket timeouts apply per read, so a server trickling header bytes could outlast them; a watchdog that
-        # shuts the socket at the deadline makes the limit total.
         watchdog = threading.Timer(max(deadline - time.monotonic(), 0.0), _shutdown_socket, args=(conn.sock,))
         watchdog.daemon = True
         watchdog.start()
         try:
-            return _read_response(conn, target, param=param, max_bytes=max_bytes, deadline=deadline,
-                                  timeout_s=policy.timeout_s)
+            return talk(conn)
         finally:
             watchdog.cancel()
             conn.close()
     if last_error is None:
-        raise InputError(param, f"download did not finish within {policy.timeout_s:g} s")
-    raise InputError(param, f"could not connect to {host!r} ({last_error})")
+        raise InputError(param, f"{what} did not finish within {timeout_s:g} s")
+    raise InputError(param, f"could not connect to {checked.host!r} ({last_error})")
+
+
+def post_to_url(checked: CheckedURL, body: bytes, headers: dict[str, str], *, param: str, timeout_s: float) -> int:
+    """POST ``body`` to a URL :func:`check_url` passed (connected to one of its checked addresses, no redirects
+    followed, everything within ``timeout_s``) and return the HTTP status; a response body is read (up to 64 KiB)
+    and dropped. InputError when no connection or no answer comes."""
+    deadline = time.monotonic() + timeout_s
+
+    def post(conn: http.client.HTTPConnection) -> int:
+        try:
+            conn.request("POST", checked.target, body=body,
+                         headers={"User-Agent": "magi-server", "Content-Length": str(len(body)), **headers})
+            response = conn.getresponse()
+            response.read(65536)
+            return response.status
+        except (OSError, http.client.HTTPException) as exc:
+            if isinstance(exc, socket.timeout) or time.monotonic() >= deadline:
+                raise InputError(param, f"no answer within {timeout_s:g} s") from None
+            raise InputError(param, f"delivery failed ({type(exc).__name__}: {exc})") from None
+
+    return _over_pinned_connection(checked, param=param, deadline=deadline, timeout_s=timeout_s, what="the delivery",
+                                   talk=post)
+
+
+def _fetch_url(url: str, *, param: str, max_bytes: int, policy: SourcePolicy) -> bytes:
+    """GET one URL with no redirects, a total deadline and a byte cap enforced while streaming.
+
+    urllib is not used directly: it follows redirects and resolves the name again at connect time, both of which
+    defeat the address check. The lower layer it is built on (http.client) lets us connect to the checked address.
+    """
+    deadline = time.monotonic() + policy.timeout_s
+    checked = check_url(url, param=param, policy=policy)
+    return _over_pinned_connection(
+        checked, param=param, deadline=deadline, timeout_s=policy.timeout_s, what="download",
+        talk=lambda conn: _read_response(conn, checked.target, param=param, max_bytes=max_bytes, deadline=deadline,
+                                         timeout_s=policy.timeout_s))
 
 
 def _shutdown_socket(sock: socket.socket | None) -> None:
