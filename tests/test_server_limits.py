@@ -155,7 +155,10 @@ def test_cancel_queued_and_running(tmp_path, pipeline):
             data = _status(client, job_id)
             assert data["status"] == "cancelled" and data["outputs"] == [] and data["error"] == "cancelled"
             assert not (ctx.outputs_dir / f"{job_id}.mp4").exists()
-            assert not [n for n in _files_of(ctx.outputs_dir, job_id) if n.endswith(".part")]
+            # a chunk preview the output worker was encoding when the cancel came is removed once it is done (on a
+            # busy machine that can take longer than the model call did)
+            _until(lambda: not [n for n in _files_of(ctx.outputs_dir, job_id) if n.endswith(".part")], 10,
+                   "the cancelled job's partial files to be removed")
         assert _status(client, running)["progress"]["chunks_done"] < 40
         never_ran = ctx.store.get(queued)
         assert never_ran.started_at is None and never_ran.attempts == 0
