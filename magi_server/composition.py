@@ -62,6 +62,28 @@ def load_prompt_enhancer(settings: ServerSettings, device: str = "cpu"):
     return PromptEnhancer.from_pretrained(settings.prompt_enhancer, device=device)
 
 
+def load_safety_checker(settings: ServerSettings, device: str = "cpu"):
+    """The configured safety checker (runtime.safety_checker), or None; ValueError with one line for a folder that
+    holds no image classifier, or one without an NSFW-type label."""
+    if not settings.safety_checker:
+        return None
+    from magi_server.runtime.loading import hide_progress_bars
+    from magi_server.runtime.safety_checker import DEFAULT_NSFW_LABELS, SafetyChecker
+
+    hide_progress_bars()  # a server's log is lines (JSON ones under --log-format json), not tqdm bars
+    checker = SafetyChecker.from_pretrained(settings.safety_checker, settings.safety_labels or DEFAULT_NSFW_LABELS,
+                                            device=device)
+    log.info("safety checker: %s", checker.describe())
+    return checker
+
+
+def serving_runner(pipeline, settings: ServerSettings, safety_checker=None):
+    """The runner the engine drives for a loaded pipeline: its model, writing into the outputs folder, checked by
+    ``safety_checker`` when there is one (a runner without a checker is asked nothing about it)."""
+    extra = {} if safety_checker is None else {"safety_checker": safety_checker}
+    return pipeline.runner.with_outputs(settings.outputs_dir, **extra)
+
+
 def make_router(settings: ServerSettings, variants):
     from magi_server.serving.routing import Router
 
@@ -100,8 +122,10 @@ def build_context(settings: ServerSettings, *, pipeline=None, store: JobStore | 
         from magi_server.runtime.tiny import TINY_NOTICE
 
         notice = TINY_NOTICE
-    # each variant's own model; the engines' requests (one outputs folder: job ids are unique)
-    executors = {name: pipelines[name].runner.with_outputs(settings.outputs_dir) for name, _ in specs}
+    # each variant's own model; the engines' requests (one outputs folder: job ids are unique); one safety checker
+    # for all of them
+    checker = load_safety_checker(settings, settings.device)
+    executors = {name: serving_runner(pipelines[name], settings, checker) for name, _ in specs}
     router = make_router(settings, [variant_for(name, pipelines[name].config) for name, _ in specs])
     store = store if store is not None else open_job_store(settings.db_path)
     holder: dict[str, ServerContext] = {}
@@ -121,7 +145,8 @@ def build_context(settings: ServerSettings, *, pipeline=None, store: JobStore | 
                         model_name=", ".join(router.served), notice=notice, metrics=metrics,
                         model_limits=first.model_limits(), router=router,
                         output_store=None if publish is None else publish.output_store,
-                        prompt_enhancer=load_prompt_enhancer(settings, settings.device))
+                        prompt_enhancer=load_prompt_enhancer(settings, settings.device),
+                        safety_checker="none" if checker is None else "configured")
     if settings.keep_jobs_s:
         ctx.janitor = Janitor(store, settings.outputs_dir, settings.keep_jobs_s, output_store=ctx.output_store)
     holder["ctx"] = ctx
@@ -141,6 +166,9 @@ def build_context(settings: ServerSettings, *, pipeline=None, store: JobStore | 
     engine.start()
     if ctx.janitor is not None:
         ctx.janitor.start()
+    # this process owns the store: a webhook the last one held (sending, or waiting out a backoff) is due now
+    store.release_webhook_claims()
+    ctx.webhooks = start_webhooks(ctx)
     return ctx
 
 
@@ -170,7 +198,7 @@ def build_api_context(settings: ServerSettings, *, store, variants) -> ServerCon
     ctx = ServerContext(settings=settings, store=store, engine=queue, executor=None,
                         model_name=", ".join(router.served), metrics=metrics, model_limits=variants[0].limits,
                         store_queue_bound=settings.max_queue, runs_jobs=False, output_store=output_store,
-                        router=router, prompt_enhancer=load_prompt_enhancer(settings))
+                        router=router, prompt_enhancer=load_prompt_enhancer(settings), safety_checker="per-worker")
     bridge = StoreEventBridge(store, ctx.hub)
     sweeper = LeaseSweeper(store, max_attempts=settings.max_attempts, every_s=settings.lease_s / 2)
 
@@ -182,7 +210,22 @@ def build_api_context(settings: ServerSettings, *, store, variants) -> ServerCon
     if settings.keep_jobs_s:
         ctx.janitor = Janitor(store, settings.outputs_dir, settings.keep_jobs_s, output_store=output_store)
         ctx.janitor.start()
+    # every replica sends due webhooks; the store's claims keep two from sending one (a dead replica's lapse)
+    ctx.webhooks = start_webhooks(ctx)
     return ctx
+
+
+def start_webhooks(ctx):
+    """The webhook dispatcher of this process (serving/webhooks.py), started: WaveSpeed's and fal's formats."""
+    from magi_server.serving.adapters import fal, wavespeed
+    from magi_server.serving.webhooks import WebhookDispatcher, WebhookFormat, WebhookKeys, webhook_policy
+
+    s = ctx.settings
+    formats = {"wavespeed": WebhookFormat(wavespeed.webhook_body, WebhookKeys.wavespeed_headers),
+               "fal": WebhookFormat(fal.webhook_body, WebhookKeys.fal_headers)}
+    return WebhookDispatcher(ctx, formats, policy=webhook_policy(s.allow_private_urls, s.webhook_timeout_s),
+                             max_attempts=s.webhook_attempts, backoff_initial_s=s.webhook_backoff_s,
+                             backoff_max_s=s.webhook_backoff_max_s).start()
 
 
 def _output_publisher(settings: ServerSettings):
@@ -251,7 +294,7 @@ def run_worker(settings: ServerSettings, *, pipeline=None, stop=None) -> int:
             hide_progress_bars()
             pipeline = MagiPipeline.from_pretrained(location, device=settings.device, cache_dir=settings.cache_dir,
                                                     compile=settings.compile, cp=settings.cp)
-        executor = pipeline.runner.with_outputs(settings.outputs_dir)
+        executor = serving_runner(pipeline, settings, load_safety_checker(settings, settings.device))
         holder: dict = {}
 
         publish = _output_publisher(settings)

@@ -32,6 +32,15 @@ MAX_WINDOW = 16
 MAX_PROMPTS = 256  # chunk-wise prompts: one per chunk at most, and a 10-minute video has 240 chunks
 MAX_PROMPT_CHARS = 4000  # per prompt; the server may lower it (ServerSettings.max_prompt_chars)
 FPS = 24  # MAGI-1 generates 24 fps video only
+# A served job keeps the clean latents of the last frames it output, so a later job can continue from them losslessly
+# (``continue_from``): 8 latent frames, the prefix the reference's video-to-video takes (its first 32 frames).
+KEPT_LATENT_FRAMES = 8
+
+
+def kept_latents_name(job_id: str) -> str:
+    """The file (in the outputs folder or the output store) holding a finished job's kept latents. Never a job
+    output: no route serves it (serving.files serves ``<job id>.mp4`` names only)."""
+    return f"{job_id}.latents.safetensors"
 
 RESOLUTIONS = ("480p", "720p")
 ASPECT_RATIOS = ("16:9", "9:16", "1:1")
@@ -115,8 +124,13 @@ class GenerationParams:
     model: str = "default"  # served variant key, e.g. "magi-1-24b"
     image_path: str | None = None  # stored first frame (i2v)
     video_path: str | None = None  # stored prefix video (v2v)
+    # stored latents to continue (v2v from an earlier job's kept latents: ``continue_from``); the runner loads them
+    # as the library's ``video_latents``
+    prefix_latents_path: str | None = None
     trim_to_frames: bool = False  # the hosted APIs return exactly num_frames frames; MAGI-1 itself whole chunks
     window_size: int | None = None  # None: the model's
+    # run the server's safety checker (if it has one) on the output; not part of shape_key: it changes no model call
+    safety_check: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", tuple(self.prompts))
@@ -125,8 +139,8 @@ class GenerationParams:
     def task(self) -> str:
         if self.image_path is not None:
             return "i2v"
-        if self.video_path is not None:
-            return "v2v"
+        if self.video_path is not None or self.prefix_latents_path is not None:
+            return "v2v"  # a prefix video, or a prefix already in latent space
         return "t2v"
 
     def shape_key(self) -> tuple:
@@ -192,6 +206,10 @@ def validate(params: GenerationParams, limits: ModelLimits = ModelLimits()) -> G
         raise ParamError("seed", f"must be an integer in [0, {MAX_SEED}] or -1 for random, got {params.seed!r}")
     if params.image_path is not None and params.video_path is not None:
         raise ParamError("video", "give either image (image-to-video) or video (video-to-video), not both")
+    if params.prefix_latents_path is not None and params.image_path is not None:
+        raise ParamError("continue_from", "give either image (image-to-video) or continue_from, not both")
+    if params.prefix_latents_path is not None and params.video_path is not None:
+        raise ParamError("continue_from", "give either video or continue_from (both are the video to continue)")
     return params
 
 

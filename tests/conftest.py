@@ -84,6 +84,8 @@ SLOW_FILES = {
     "test_server_fal.py", "test_file_access.py", "test_batching.py", "test_video.py", "test_malformed_bodies.py",
     "test_image_admission.py", "test_poll_latency.py", "test_connection_limits.py", "test_server_lifecycle.py",
     "test_outputs.py", "test_scale_out.py", "test_scene_prompts.py", "test_context_parallel.py", "test_readme_scale_out.py",
+    "test_safety_checker.py", "test_continuation.py", "test_webhooks.py", "test_prediction_history.py",
+    "test_server_openai.py",
 }
 
 

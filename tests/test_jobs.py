@@ -435,7 +435,8 @@ def test_reopen_keeps_data_and_refuses_newer_schema(tmp_path):
 
 
 def test_a_version_1_store_is_migrated_in_place(tmp_path):
-    """Version 2 added the parameter a failure names; a store written by version 1 keeps its jobs and gains it."""
+    """Version 2 added the parameter a failure names, 3 the variant, 4 the webhook outbox; a store written by version
+    1 keeps its jobs and gains them all."""
     path = tmp_path / "v1.db"
     with JobStore(path) as s:
         job = s.create(make_job())
@@ -443,6 +444,7 @@ def test_a_version_1_store_is_migrated_in_place(tmp_path):
     conn = sqlite3.connect(path)  # back to what version 1 wrote
     conn.execute("ALTER TABLE jobs DROP COLUMN error_param")
     conn.execute("ALTER TABLE jobs DROP COLUMN variant")
+    conn.execute("DROP TABLE webhook_deliveries")
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
@@ -453,7 +455,8 @@ def test_a_version_1_store_is_migrated_in_place(tmp_path):
         assert s.fail(other.id, "seed: too big", "invalid_input", "seed").error_param == "seed"
         assert s.get(other.id).variant == "4.5B-distill"
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert conn.execute("SELECT COUNT(*) FROM webhook_deliveries").fetchone()[0] == 0
     conn.close()
 
 

@@ -248,8 +248,8 @@ def test_the_migrate_command_creates_the_schema_once(postgres_dsn, tmp_path):
                               capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
 
     first, again = migrate(postgres_dsn), migrate(postgres_dsn)
-    assert first.returncode == 0 and first.stdout.strip().endswith("schema version 0 -> 1"), first
-    assert again.returncode == 0 and again.stdout.strip().endswith("schema version 1, nothing to do"), again
+    assert first.returncode == 0 and first.stdout.strip().endswith("schema version 0 -> 2"), first
+    assert again.returncode == 0 and again.stdout.strip().endswith("schema version 2, nothing to do"), again
     sqlite = migrate(str(tmp_path / "jobs.db"))
     assert sqlite.returncode == 0 and (tmp_path / "jobs.db").is_file(), sqlite
     unreachable = migrate(f"postgresql://magi:s3cret-pw@127.0.0.1:{free_port()}/jobs?connect_timeout=2")

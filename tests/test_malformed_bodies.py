@@ -58,6 +58,10 @@ def _in_its_format(role: str, path: str, response) -> bool:
     body = response.json()
     if role.startswith("fal"):
         return "detail" in body
+    if path == "/v1/videos" or path.startswith("/v1/videos/"):  # OpenAI's error object
+        error = body.get("error")
+        return isinstance(error, dict) and isinstance(error.get("message"), str) and set(error) == {
+            "message", "type", "param", "code"}
     if path.startswith("/v1/"):  # Magic Hour
         return isinstance(body.get("message"), str)
     return set(body) >= {"code", "message", "data"} and body["code"] == response.status_code  # WaveSpeed

@@ -182,8 +182,11 @@ def test_two_replicas_three_workers_one_killed_mid_job(cluster: Cluster, tmp_pat
     else:
         stored = object_store.names()
         assert not list(cluster.outputs.glob("*.mp4"))  # nothing in the folder the other test used
-    finals = sorted(name for name in stored if ".chunk" not in name)
+    finals = sorted(name for name in stored if ".chunk" not in name and ".latents." not in name)
     assert finals == sorted(f"{job_id}.mp4" for job_id in frames)
+    if object_store is not None:  # and each job's kept latents (continuation), beside its video in the store
+        kept = sorted(name for name in stored if ".latents." in name)
+        assert kept == sorted(f"{job_id}.latents.safetensors" for job_id in frames)
     assert {name.split(".")[0] for name in stored} == set(frames)  # previews only of these jobs
     assert all(row["outputs"] == f'["{job_id}.mp4"]' for job_id, row in by_id.items())
 

@@ -244,11 +244,14 @@ def test_bodies_that_are_not_objects(fal, raw):
     assert counts(ctx) == before
 
 
-def test_webhooks_are_refused_not_dropped(fal):
+def test_a_webhook_to_a_private_address_is_refused_not_dropped(fal):
+    """Without --allow-private-urls a loopback receiver is refused at submit (SSRF rules), naming the parameter;
+    nothing is stored. Delivery itself: tests/test_webhooks.py."""
     ctx, queue, _ = fal
     before = counts(ctx)
-    r = queue.post(f"/{DISTILLED}", params={"fal_webhook": "https://example.com/hook"}, json={"prompt": "x"})
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "fal_webhook"]
+    for url in ("http://127.0.0.1:9/hook", "file:///etc/passwd", "https://10.0.0.1/hook"):
+        r = queue.post(f"/{DISTILLED}", params={"fal_webhook": url}, json={"prompt": "x"})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "fal_webhook"], (url, r.text)
     assert counts(ctx) == before
 
 

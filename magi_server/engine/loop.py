@@ -67,6 +67,9 @@ class EngineEvent:
     error: str = ""
     error_code: str = ""
     error_param: str = ""  # the request parameter an "invalid_input" failure names
+    # "finished": whether the safety checker looked at the output's chunks, and whether it flagged any of them
+    safety_checked: bool = False
+    nsfw: bool = False
 
 
 UNKNOWN_MEMORY_BUDGET = 1 << 62  # ServerSettings' default: no budget configured
@@ -261,7 +264,9 @@ class Engine:
                 result.closed.append(job_id)
                 self._emit(EngineEvent(EventKind.FINISHED, job_id, chunks_done=record.chunks_total,
                                        chunks_total=record.chunks_total, output=record.output,
-                                       num_frames=record.num_frames, inference_ms=record.inference_ms))
+                                       num_frames=record.num_frames, inference_ms=record.inference_ms,
+                                       safety_checked=getattr(record, "safety_checked", False),
+                                       nsfw=getattr(record, "nsfw", False)))
             elif record.kind == "failed":  # bad input found by the prefill, or an output that could not be written
                 result.fail(job_id, self._failure(record.error))
 

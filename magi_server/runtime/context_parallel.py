@@ -320,9 +320,10 @@ class LeaderRunner:
         """The follower processes this process started (empty under torchrun)."""
         return list(self._session.processes)
 
-    def with_outputs(self, outputs_dir, *, chunk_previews: bool = True) -> "LeaderRunner":
+    def with_outputs(self, outputs_dir, *, chunk_previews: bool = True, safety_checker=None) -> "LeaderRunner":
         """As ``ModelRunner.with_outputs``, over the same group (one runner at a time may make model calls)."""
-        return LeaderRunner(self._runner.with_outputs(outputs_dir, chunk_previews=chunk_previews), self._session)
+        return LeaderRunner(self._runner.with_outputs(outputs_dir, chunk_previews=chunk_previews,
+                                                      safety_checker=safety_checker), self._session)
 
     # ----------------------------------------------------------------------------------- the offline pipeline
     def prefill(self, params, **kwargs):

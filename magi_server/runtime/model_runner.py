@@ -44,6 +44,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from magi_server.media import InputError
 from magi_server.media.images import load_image, resize_image
@@ -52,7 +53,7 @@ from magi_server.media.video import load_video
 from magi_server.models.config import MagiConfig, model_limits
 from magi_server.models.text_encoder import CaptionTokenOptions, SpecialTokens, build_chunk_captions
 from magi_server.models.vae import TileConfig, decode_to_frames, encode_video_uint8
-from magi_server.params import GenerationParams, ModelLimits, ParamError
+from magi_server.params import KEPT_LATENT_FRAMES, GenerationParams, ModelLimits, ParamError, kept_latents_name
 from magi_server.runtime.memory_model import request_memory_estimate
 from magi_server.runtime.sampler import LatentChunk, SamplerSettings, SamplerState, plan_request, sampler_step_batch, start_sampler
 
@@ -76,15 +77,23 @@ def leave_a_core_for_serving(device: str | torch.device) -> None:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - 1)))
 
 
-def plan_frames_for_output(num_frames: int, task: str) -> int:
+def plan_frames_for_output(num_frames: int, task: str, prefix_frames: int = 0, chunk_width: int = 6) -> int:
     """The MAGI-1 ``num_frames`` that yields the fewest whole chunks covering ``num_frames`` output frames.
 
     MAGI-1 emits 24-frame chunks; an i2v request also spends one latent frame on the image, so asking MAGI-1 for
     ``num_frames`` there would start one chunk more than needed (96 frames -> 120). Used when the output is trimmed.
+    v2v with a known prefix of ``prefix_frames`` latent frames: the chunk holding the prefix's end emits only its
+    remaining latent frames, and when that is 3k+1 of them the lone last one of its decode tiles (3 latent frames)
+    gives one frame, not 4 (spec §5.6: 8 prefix latents -> 13 frames from that chunk); one more latent frame is asked
+    for when the output would otherwise fall short.
     """
     latents = -(-num_frames // 4)
     if task == "i2v":
         return max(4, 4 * (latents - 1))
+    if task == "v2v" and prefix_frames > 1 and (chunk_width - prefix_frames % chunk_width) % 3 == 1:
+        emitted = -(-(latents + prefix_frames) // chunk_width) * chunk_width - prefix_frames
+        if 4 * emitted - 3 < num_frames:
+            latents += 1
     return 4 * latents
 
 
@@ -121,6 +130,8 @@ class Finished:
     num_frames: int
     inference_ms: int
     chunks_total: int
+    safety_checked: bool = False  # the safety checker looked at every chunk written
+    nsfw: bool = False  # and flagged at least one of them
 
 
 @dataclass(frozen=True)
@@ -147,7 +158,10 @@ class _Job:
     failed: bool = False
     frames_written: int = 0
     chunks_done: int = 0
+    nsfw: bool = False  # the safety checker flagged one of its chunks
     previews: list[str] = field(default_factory=list)
+    # the clean latents (CPU, fp32) of the last KEPT_LATENT_FRAMES latent frames written: saved when it finishes
+    kept_latents: torch.Tensor | None = None
 
     @property
     def frames_wanted(self) -> int | None:
@@ -219,6 +233,7 @@ class ModelRunner:
         caption_options: CaptionTokenOptions = CaptionTokenOptions(),
         outputs_dir: str | Path | None = None,
         chunk_previews: bool = True,
+        safety_checker=None,
     ) -> None:
         self.dit = dit
         self.vae = vae
@@ -233,6 +248,9 @@ class ModelRunner:
         if self.outputs_dir is not None:
             self.outputs_dir.mkdir(parents=True, exist_ok=True)
         self.chunk_previews = chunk_previews
+        # runtime.safety_checker.SafetyChecker (or anything with check(frames) -> bool): run on each served chunk
+        # of a job whose params ask for it; None: outputs go unchecked (and are reported so)
+        self.safety_checker = safety_checker
         self.batch_sizes: Counter[int] = Counter()  # batched model calls run, by batch size (bounded by max batch)
         # engine thread only
         self._jobs: dict[str, _Job] = {}
@@ -246,13 +264,15 @@ class ModelRunner:
         self._output_stream = None  # the output worker's CUDA stream, made by that thread on first use
         self._closing = threading.Event()  # shutdown(): the prefill worker skips what it has not begun
 
-    def with_outputs(self, outputs_dir: str | Path, *, chunk_previews: bool = True) -> "ModelRunner":
+    def with_outputs(self, outputs_dir: str | Path, *, chunk_previews: bool = True,
+                     safety_checker=None) -> "ModelRunner":
         """A runner over the same loaded model, with no requests yet, whose served jobs write into
-        ``outputs_dir`` (what the composition root hands the engine; the weights are shared, not copied)."""
+        ``outputs_dir`` (what the composition root hands the engine; the weights are shared, not copied) and are
+        checked by ``safety_checker`` (runtime.safety_checker.SafetyChecker) when one is given."""
         return ModelRunner(
             self.dit, self.vae, self.text_encoder, self.special_tokens, self.config, device=self.device,
             tiles=self.tiles, caption_options=self.caption_options, outputs_dir=outputs_dir,
-            chunk_previews=chunk_previews,
+            chunk_previews=chunk_previews, safety_checker=safety_checker,
         )
 
     @property
@@ -313,10 +333,11 @@ class ModelRunner:
         dit_cfg = self.dit.config
         settings = SamplerSettings.from_config(self.config, num_steps=params.num_inference_steps,
                                                window_size=params.window_size)
-        frames = plan_frames_for_output(params.num_frames, params.task) if params.trim_to_frames else params.num_frames
-
         # 1. the conditioning prefix (i2v image = 1 latent frame; v2v video; or latents given directly)
         prefix = self.encode_prefix(params, image=image, video=video, video_latents=video_latents)
+        prefix_frames = 0 if prefix is None else prefix.shape[2]
+        frames = (plan_frames_for_output(params.num_frames, params.task, prefix_frames, settings.chunk_width)
+                  if params.trim_to_frames else params.num_frames)
         plan = plan_request(
             settings, num_frames=frames, prefix_frames=0 if prefix is None else prefix.shape[2],
             latent_height=params.height // 8, latent_width=params.width // 8,
@@ -353,6 +374,8 @@ class ModelRunner:
     def encode_prefix(self, params: GenerationParams, *, image=None, video=None,
                       video_latents: torch.Tensor | None = None) -> torch.Tensor | None:
         """The conditioning prefix latents (1, C, P, h, w) of a request, or None for text-to-video."""
+        if video_latents is None and image is None and video is None and params.prefix_latents_path is not None:
+            video_latents = self._stored_latents(params)
         if video_latents is not None:
             return torch.as_tensor(video_latents).to(self.device)
         image = params.image_path if image is None else image
@@ -371,6 +394,43 @@ class ModelRunner:
         mean = encode_video_uint8(self.vae, clip, self.tiles)
         # the reference scales the bf16 mean in bf16: the prefix latent stays bf16 (spec §5.2 step 6)
         return mean * s.scale_factor
+
+    def _stored_latents(self, params: GenerationParams) -> torch.Tensor:
+        """The stored prefix latents of a continuation (``prefix_latents_path``: a copy of an earlier job's kept
+        latents), checked against the request's size; exactly as they were saved (fp32), as the library's
+        ``video_latents``."""
+        try:
+            latents = load_file(params.prefix_latents_path)["latents"]
+        except (OSError, KeyError, ValueError) as exc:  # gone, or not a file we wrote
+            raise ParamError("continue_from", f"the kept latents to continue could not be read ({exc})") from None
+        expected = (1, self.dit.config.latent_channels, params.height // 8, params.width // 8)
+        shape = tuple(latents.shape)
+        if len(shape) != 5 or (shape[0], shape[1], *shape[3:]) != expected or shape[2] < 1:
+            raise ParamError("continue_from", f"the kept latents are {shape}, not (1, {expected[1]}, frames, "
+                                              f"{expected[2]}, {expected[3]}) for {params.width}x{params.height}")
+        return latents
+
+    def _keep_latents(self, job: _Job, latents: torch.Tensor, shown: int, decoded: int) -> None:
+        """Output worker: remember the clean latents of the ``shown`` frames (of ``decoded``) this chunk added to
+        the output, keeping the last KEPT_LATENT_FRAMES latent frames. A chunk trimmed short keeps the latent frames
+        of the frames shown (4 frames each), so a continuation starts where the output ends."""
+        if shown == 0:
+            return
+        count = latents.shape[2] if shown >= decoded else min(latents.shape[2], -(-shown // 4))
+        recent = latents[:, :, :count].to(torch.float32)
+        if job.kept_latents is not None:
+            recent = torch.cat([job.kept_latents, recent], dim=2)
+        job.kept_latents = recent[:, :, -KEPT_LATENT_FRAMES:].clone()
+
+    def _save_kept_latents(self, job: _Job) -> None:
+        """Output worker: the job's kept latents as ``<job id>.latents.safetensors`` in the outputs folder (written
+        to a hidden file, then renamed: a reader sees all of it or nothing)."""
+        if job.kept_latents is None:
+            return
+        name = kept_latents_name(job.job_id)
+        partial = self.outputs_dir / f".{name}.part"
+        save_file({"latents": job.kept_latents.contiguous()}, str(partial), metadata={"job_id": job.job_id})
+        os.replace(partial, self.outputs_dir / name)
 
     def _prompt_embeddings(self, prompts: Sequence[str], prompt_embeds, prompt_attention_mask, num_denoised: int):
         if prompt_embeds is not None:
@@ -485,8 +545,15 @@ class ModelRunner:
         try:
             with self._device_stream(chunk.latents, ready):
                 frames = self.decode_chunk(chunk)
-            if job.frames_wanted is not None:
-                frames = frames[: max(0, job.frames_wanted - job.frames_written)]
+                decoded = len(frames)
+                if job.frames_wanted is not None:
+                    frames = frames[: max(0, job.frames_wanted - job.frames_written)]
+                # what a later job continues from (continue_from): a CPU copy, taken on the output stream
+                self._keep_latents(job, chunk.latents.detach().cpu(), len(frames), decoded)
+                # on the output stream too (a GPU classifier overlaps the next model call); what is written is
+                # judged: frames trimmed off the output are not
+                if self._checks(job) and len(frames) and self.safety_checker.check(frames):
+                    job.nsfw = True
             preview = None
             if len(frames):
                 # The output and the preview are two x264 encodes in two ffmpeg processes: the output is one
@@ -551,9 +618,18 @@ class ModelRunner:
         except Exception as exc:
             self._fail_output(job, exc)
             return
+        try:
+            self._save_kept_latents(job)
+        except Exception as exc:  # noqa: BLE001 - the video stands; continuing from this job is then refused
+            log.warning("job %s: its latents were not kept: %s", job.job_id, exc, extra={"job_id": job.job_id})
         elapsed = int((time.monotonic() - job.started) * 1000)
         self._post(("output", job, Finished(job.job_id, self.output_name(job.job_id), job.frames_written,
-                                            max(1, elapsed), job.chunks_total)))
+                                            max(1, elapsed), job.chunks_total, safety_checked=self._checks(job),
+                                            nsfw=job.nsfw)))
+
+    def _checks(self, job: _Job) -> bool:
+        """Whether the safety checker judges this job's chunks (there is one, and the request did not opt out)."""
+        return self.safety_checker is not None and job.params.safety_check
 
     def _fail_output(self, job: _Job, exc: Exception) -> None:
         """Output worker: the job's output cannot be completed; later tasks of the job skip, the engine fails it."""

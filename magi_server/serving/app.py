@@ -18,6 +18,7 @@ from magi_server.serving.common import ServerContext
 from magi_server.serving.files import add_file_routes
 from magi_server.serving.jobs import JobStatus, JobStoreError
 from magi_server.serving.metrics import method_label
+from magi_server.serving.webhooks import JWKS_PATH
 
 log = logging.getLogger("magi_server.serving.app")
 access_log = logging.getLogger("magi_server.access")
@@ -29,7 +30,8 @@ access_log = logging.getLogger("magi_server.access")
 def provider_error(role: str, path: str, status: int, message: str) -> JSONResponse:
     """An answer the router or the body limit gives (404 unknown path, 405 wrong method, 413 too large) in the error
     format of the API the path belongs to: fal's ``{"detail"}`` on the fal listeners, WaveSpeed's envelope under
-    ``/api/v3/``, Magic Hour's ``{"message"}`` under ``/v1/``, else ``{"detail"}``."""
+    ``/api/v3/``, OpenAI's ``{"error": {...}}`` under ``/v1/videos``, Magic Hour's ``{"message"}`` under the rest of
+    ``/v1/``, else ``{"detail"}``."""
     if role != "main":
         from magi_server.serving.adapters.fal import fal_json
 
@@ -38,6 +40,10 @@ def provider_error(role: str, path: str, status: int, message: str) -> JSONRespo
         from magi_server.serving.adapters.wavespeed import error
 
         return error(status, message)
+    if path == "/v1/videos" or path.startswith("/v1/videos/"):
+        from magi_server.serving.adapters.openai_videos import error as openai_error
+
+        return openai_error(status, message)
     if path.startswith("/v1/"):
         return JSONResponse({"message": message}, status_code=status)
     return JSONResponse({"detail": message}, status_code=status)
@@ -174,6 +180,9 @@ def create_app(ctx: ServerContext, role: str = "main") -> FastAPI:
             magichour = None
         if magichour is not None:
             app.include_router(magichour.build_router(ctx))
+        from magi_server.serving.adapters import openai_videos
+
+        app.include_router(openai_videos.build_router(ctx))
         _add_common_routes(app, ctx)
         from magi_server.serving.playground import add_playground
 
@@ -183,6 +192,11 @@ def create_app(ctx: ServerContext, role: str = "main") -> FastAPI:
 
         app.include_router(fal.build_router(ctx, sync=(role == "fal_run")))
         _add_file_routes(app, ctx)
+
+    @app.get(JWKS_PATH)  # on every listener: fal receivers know the fal host
+    async def webhook_keys():
+        """The public key fal-format webhooks are signed with (serving/webhooks.py), as a JWKS document."""
+        return ctx.webhook_keys.jwks()
 
     @app.exception_handler(StarletteHTTPException)
     async def unrouted(request: Request, exc: StarletteHTTPException):
@@ -224,7 +238,10 @@ def _add_common_routes(app: FastAPI, ctx: ServerContext) -> None:
 
     @app.get("/health/ready")
     async def ready():
-        body = {"model": ctx.model_name, "engine_alive": ctx.engine.alive(), "queue_depth": ctx.engine.queue_depth}
+        body = {"model": ctx.model_name, "engine_alive": ctx.engine.alive(), "queue_depth": ctx.engine.queue_depth,
+                "safety_checker": ctx.safety_checker}  # "none": outputs are not checked (has_nsfw_contents: README)
+        # what optional features this server has (the playground hides what is missing, and says why)
+        body["prompt_enhancer"] = ctx.prompt_enhancer is not None
         if ctx.notice:
             body["notice"] = ctx.notice
         if ctx.engine.draining:  # a graceful stop: take no new work, a balancer should send it elsewhere
@@ -257,6 +274,8 @@ def shutdown(ctx: ServerContext) -> None:
     """Graceful stop: the running job goes back to the queue (its attempt refunded), queued jobs stay stored."""
     if ctx.janitor is not None:
         ctx.janitor.stop()
+    if ctx.webhooks is not None:  # a send under way finishes on its thread or its claim lapses: sent again later
+        ctx.webhooks.stop()
     ctx.image_decoder.shutdown(wait=False, cancel_futures=True)  # a decode under way ends with its ffmpeg
     ctx.store_reader.shutdown(wait=True, cancel_futures=True)  # before the store closes under a read
     ctx.engine.stop()

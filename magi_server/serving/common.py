@@ -13,6 +13,9 @@ GenerationParams, Job -> provider envelope. Everything that must behave the same
   an image above :data:`MAX_INPUT_IMAGE_PIXELS` from its header, then (once the request is valid) decode,
   center-crop and scale it to the job's working size in one ffmpeg pass on a small pool of its own, and store
   that PNG in the uploads folder;
+* continuation (MAGI-1 video-to-video): :func:`continuation_input` checks ``continue_from`` (an earlier completed job
+  of the same owner that kept its latents, same variant) or reads a ``video`` (URL with the image rules, upload or
+  data: URI); :func:`build_params` holds the request to the source's size and stores the job's own copy;
 * uploads: one way to store bytes (only what sniffs as an image or video; the name's token is unguessable and
   tagged with its owner), one presigned-URL ticket flow (WaveSpeed and Magic Hour); the signed URLs of stored
   files (:meth:`ServerContext.file_url`; serving.files checks them);
@@ -55,16 +58,18 @@ from starlette.exceptions import HTTPException
 
 from magi_server.engine.loop import Engine, QueueFullError
 from magi_server.media import InputError
-from magi_server.media.fetch import SourcePolicy
+from magi_server.media.fetch import SourcePolicy, open_source, read_path
 from magi_server.media.images import fit_image, image_size, read_image_bytes
-from magi_server.params import (ASPECT_RATIOS, MAX_SIDE, RESOLUTIONS, GenerationParams, ModelLimits, ParamError,
-                                nearest_aspect, output_size, resolve_seed, validate)
+from magi_server.media.video import MAX_VIDEO_BYTES, load_video
+from magi_server.params import (ASPECT_RATIOS, MAX_SIDE, RESOLUTION_SIZES, RESOLUTIONS, GenerationParams, ModelLimits,
+                                ParamError, kept_latents_name, nearest_aspect, output_size, resolve_seed, validate)
 from magi_server.serving.events import EventHub, StoreBacklog
 from magi_server.serving.jobs import (MAX_IDEMPOTENCY_KEY_LEN, DamagedJob, IdempotencyConflict, Job, JobStatus,
                                       JobStore, JobStoreError, QueueFull, QuotaExceeded)
 from magi_server.serving.files import ACCEPTED_KINDS, UPLOAD_NAME, FileSigner, MediaKind, sniff_media
-from magi_server.serving.routing import Router, UnservedRoute
+from magi_server.serving.routing import Choice, Router, UnservedRoute
 from magi_server.serving.settings import ServerSettings
+from magi_server.serving.webhooks import WebhookKeys
 
 log = logging.getLogger("magi_server.serving.common")
 
@@ -153,7 +158,6 @@ class ServerContext:
     notice: str = ""  # e.g. the tiny preset's "noise-like video" warning
     hub: EventHub = field(default_factory=EventHub)
     metrics: Any = None
-    webhook_secret: str = field(default_factory=lambda: "whsec_" + secrets.token_hex(24))
     started_at: float = field(default_factory=time.time)
     model_limits: ModelLimits = field(default_factory=ModelLimits)  # the served model's (the composition root's)
     janitor: Any = None  # serving.janitor.Janitor when finished jobs have a time to live
@@ -175,8 +179,13 @@ class ServerContext:
     router: Router | None = None  # which served variant runs each hosted route (serving.routing)
     # rewrites prompts (runtime.prompt_enhancer.PromptEnhancer or anything with enhance(str) -> str); None: none
     prompt_enhancer: Any = None
+    # what /health/ready says of the safety checker (runtime.safety_checker, run by the model runner on each
+    # output): "configured", "none", or "per-worker" for an API replica (the workers run it; each job records it)
+    safety_checker: str = "none"
     # where finished outputs live when not in outputs_dir (settings.output_store): a serving.outputs.OutputStore
     output_store: Any = None
+    webhooks: Any = None  # serving.webhooks.WebhookDispatcher sending this store's due webhooks; stopped at shutdown
+    _webhook_keys: Any = None
 
     @property
     def outputs_dir(self) -> Path:
@@ -211,6 +220,13 @@ class ServerContext:
                 if self.file_signer is None:
                     self.file_signer = FileSigner.for_settings(self.settings)
         return self.file_signer
+
+    @property
+    def webhook_keys(self):
+        """serving.webhooks.WebhookKeys, derived from the kept signing secret (the same in every replica)."""
+        if self._webhook_keys is None:
+            self._webhook_keys = WebhookKeys(self.signer.derive_key("webhooks"))
+        return self._webhook_keys
 
     def file_url(self, name: str, *, base: str | None = None, expires: int | None = None) -> str:
         """The signed URL of an output or chunk preview: the SDKs download it without our API key. ``base``: the
@@ -516,6 +532,181 @@ def _fetch_shared_upload(ctx: ServerContext, stem: str) -> Path | None:
     return path
 
 
+# ---------------------------------------------------------------------------------------------- continuation
+
+
+@dataclass(frozen=True)
+class ContinuationInput:
+    """What a request continues (MAGI-1 video-to-video): an earlier job of the same owner, from the clean latents it
+    kept (``continue_from``: lossless), or a video given by URL, upload or data: URI (its first 32 frames are
+    encoded, as the reference's v2v does). Read and checked by :func:`continuation_input`; stored for the job by
+    :func:`build_params` once the whole request is valid. ``field``: the provider's name for what was given, which
+    refusals name."""
+
+    field: str
+    source: Job | None = None  # continue_from: the completed job whose kept latents are continued
+    video: bytes | None = None  # a video (sniffed as one, decodable, at least a few frames)
+    video_extension: str = "mp4"
+    source_format: tuple[str, str] | None = None  # the source's (resolution, aspect_ratio), when it is one of ours
+
+    @property
+    def resolution(self) -> str | None:
+        """The source job's resolution tier: a continuation's default (None: a video, or an unlisted size)."""
+        return None if self.source_format is None else self.source_format[0]
+
+    @property
+    def aspect_ratio(self) -> str | None:
+        """The source job's aspect ratio: what "auto" means for a continuation."""
+        return None if self.source_format is None else self.source_format[1]
+
+    def check_size(self, width: int, height: int) -> None:
+        """A continuation of a job runs at that job's size (its latents are that size): a 4xx naming the field."""
+        source = self.source
+        if source is not None and (source.params.width, source.params.height) != (width, height):
+            said = f" ({self.source_format[0]}, {self.source_format[1]})" if self.source_format else ""
+            raise ParamError(self.field, f"job {source.id} is {source.params.width}x{source.params.height}{said}, "
+                                         f"this request {width}x{height}: a continuation keeps its source's size "
+                                         "(leave resolution and aspect_ratio out, or give the source's)")
+
+    def planned_paths(self, ctx: ServerContext) -> dict[str, str]:
+        """The GenerationParams fields naming where :meth:`store` will put the job's copy of the input."""
+        stem = ctx.uploads_dir / f"input-{uuid.uuid4().hex}"
+        if self.source is not None:
+            return {"prefix_latents_path": str(stem.with_suffix(".safetensors"))}
+        return {"video_path": str(stem.with_suffix(f".{self.video_extension}"))}
+
+    def store(self, ctx: ServerContext, params: GenerationParams) -> None:
+        """Blocking: write the job's own copy of its input (the source's kept latents, or the video) where
+        ``params`` names it, shared through the output store when there is one. The copy is the job's: it is
+        removed with the job (janitor), whatever becomes of the source meanwhile."""
+        if self.source is not None:
+            data = _read_kept_latents(ctx, self.source.id)
+            if data is None:
+                raise ParamError(self.field, f"job {self.source.id} no longer has its latents (removed after the "
+                                             "retention period, or with the job)")
+            path = Path(params.prefix_latents_path)
+        else:
+            data, path = self.video, Path(params.video_path)
+        _write_atomically(path, data)
+        if ctx.output_store is not None:  # workers on other machines fetch it from there (serving/worker.py)
+            _share_input(ctx, path)
+
+
+MIN_VIDEO_FRAMES = 4  # a prefix video must give at least one latent frame (4 frames at 24 fps)
+
+
+async def continuation_input(ctx: ServerContext, owner: str, *, continue_from: str | None = None,
+                             video: str | None = None, variant: str | None = None,
+                             continue_field: str = "continue_from",
+                             video_field: str = "video") -> ContinuationInput | None:
+    """The video a request continues, checked (None when it gives neither). Call it inside :func:`admitted` (it
+    fetches), then pass the result to :func:`build_params` as ``continuation=``.
+
+    ``continue_from``: the id of an earlier job of ``owner`` (another tenant's job, an unknown id and a removed job
+    are all refused alike, so nothing leaks) that has completed, kept its latents, and ran on ``variant`` (the
+    variant this request runs on: :attr:`Admission.variant_name`). ``video``: an http(s) URL (the image URLs'
+    SSRF rules), one of our upload URLs or file paths, or a data: URI, holding an MP4/MOV or WebM video. Refusals
+    are ParamError naming ``continue_field`` / ``video_field`` (the provider's names for the two)."""
+    if continue_from is not None and video is not None:
+        raise ParamError(continue_field, f"give either {continue_field} or {video_field}, not both")
+    if continue_from is not None:
+        continued = await asyncio.get_running_loop().run_in_executor(
+            ctx.store_reader, _continued_job, ctx, owner, continue_from, variant, continue_field)
+        # not on the store-reading thread: with an object store this is a request over the network
+        if not await asyncio.to_thread(_has_kept_latents, ctx, continued.source.id):
+            raise ParamError(continue_field, f"job {continued.source.id} kept no latents to continue from (made "
+                                             "before they were kept, or its files were deleted)")
+        return continued
+    if video is not None:
+        data, extension = await asyncio.to_thread(_read_video_field, ctx, video, video_field)
+        return ContinuationInput(video_field, video=data, video_extension=extension)
+    return None
+
+
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _continued_job(ctx: ServerContext, owner: str, job_id: str, variant: str | None,
+                   field: str) -> ContinuationInput:
+    job = None
+    if _JOB_ID.fullmatch(job_id):
+        job = ctx.store.get(job_id, owner=owner if ctx.settings.api_keys else None)
+    if job is None:
+        raise ParamError(field, f"no job {job_id[:64]!r} of yours to continue (unknown, another key's, or removed "
+                                "after the retention period)", "not_found")
+    if job.status is not JobStatus.COMPLETED:
+        raise ParamError(field, f"job {job.id} is {job.status.value}; only a completed job can be continued")
+    if variant is not None and job.variant is not None and job.variant != variant:
+        raise ParamError(field, f"job {job.id} ran on {job.variant}, this request on {variant}: a job is continued "
+                                "by the model variant that made it")
+    return ContinuationInput(field, source=job, source_format=_listed_format(ctx, job.params.width,
+                                                                             job.params.height))
+
+
+def _listed_format(ctx: ServerContext, width: int, height: int) -> tuple[str, str] | None:
+    """(resolution, aspect_ratio) whose size on this server is width x height; None for any other size."""
+    for tier, aspect in RESOLUTION_SIZES:
+        if output_size(tier, aspect, ctx.settings.resolution_scale) == (width, height):
+            return tier, aspect
+    return None
+
+
+def _has_kept_latents(ctx: ServerContext, job_id: str) -> bool:
+    return bool(_kept_latents(ctx, job_id, read=False))
+
+
+def _read_kept_latents(ctx: ServerContext, job_id: str) -> bytes | None:
+    """The bytes of a job's kept latents file (this replica's folder, else the output store), or None."""
+    return _kept_latents(ctx, job_id, read=True) or None
+
+
+def _kept_latents(ctx: ServerContext, job_id: str, *, read: bool) -> bytes | bool | None:
+    """Whether a job's kept latents exist (``read=False``; the object store is asked without a download) or their
+    bytes (``read=True``): in this replica's folder, else the output store."""
+    name = kept_latents_name(job_id)
+    path = ctx.outputs_dir / name
+    if path.is_file() and not path.is_symlink():
+        return path.read_bytes() if read else True
+    if ctx.output_store is None:
+        return None
+    try:
+        return ctx.output_store.read(name) if read else ctx.output_store.exists(name)
+    except Exception as exc:  # noqa: BLE001 - serving.outputs.OutputStoreError, one line
+        log.error("could not %s %s: %s", "read" if read else "look up", name, exc)
+        raise Unavailable(10.0, str(exc), "the server cannot read its output store now; retry later") from None
+
+
+def _read_video_field(ctx: ServerContext, value: str, field_name: str) -> tuple[bytes, str]:
+    """A video given as an http(s) URL (SSRF rules as for images), a data: URI, or one of our uploads: its bytes
+    and extension, once it sniffs as a video and decodes to at least :data:`MIN_VIDEO_FRAMES` frames."""
+    local = resolve_upload(ctx, value)
+    try:
+        if local is not None:
+            data = read_path(local, param=field_name, max_bytes=MAX_VIDEO_BYTES)
+        elif value.startswith(("http://", "https://", "data:")):
+            policy = SourcePolicy(allow_paths=False, allow_private_hosts=ctx.settings.allow_private_image_hosts,
+                                  private_allowlist=ctx.settings.allow_private_urls)
+            data = open_source(value, param=field_name, max_bytes=MAX_VIDEO_BYTES, policy=policy)
+        else:
+            raise ParamError(field_name, "must be an http(s) URL, a data: URI or an upload's URL")
+        kind = sniff_media(data[:64])
+        if kind is None or kind.family != "video":
+            raise ParamError(field_name, "must be an MP4/MOV or WebM video", "media_error")
+        # decoded once, small and quickly, so a video that cannot be continued is refused now, not as a failed job
+        frames = load_video(data, width=16, height=16, max_frames=MIN_VIDEO_FRAMES, param=field_name)
+    except InputError as exc:
+        raise ParamError(field_name, exc.message, "media_error") from None
+    except ParamError:
+        raise
+    except Exception:  # a fetch failure the loader did not classify is still the reference's fault, not a 5xx
+        log.warning("%s could not be read", field_name, exc_info=True)
+        raise ParamError(field_name, "could not be fetched or decoded", "media_error") from None
+    if len(frames) < MIN_VIDEO_FRAMES:
+        raise ParamError(field_name, f"has {len(frames)} frame(s) at 24 fps; a video to continue needs at least "
+                                     f"{MIN_VIDEO_FRAMES}", "media_error")
+    return data, kind.extension
+
+
 # --------------------------------------------------------------------------------------------------- uploads
 
 
@@ -603,20 +794,31 @@ def _holds_bytes(path: Path) -> bool:
 async def build_params(ctx: ServerContext, *, prompt: str, image: ImageInput | None, resolution: str, aspect: str,
                        num_frames: int, steps: int, seed: int | None, fields: Mapping[str, str],
                        limits: ModelLimits | None = None, prompts: tuple[str, ...] | None = None,
-                       window_size: int | None = None) -> GenerationParams:
+                       window_size: int | None = None, safety_check: bool = True,
+                       continuation: ContinuationInput | None = None) -> GenerationParams:
     """A provider request as the contract's GenerationParams, checked by :func:`validate` against the served
     model's limits; a refusal names the provider's field (``fields`` maps the contract's parameter names to the
     provider's). The input image ("auto" takes the aspect ratio from its header) is decoded and stored at the
-    output's size only once the request is valid, so a refused request leaves nothing behind."""
+    output's size only once the request is valid, so a refused request leaves nothing behind. ``safety_check``:
+    run the server's safety checker (if it has one) on the output. ``continuation``: the video or earlier job the
+    request continues (:func:`continuation_input`), stored for the job once the request is valid."""
+    if aspect == "auto" and continuation is not None and continuation.aspect_ratio is not None:
+        aspect = continuation.aspect_ratio  # a continuation keeps its source's shape
     if aspect == "auto":
         aspect = nearest_aspect(image.width, image.height) if image is not None else "16:9"
     width, height = output_size(resolution, aspect, ctx.settings.resolution_scale)
+    continued: dict[str, str] = {}
+    if continuation is not None:
+        continuation.check_size(width, height)
+        continued = continuation.planned_paths(ctx)
+        fields = {**fields, "video": continuation.field, "continue_from": continuation.field}
     image_path = ctx.uploads_dir / f"input-{uuid.uuid4().hex}.png" if image is not None else None
     try:
         params = validate(GenerationParams(
             prompts=tuple(prompts) if prompts else (prompt,), width=width, height=height, num_frames=num_frames,
             num_inference_steps=steps, seed=resolve_seed(seed), window_size=window_size,
             image_path=None if image_path is None else str(image_path), trim_to_frames=True,
+            safety_check=safety_check, **continued,
         ), ctx.limits if limits is None else limits)
     except ParamError as exc:
         raise ParamError(fields.get(exc.param, exc.param), exc.message, exc.kind) from None
@@ -624,6 +826,8 @@ async def build_params(ctx: ServerContext, *, prompt: str, image: ImageInput | N
         await store_input_image(ctx, image, image_path, width, height)
         if ctx.output_store is not None:  # workers on other machines fetch it from there (serving/worker.py)
             await asyncio.to_thread(_share_input, ctx, image_path)
+    if continuation is not None:
+        await asyncio.to_thread(continuation.store, ctx, params)
     return params
 
 
@@ -676,6 +880,11 @@ class Admission:
             return self.ctx.limits
         return replace(self.choice.variant.limits, max_prompt_chars=self.ctx.settings.max_prompt_chars)
 
+    @property
+    def variant_name(self) -> str | None:
+        """The served variant that will run this submit (None on a context without a router)."""
+        return None if self.choice is None else self.choice.variant.name
+
     def model(self, route: str) -> str:
         """The model name this submit's responses give: the route's own id, or the variant that runs instead."""
         return route if self.choice is None else self.choice.model
@@ -700,13 +909,18 @@ class Admission:
 
 @asynccontextmanager
 async def admitted(ctx: ServerContext, *, owner: str, idempotency_key: str | None = None,
-                   route: str | None = None) -> AsyncIterator[Admission]:
+                   route: str | None = None, variant: str | None = None) -> AsyncIterator[Admission]:
     """Admission, before the request costs anything (no fetch, no decode, nothing stored): the route must have a
     variant to run it (else UnservedRoute: a 4xx naming the served variants), its engine must take work (else
     Unavailable: 503), a queue slot is reserved (else Overloaded: 429) and the owner must be under its key quota
     (Overloaded). Inside the block the request reads its image and commits; a block that ends without
-    :meth:`Admission.commit` gives the slot back."""
-    choice = ctx.router.resolve(route) if ctx.router is not None and route is not None else None
+    :meth:`Admission.commit` gives the slot back. ``variant``: a served variant the request named itself (the
+    OpenAI adapter's ``model``): it runs, under its own name, instead of the route's choice."""
+    named = ctx.router.variant(variant) if ctx.router is not None else None
+    if named is not None:
+        choice = Choice(named, named.name)
+    else:
+        choice = ctx.router.resolve(route) if ctx.router is not None and route is not None else None
     engine = ctx.engine_for(None if choice is None else choice.variant.name)
     if not engine.accepting():
         _count_rejection(ctx, "engine_dead")
@@ -773,8 +987,9 @@ def _commit(ctx: ServerContext, engine, *, api: str, model: str, params: Generat
 
 
 def _discard_input(params: GenerationParams) -> None:
-    if params.image_path:
-        Path(params.image_path).unlink(missing_ok=True)
+    for stored in (params.image_path, params.video_path, params.prefix_latents_path):
+        if stored:
+            Path(stored).unlink(missing_ok=True)
 
 
 def iso_time(ts: float | None) -> str | None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from magi_server.engine.loop import EngineEvent
+from magi_server.params import kept_latents_name
 from magi_server.serving.jobs import TERMINAL, DamagedJob, Job, JobStatus, JobStoreError
 
 if TYPE_CHECKING:
@@ -294,6 +295,12 @@ def on_engine_event(ctx: "ServerContext", event: EngineEvent) -> None:
 
 
 _ENDS = {"finished": JobStatus.COMPLETED, "failed": JobStatus.FAILED, "cancelled": JobStatus.CANCELLED}
+# The safety checker's verdict on a finished job (api-compat.md §5): WaveSpeed's answer carries it
+# (has_nsfw_contents), so its jobs complete with the verdict in their meta; every other API has no such field, so a
+# flagged job of theirs fails with this error instead (fal: a 422 content_policy_violation; Magic Hour: "error").
+REPORTS_NSFW = frozenset({"wavespeed"})
+CONTENT_FLAGGED = "content_flagged"
+CONTENT_FLAGGED_MESSAGE = "content flagged: the server's safety checker flagged the generated video"
 
 
 def _write(ctx: "ServerContext", event: EngineEvent, *, store_error: str = "") -> None:
@@ -335,6 +342,12 @@ def _publish_progress(ctx: "ServerContext", event: EngineEvent) -> None:
                     chunks_total=event.chunks_total, frames=event.num_frames, preview=event.preview)
 
 
+def _fails_when_flagged(store, job_id: str) -> bool:
+    """Whether a flagged output fails this job (its API cannot report the verdict: see REPORTS_NSFW)."""
+    job = store.get(job_id)
+    return job is not None and job.api not in REPORTS_NSFW
+
+
 def _record_end(ctx: "ServerContext", event: EngineEvent, *, store_error: str = "") -> None:
     """Write the job's end. ``store_error``: the end comes from the backlog (the store refused it, or the job's
     start, when it happened); a job the engine finished then ends FAILED with that error as its reason."""
@@ -346,9 +359,16 @@ def _record_end(ctx: "ServerContext", event: EngineEvent, *, store_error: str = 
         job = store.fail(job_id, f"job store write failed: {store_error}; the result could not be recorded, "
                                  f"submit the job again", "internal")
         if job is not None and event.output:  # failed: no record will ever point at the video
-            ctx.remove_output(event.output)
+            _remove_results(ctx, job_id, event.output)
+    elif event.kind == "finished" and event.nsfw and _fails_when_flagged(store, job_id):
+        job = store.fail(job_id, CONTENT_FLAGGED_MESSAGE, CONTENT_FLAGGED)
+        if job is not None and event.output:  # nobody may fetch (or continue) what the checker flagged
+            _remove_results(ctx, job_id, event.output)
     elif event.kind == "finished":
-        job = store.complete(job_id, [event.output], event.inference_ms)
+        # the checker's verdict, one per output; none when no checker ran (none configured, or the request opted
+        # out): the job's meta then has no "safety_checked", and its answers say it was not checked
+        verdict = {"safety_checked": True, "nsfw": [event.nsfw]} if event.safety_checked else None
+        job = store.complete(job_id, [event.output], event.inference_ms, meta_updates=verdict)
         if job is not None and metrics is not None:
             metrics.generation_seconds.observe((event.inference_ms or 0) / 1000.0)
     elif event.kind == "cancelled":
@@ -360,8 +380,14 @@ def _record_end(ctx: "ServerContext", event: EngineEvent, *, store_error: str = 
         if job is not None and job.status in (JobStatus.CANCELLED, JobStatus.FAILED) and event.output:
             # cancelled (or failed elsewhere: a worker's lapsed lease) while its last call ran: the client was told
             # so, and no output may appear
-            ctx.remove_output(event.output)
+            _remove_results(ctx, job_id, event.output)
     if job is not None and job.is_terminal:
         hub.publish(job_id, "status", status=job.status)  # wakes the job's waiters; the row is final already
     if job is not None and job.is_terminal and metrics is not None:
         metrics.jobs_finished.labels(outcome=job.status.value).inc()
+
+
+def _remove_results(ctx: "ServerContext", job_id: str, output: str) -> None:
+    """A finished job's video and its kept latents (continue_from), for a job that did not complete after all."""
+    ctx.remove_output(output)
+    ctx.remove_output(kept_latents_name(job_id))

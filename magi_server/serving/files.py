@@ -155,6 +155,11 @@ class FileSigner:
     def _mac(self, *parts: str) -> str:
         return hmac.new(self._secret, "\n".join(parts).encode(), hashlib.sha256).hexdigest()
 
+    def derive_key(self, purpose: str) -> bytes:
+        """A 32-byte key for another use of the same kept secret (webhook signing: serving/webhooks.py), so that
+        every replica sharing the secret, and this process after a restart, derive the same one."""
+        return hmac.new(self._secret, f"derive\n{purpose}".encode(), hashlib.sha256).digest()
+
     def expiry(self) -> int:
         """When a URL signed now stops working (unix seconds): ``ttl_s`` from now, rounded up to a step of 1/24 of
         it, so that the same file read twice in a while (a poll, an event-stream replay) has the same URL, which

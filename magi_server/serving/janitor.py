@@ -1,5 +1,6 @@
-"""Retention: the janitor deletes finished jobs, with their outputs, chunk previews and stored inputs, and uploads
-nobody used, once they are older than the server's time to live (``serve --keep-jobs-hours``).
+"""Retention: the janitor deletes finished jobs, with their outputs, chunk previews, kept latents (continue_from)
+and stored inputs, and uploads nobody used, once they are older than the server's time to live
+(``serve --keep-jobs-hours``).
 
 Rows go first and files after (:meth:`JobStore.prune_jobs` returns the rows it deleted): a crash in between
 leaves orphan files, never a job whose result URL points at a missing file. Hosted APIs keep results for days,
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from magi_server.params import kept_latents_name
 from magi_server.serving.jobs import Job, JobStatus, JobStore
 
 log = logging.getLogger("magi_server.serving.janitor")
@@ -28,6 +30,11 @@ def disk_bytes(folder: str | Path) -> int:
         except OSError:  # removed while we looked
             continue
     return total
+
+
+def _inputs_of(job: Job) -> tuple[str | None, ...]:
+    """The stored inputs a job reads: its image, prefix video, or the latents it continues."""
+    return job.params.image_path, job.params.video_path, job.params.prefix_latents_path
 
 
 class Janitor:
@@ -59,8 +66,9 @@ class Janitor:
     def _files_of(self, job: Job) -> list[Path]:
         files = [self.outputs_dir / name for name in job.outputs]
         files += self.outputs_dir.glob(f"{job.id}.chunk*.mp4")  # the chunk previews streamed while it ran
+        files.append(self.outputs_dir / kept_latents_name(job.id))  # what a continuation of it would have read
         uploads = (self.outputs_dir / "uploads").resolve()
-        for stored in (job.params.image_path, job.params.video_path):
+        for stored in _inputs_of(job):
             # only an input this server stored for the job: a path outside the uploads folder is not ours to delete
             if stored and Path(stored).resolve().parent == uploads:
                 files.append(Path(stored))
@@ -69,7 +77,7 @@ class Janitor:
     def _stale_uploads(self) -> list[Path]:
         """Uploads (filled or never-used tickets) older than the time to live that no waiting or running job reads."""
         in_use = {Path(p).name for job in self.store.list([JobStatus.QUEUED, JobStatus.RUNNING], limit=100_000)
-                  for p in (job.params.image_path, job.params.video_path) if p}
+                  for p in _inputs_of(job) if p}
         cutoff = self.clock() - self.ttl_s
         stale = []
         for path in (self.outputs_dir / "uploads").glob("*"):
@@ -81,9 +89,12 @@ class Janitor:
         return stale
 
     def _remove_objects(self, job: Job) -> None:
-        """The job's output and chunk previews in the object store."""
+        """The job's output, chunk previews, kept latents and shared input copies in the object store."""
         try:
-            for name in {*job.outputs, *self.output_store.names(f"{job.id}.chunk")}:
+            # the copies of its stored inputs shared with workers (input-<random>: only ever this job's)
+            inputs = {f"uploads/{Path(p).name}" for p in _inputs_of(job) if p and Path(p).name.startswith("input-")}
+            for name in {*job.outputs, *self.output_store.names(f"{job.id}.chunk"), kept_latents_name(job.id),
+                         *inputs}:
                 self.output_store.delete(name)
         except Exception as exc:  # noqa: BLE001 - the store's one-line error; left for the operator's lifecycle rules
             log.warning("could not remove job %s's outputs from %s: %s", job.id, self.output_store.location, exc)

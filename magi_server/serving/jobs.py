@@ -47,8 +47,8 @@ from magi_server.params import GenerationParams
 
 log = logging.getLogger("magi_server.serving.jobs")
 
-SCHEMA_VERSION = 3
-APIS = ("wavespeed", "fal", "magichour")
+SCHEMA_VERSION = 4
+APIS = ("wavespeed", "fal", "magichour", "openai")
 MAX_IDEMPOTENCY_KEY_LEN = 255  # Stripe's limit; longer keys are a client bug, not something to hash away
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 BUSY_TIMEOUT_S = 10.0
@@ -122,7 +122,7 @@ def new_job_id() -> str:
 @dataclass
 class Job:
     id: str
-    api: str  # wire protocol that created it: "wavespeed" | "fal" | "magichour"
+    api: str  # wire protocol that created it: "wavespeed" | "fal" | "magichour" | "openai"
     model: str  # public model/app id the client used, echoed back in envelopes
     status: JobStatus
     params: GenerationParams
@@ -182,6 +182,21 @@ CREATE INDEX jobs_status_created ON jobs (status, created_at);
 CREATE INDEX jobs_owner_created ON jobs (owner, created_at);
 CREATE INDEX jobs_created ON jobs (created_at);
 CREATE UNIQUE INDEX jobs_idempotency ON jobs (owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
+"""
+# version 4: the webhook outbox (WebhookOutbox)
+_WEBHOOK_SCHEMA = """
+CREATE TABLE webhook_deliveries (
+    id          TEXT PRIMARY KEY,            -- the webhook-id header: the same on every retry
+    job_id      TEXT NOT NULL,
+    url         TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_at     REAL NOT NULL DEFAULT 0,     -- not before: a claim or a backoff moves it
+    created_at  REAL NOT NULL,
+    log         TEXT NOT NULL DEFAULT '[]'   -- JSON list, one entry per attempt
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (state, next_at);
+CREATE INDEX webhook_deliveries_job ON webhook_deliveries (job_id);
 """
 
 _COLUMNS = ("id", "api", "model", "status", "params", "created_at", "started_at", "finished_at", "progress_done",
@@ -276,7 +291,127 @@ class IdempotentCreate:
         return self._insert(conn, replace(job, idempotency_key=key), safe_fp), True
 
 
-class JobStore(IdempotentCreate):
+WEBHOOK_STATES = ("pending", "delivered", "failed")
+MAX_WEBHOOK_LOG = 50  # attempts kept per delivery (the count goes on): a receiver failing for days stays bounded
+
+
+@dataclass
+class WebhookDelivery:
+    """One webhook a job owes its submitter: created with the job (same transaction), due once the job has ended,
+    retried until ``state`` leaves "pending". ``id`` is the webhook-id every retry repeats (receivers dedupe on it);
+    ``log`` holds one entry per attempt: ``{"at", "status", "error", "ms"}``."""
+
+    id: str
+    job_id: str
+    url: str
+    state: str = "pending"
+    attempts: int = 0
+    next_at: float = 0.0
+    created_at: float = 0.0
+    log: list[dict] = field(default_factory=list)
+
+
+_DELIVERY_COLUMNS = ("id", "job_id", "url", "state", "attempts", "next_at", "created_at", "log")
+
+
+class WebhookOutbox:
+    """The durable webhook outbox both stores keep (this one and jobs_postgres.PostgresJobStore), over their own
+    SQL: a delivery row is inserted in the transaction that inserts its job (so a 2xx submit owes its webhook
+    even through kill -9), becomes due when the job is terminal, and is claimed for a while (``lease_s``) by the
+    process that sends it, so replicas never send one at the same time. Each store supplies ``_outbox_write()`` /
+    ``_outbox_read()`` (a transaction / a connection), ``_ph`` (its placeholder), ``_deliveries_table``,
+    ``_jobs_table``, ``_claim_lock`` (row locking for concurrent claimers) and ``_clock``."""
+
+    _ph = "?"
+    _deliveries_table = "webhook_deliveries"
+    _jobs_table = "jobs"
+    _claim_lock = ""
+    _store_text = staticmethod(_text)
+
+    def _sql(self, text: str) -> str:
+        return text.replace("?", self._ph)
+
+    def _add_delivery(self, conn, job: Job) -> None:
+        """Inside the job's insert: the webhook it owes, when its meta names one."""
+        url = job.meta.get("webhook")
+        if not url:
+            return
+        conn.execute(self._sql(f"INSERT INTO {self._deliveries_table} (id, job_id, url, state, attempts, next_at, "
+                               f"created_at, log) VALUES (?, ?, ?, 'pending', 0, 0, ?, '[]')"),
+                     (uuid.uuid4().hex, self._store_text(job.id), self._store_text(str(url)), float(job.created_at)))
+
+    @staticmethod
+    def _delivery(row: tuple) -> WebhookDelivery:
+        data = dict(zip(_DELIVERY_COLUMNS, row))
+        try:
+            data["log"] = json.loads(data["log"])
+        except ValueError:
+            data["log"] = []
+        return WebhookDelivery(**data)
+
+    def claim_webhooks(self, lease_s: float, limit: int = 8) -> list[WebhookDelivery]:
+        """Up to ``limit`` due deliveries (pending, ``next_at`` passed, their job ended), each claimed for
+        ``lease_s`` seconds (its ``next_at`` moved past the send); [] cheaply, without a write, when none is due."""
+        terminal = ", ".join(f"'{s.value}'" for s in TERMINAL)
+        due = (f"FROM {self._deliveries_table} d JOIN {self._jobs_table} j ON j.id = d.job_id "
+               f"WHERE d.state = 'pending' AND d.next_at <= ? AND j.status IN ({terminal})")
+        now = self._clock()
+        with self._outbox_read() as conn:
+            if conn.execute(self._sql(f"SELECT 1 {due} LIMIT 1"), (now,)).fetchone() is None:
+                return []
+        columns = ", ".join(f"d.{c}" for c in _DELIVERY_COLUMNS)
+        with self._outbox_write() as conn:
+            rows = conn.execute(self._sql(f"SELECT {columns} {due} ORDER BY d.next_at LIMIT ?{self._claim_lock}"),
+                                (now, int(limit))).fetchall()
+            for row in rows:
+                conn.execute(self._sql(f"UPDATE {self._deliveries_table} SET next_at = ? WHERE id = ?"),
+                             (now + lease_s, row[0]))
+        return [self._delivery(row) for row in rows]
+
+    def record_webhook_attempt(self, delivery_id: str, entry: dict, *, delivered: bool,
+                               next_at: float | None) -> WebhookDelivery | None:
+        """Log one attempt: ``delivered`` ends it; else it is due again at ``next_at``, or failed for good when
+        that is None (attempts spent). None when the delivery is gone (its job was pruned meanwhile)."""
+        state = "delivered" if delivered else ("pending" if next_at is not None else "failed")
+        with self._outbox_write() as conn:
+            row = conn.execute(self._sql(f"SELECT log FROM {self._deliveries_table} WHERE id = ?"),
+                               (delivery_id,)).fetchone()
+            if row is None:
+                return None
+            try:
+                log_entries = json.loads(row[0])
+            except ValueError:
+                log_entries = []
+            log_entries = (log_entries + [entry])[-MAX_WEBHOOK_LOG:]
+            conn.execute(self._sql(f"UPDATE {self._deliveries_table} SET state = ?, attempts = attempts + 1, "
+                                   f"next_at = ?, log = ? WHERE id = ?"),
+                         (state, next_at if next_at is not None else 0.0, _json(log_entries), delivery_id))
+            row = conn.execute(self._sql(f"SELECT {', '.join(_DELIVERY_COLUMNS)} FROM {self._deliveries_table} "
+                                         f"WHERE id = ?"), (delivery_id,)).fetchone()
+        return self._delivery(row)
+
+    def webhook_deliveries(self, job_id: str) -> list[WebhookDelivery]:
+        """The deliveries one job owes or made, oldest first (the owner's delivery log)."""
+        with self._outbox_read() as conn:
+            rows = conn.execute(self._sql(f"SELECT {', '.join(_DELIVERY_COLUMNS)} FROM {self._deliveries_table} "
+                                          f"WHERE job_id = ? ORDER BY created_at, id"),
+                                (self._store_text(job_id),)).fetchall()
+        return [self._delivery(row) for row in rows]
+
+    def release_webhook_claims(self) -> int:
+        """Make every pending delivery due now: for the one process that owns its store, at start (a claim the
+        dead process held, or a backoff it was waiting out, would otherwise hold the webhook back)."""
+        with self._outbox_write() as conn:
+            cur = conn.execute(self._sql(f"UPDATE {self._deliveries_table} SET next_at = ? "
+                                         f"WHERE state = 'pending' AND next_at > ?"), (self._clock(),) * 2)
+            return cur.rowcount
+
+    def _forget_deliveries(self, conn, job_ids: Iterable[str]) -> None:
+        for job_id in job_ids:
+            conn.execute(self._sql(f"DELETE FROM {self._deliveries_table} WHERE job_id = ?"), (job_id,))
+
+
+class JobStore(IdempotentCreate, WebhookOutbox):
     """Durable job table in one SQLite file. Every write has committed (and, with FULL, fsynced) on return.
 
     `synchronous`: FULL (default) survives power loss; NORMAL survives only a process crash, one fsync cheaper
@@ -356,7 +491,7 @@ class JobStore(IdempotentCreate):
                 raise JobStoreUnusable(f"{self.path} has schema version {version}, newer than this server's "
                                     f"{SCHEMA_VERSION}; upgrade magi-server or point it at another database")
             if version == 0:
-                for statement in _SCHEMA.split(";"):
+                for statement in (_SCHEMA + _WEBHOOK_SCHEMA).split(";"):
                     if statement.strip():
                         conn.execute(statement)
             else:  # each later version adds its step here, inside this transaction
@@ -364,6 +499,10 @@ class JobStore(IdempotentCreate):
                     conn.execute("ALTER TABLE jobs ADD COLUMN error_param TEXT NOT NULL DEFAULT ''")
                 if version < 3:
                     conn.execute("ALTER TABLE jobs ADD COLUMN variant TEXT")
+                if version < 4:
+                    for statement in _WEBHOOK_SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
@@ -396,6 +535,12 @@ class JobStore(IdempotentCreate):
             finally:
                 if relax:
                     conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+
+    def _outbox_read(self):
+        return self._read()
+
+    def _outbox_write(self):
+        return self._write()
 
     def close(self) -> None:
         with self._lock:
@@ -466,6 +611,7 @@ class JobStore(IdempotentCreate):
             raise DuplicateJob(f"job {job.id!r} already exists")
         names = ", ".join(row)
         conn.execute(f"INSERT INTO jobs ({names}) VALUES ({', '.join(':' + n for n in row)})", row)
+        self._add_delivery(conn, job)
         return self._fetch(conn, row["id"])
 
     @staticmethod
@@ -657,12 +803,17 @@ class JobStore(IdempotentCreate):
         return self._transition(job_id, [JobStatus.RUNNING], "progress_done = ?, progress_total = ?",
                                 (max(0, int(done)), max(0, int(total))), fsync=False)
 
-    def complete(self, job_id: str, outputs: Iterable[str], inference_ms: int | None) -> Job | None:
-        """RUNNING -> COMPLETED."""
+    def complete(self, job_id: str, outputs: Iterable[str], inference_ms: int | None, *,
+                 meta_updates: dict | None = None) -> Job | None:
+        """RUNNING -> COMPLETED. ``meta_updates``: keys merged into the job's meta in the same write (JSON merge
+        patch: a key given replaces the stored one), e.g. the safety checker's verdict."""
+        # skipped when there is nothing to merge: a row whose meta is damaged still completes (DamagedJob after)
+        merge = ", meta = json_patch(meta, ?)" if meta_updates else ""
         return self._transition(
             job_id, [JobStatus.RUNNING],
-            "status = 'completed', finished_at = ?, outputs = ?, inference_ms = ?, error = '', error_code = ''",
-            (self._clock(), _json([str(o) for o in outputs]), None if inference_ms is None else int(inference_ms)))
+            "status = 'completed', finished_at = ?, outputs = ?, inference_ms = ?, error = '', error_code = ''" + merge,
+            (self._clock(), _json([str(o) for o in outputs]), None if inference_ms is None else int(inference_ms),
+             *((_json(meta_updates),) if meta_updates else ())))
 
     def fail(self, job_id: str, error: str, error_code: str, error_param: str = "") -> Job | None:
         """QUEUED or RUNNING -> FAILED (a queued job can fail too: timeout in queue, input gone)."""
@@ -722,4 +873,5 @@ class JobStore(IdempotentCreate):
             args = (*values, self._clock() - older_than_s)
             rows = conn.execute(f"{_SELECT} WHERE {where}", args).fetchall()
             conn.execute(f"DELETE FROM jobs WHERE {where}", args)
+            self._forget_deliveries(conn, [row[0] for row in rows])
         return self._rows_to_jobs(rows)  # a damaged row is deleted all the same; its files are not known

@@ -72,14 +72,16 @@ from magi_server.serving.jobs import (
     JobStoreUnusable,
     QueueFull,
     QuotaExceeded,
+    WebhookOutbox,
     _json,
     _text,
 )
 
 log = logging.getLogger("magi_server.serving.jobs_postgres")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 JOBS_TABLE = "magi_jobs"
+DELIVERIES_TABLE = "magi_webhook_deliveries"
 VERSION_TABLE = "magi_schema_version"
 # LISTEN/NOTIFY channel: every status change (in the transaction that makes it, so it is heard iff it committed)
 # and the workers' progress and chunk events, as JSON {"id": job id, "kind": "status" | "progress" | "chunk", ...}
@@ -125,6 +127,20 @@ _STEPS: tuple[tuple[str, ...], ...] = (
         f"CREATE INDEX {JOBS_TABLE}_leases ON {JOBS_TABLE} (lease_expires_at) WHERE status = 'running'",
         f"CREATE UNIQUE INDEX {JOBS_TABLE}_idempotency ON {JOBS_TABLE} (owner, idempotency_key) "
         f"WHERE idempotency_key IS NOT NULL",
+    ),
+    (  # version 2: the webhook outbox (jobs.WebhookOutbox)
+        f"""CREATE TABLE {DELIVERIES_TABLE} (
+            id          TEXT PRIMARY KEY,                   -- the webhook-id header: the same on every retry
+            job_id      TEXT NOT NULL,
+            url         TEXT NOT NULL,
+            state       TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+            attempts    BIGINT NOT NULL DEFAULT 0,
+            next_at     DOUBLE PRECISION NOT NULL DEFAULT 0, -- not before: a claim or a backoff moves it
+            created_at  DOUBLE PRECISION NOT NULL,
+            log         TEXT NOT NULL DEFAULT '[]'          -- JSON list, one entry per attempt
+        )""",
+        f"CREATE INDEX {DELIVERIES_TABLE}_due ON {DELIVERIES_TABLE} (state, next_at)",
+        f"CREATE INDEX {DELIVERIES_TABLE}_job ON {DELIVERIES_TABLE} (job_id)",
     ),
 )
 assert len(_STEPS) == SCHEMA_VERSION
@@ -252,7 +268,7 @@ def migrate(dsn: str, *, connect_timeout_s: float = 10.0, lock_timeout_s: float 
         raise JobStoreUnusable(f"the job store {redact_dsn(dsn)} cannot be opened: {exc}") from exc
 
 
-class PostgresJobStore(IdempotentCreate):
+class PostgresJobStore(IdempotentCreate, WebhookOutbox):
     """Durable job table on a PostgreSQL server; every write has committed on return (with the server's
     `synchronous_commit`, on by default, that is flushed to its WAL). Public methods as `jobs.JobStore`.
 
@@ -305,6 +321,19 @@ class PostgresJobStore(IdempotentCreate):
                 conn.execute("SET LOCAL synchronous_commit = off")
             yield conn
 
+    # the webhook outbox's SQL dialect (jobs.WebhookOutbox): concurrent claimers skip each other's rows
+    _ph = "%s"
+    _deliveries_table = DELIVERIES_TABLE
+    _jobs_table = JOBS_TABLE
+    _claim_lock = " FOR UPDATE OF d SKIP LOCKED"
+    _store_text = staticmethod(_pg_text)
+
+    def _outbox_read(self):
+        return self._connection()
+
+    def _outbox_write(self):
+        return self._transaction()
+
     def close(self) -> None:
         self._pool.close()
 
@@ -342,6 +371,7 @@ class PostgresJobStore(IdempotentCreate):
             f"ON CONFLICT (id) DO NOTHING RETURNING {', '.join(_COLUMNS)}", values).fetchone()
         if inserted is None:
             raise DuplicateJob(f"job {job.id!r} already exists")
+        self._add_delivery(conn, job)
         _notify(conn, job.id, "status", status=JobStatus.QUEUED.value)  # wakes the workers' claim loops
         return self._row_to_job(inserted)
 
@@ -507,12 +537,18 @@ class PostgresJobStore(IdempotentCreate):
                                 announce=False)
 
     def complete(self, job_id: str, outputs: Iterable[str], inference_ms: int | None, *,
-                 worker_id: str | None = None) -> Job | None:
-        """RUNNING -> COMPLETED (with `worker_id`: only while that worker holds the job's lease)."""
+                 worker_id: str | None = None, meta_updates: dict | None = None) -> Job | None:
+        """RUNNING -> COMPLETED (with `worker_id`: only while that worker holds the job's lease). `meta_updates`:
+        keys merged into the job's meta in the same UPDATE (a key given replaces the stored one)."""
+        # meta is JSON text (ASCII, no NUL or lone surrogate: the adapters refuse those), so jsonb takes it; the
+        # merge is skipped when there is nothing to merge, leaving the stored text as it was
+        merge = ", meta = (meta::jsonb || %s::jsonb)::text" if meta_updates else ""
         return self._transition(
             job_id, [JobStatus.RUNNING],
-            "status = 'completed', finished_at = %s, outputs = %s, inference_ms = %s, error = '', error_code = ''",
-            (self._clock(), _json([str(o) for o in outputs]), None if inference_ms is None else int(inference_ms)),
+            "status = 'completed', finished_at = %s, outputs = %s, inference_ms = %s, error = '', error_code = ''"
+            + merge,
+            (self._clock(), _json([str(o) for o in outputs]), None if inference_ms is None else int(inference_ms),
+             *((_json(meta_updates),) if meta_updates else ())),
             worker_id=worker_id)
 
     def fail(self, job_id: str, error: str, error_code: str, error_param: str = "", *,
@@ -649,6 +685,7 @@ class PostgresJobStore(IdempotentCreate):
                 f"RETURNING seq, {', '.join(_COLUMNS)}) "
                 f"SELECT {', '.join(_COLUMNS)} FROM gone ORDER BY created_at, seq",
                 (_statuses(TERMINAL), self._clock() - older_than_s)).fetchall()
+            self._forget_deliveries(conn, [row[0] for row in rows])
         return self._rows_to_jobs(rows)  # a damaged row is deleted all the same; its files are not known
 
 

@@ -50,6 +50,10 @@ class ServerSettings:
     # --allow-private-urls: networks and host names a request's URLs may point at although private (media/fetch.py)
     allow_private_urls: tuple[str, ...] = ()
     prompt_enhancer: str | None = None  # a local causal LM checkpoint folder (runtime/prompt_enhancer.py)
+    # a local image-classification checkpoint folder run on every output's chunks (runtime/safety_checker.py), and
+    # the labels of it that flag a frame (empty: the checker's defaults, nsfw/porn/hentai/sexy); None: no checker
+    safety_checker: str | None = None
+    safety_labels: tuple[str, ...] = ()
     # signed file URLs (serving/files.py): None keeps a random secret in <outputs_dir>/.url-signing-key (0600)
     file_url_secret: str | None = None
     file_url_ttl_s: float = 24 * 3600.0  # how long a handed-out output/preview/upload URL works without a key
@@ -65,6 +69,12 @@ class ServerSettings:
     # outputs_dir only holds what is being written, the uploads and the URL-signing secret; None: outputs_dir
     output_store: str | None = None
     worker_id: str | None = None  # a worker's name in the store's leases; None: host:pid:random
+    # webhooks (serving/webhooks.py): attempts per delivery, and the backoff between them (jittered exponential from
+    # webhook_backoff_s, at most webhook_backoff_max_s); a receiver gets webhook_timeout_s to answer
+    webhook_attempts: int = 10
+    webhook_backoff_s: float = 2.0
+    webhook_backoff_max_s: float = 900.0
+    webhook_timeout_s: float = 10.0
 
     def base_url(self) -> str:
         return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")

@@ -18,9 +18,9 @@ jobs come from and how writes are guarded:
   received it wrote it).
 * :class:`ForwardingHub` publishes the engine's progress and chunk events to every replica (NOTIFY); status changes
   need no forwarding, the store's transitions announce them.
-* :class:`OutputPublisher` moves each finished MP4 and chunk preview from the local folder the engine wrote it in
-  to the object store (``--outputs s3://...``) before its event is recorded, so a row never points at an object
-  that is not there yet. (`serve` uses it too when its outputs live in an object store.)
+* :class:`OutputPublisher` moves each finished MP4, chunk preview and kept latents file from the local folder the
+  engine wrote it in to the object store (``--outputs s3://...``) before its event is recorded, so a row never
+  points at an object that is not there yet. (`serve` uses it too when its outputs live in an object store.)
 
 Torch-free: this is the HTTP layer's side of the worker; the composition root adds the model and the engine.
 """
@@ -32,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from magi_server.engine.loop import EngineEvent, EventKind
+from magi_server.params import kept_latents_name
 from magi_server.serving.events import EventHub, JobEvent
 from magi_server.serving.jobs import Job, JobStatus, JobStoreError
 
@@ -59,8 +60,10 @@ class FencedStore:
     def update_progress(self, job_id: str, done: int, total: int) -> Job | None:
         return self._store.update_progress(job_id, done, total, worker_id=self.worker_id)
 
-    def complete(self, job_id: str, outputs, inference_ms: int | None) -> Job | None:
-        return self._store.complete(job_id, outputs, inference_ms, worker_id=self.worker_id)
+    def complete(self, job_id: str, outputs, inference_ms: int | None, *,
+                 meta_updates: dict | None = None) -> Job | None:
+        extra = {"meta_updates": meta_updates} if meta_updates else {}  # e.g. the safety checker's verdict
+        return self._store.complete(job_id, outputs, inference_ms, worker_id=self.worker_id, **extra)
 
     def fail(self, job_id: str, error: str, error_code: str, error_param: str = "") -> Job | None:
         return self._store.fail(job_id, error, error_code, error_param, worker_id=self.worker_id)
@@ -111,9 +114,23 @@ class OutputPublisher:
                 self.output_store.publish(self.local_dir / event.output, event.output)
             except Exception as exc:  # noqa: BLE001
                 (self.local_dir / event.output).unlink(missing_ok=True)
+                (self.local_dir / kept_latents_name(event.job_id)).unlink(missing_ok=True)
                 return replace(event, kind=EventKind.FAILED, output=None, error_code="internal",
                                error=f"the finished video could not be stored: {exc}")
+            self._publish_kept_latents(event.job_id)
         return event
+
+    def _publish_kept_latents(self, job_id: str) -> None:
+        """The job's kept latents (continue_from) beside its video; one that cannot be stored only means the job
+        cannot be continued (the API says so), so the job still completes."""
+        name = kept_latents_name(job_id)
+        if not (self.local_dir / name).is_file():
+            return
+        try:
+            self.output_store.publish(self.local_dir / name, name)
+        except Exception as exc:  # noqa: BLE001 - serving.outputs.OutputStoreError, one line
+            log.warning("job %s: kept latents not stored: %s", job_id, exc, extra={"job_id": job_id})
+            (self.local_dir / name).unlink(missing_ok=True)
 
 
 class WorkerLink:
@@ -232,25 +249,31 @@ class WorkerLink:
         self.engine.submit(job.id, self._local_inputs(job.params), reserved=False)
 
     def _local_inputs(self, params):
-        """``params`` with an input image another machine stored (it is not here) fetched from the object store
-        into this worker's uploads folder. Left as it is when it cannot be fetched: the prefill then fails the job
-        naming the input."""
-        if self.output_store is None or not params.image_path or Path(params.image_path).exists():
+        """``params`` with the inputs another machine stored (an image, a prefix video, a continuation's latents:
+        not here) fetched from the object store into this worker's uploads folder. One that cannot be fetched is
+        left as it is: the prefill then fails the job naming the input."""
+        if self.output_store is None:
             return params
-        name = Path(params.image_path).name
-        local = self.outputs_dir / "uploads" / name
-        try:
-            data = self.output_store.read(f"uploads/{name}")
-            if data is None:
-                return params
-            local.parent.mkdir(parents=True, exist_ok=True)
-            part = local.with_name(f".{name}.part")
-            part.write_bytes(data)
-            part.replace(local)
-        except Exception as exc:  # noqa: BLE001 - serving.outputs.OutputStoreError or a local write error
-            log.warning("input image %s not fetched: %s", name, exc)
-            return params
-        return replace(params, image_path=str(local))
+        fetched = {}
+        for field in ("image_path", "video_path", "prefix_latents_path"):
+            stored = getattr(params, field)
+            if not stored or Path(stored).exists():
+                continue
+            name = Path(stored).name
+            local = self.outputs_dir / "uploads" / name
+            try:
+                data = self.output_store.read(f"uploads/{name}")
+                if data is None:
+                    continue
+                local.parent.mkdir(parents=True, exist_ok=True)
+                part = local.with_name(f".{name}.part")
+                part.write_bytes(data)
+                part.replace(local)
+            except Exception as exc:  # noqa: BLE001 - serving.outputs.OutputStoreError or a local write error
+                log.warning("input %s not fetched: %s", name, exc)
+                continue
+            fetched[field] = str(local)
+        return replace(params, **fetched) if fetched else params
 
     def _clear_partial_files(self, job_id: str) -> None:
         """A dead attempt's half-written MP4 and chunk previews (its lease lapsed, so nobody writes them now)."""

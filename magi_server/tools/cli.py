@@ -215,7 +215,10 @@ def _server_settings(args: argparse.Namespace, *, runs_model: bool, answers_http
             file_url_secret=os.environ.get("MAGI_SERVER_URL_SECRET") or None,
             route_map=tuple(_route_map(args.route_map).items()),
             allow_private_urls=_private_allowlist(args.allow_private_urls),
-            prompt_enhancer=args.prompt_enhancer)
+            prompt_enhancer=args.prompt_enhancer, webhook_attempts=args.webhook_attempts,
+            webhook_backoff_s=args.webhook_backoff)
+        if args.webhook_attempts < 1 or not args.webhook_backoff > 0:
+            raise ValueError("--webhook-attempts must be at least 1 and --webhook-backoff positive")
         if args.prompt_enhancer:
             _check_prompt_enhancer(args.prompt_enhancer)
     if runs_model:
@@ -225,6 +228,11 @@ def _server_settings(args: argparse.Namespace, *, runs_model: bool, answers_http
             raise ValueError("--cp must be at least 1")
         fields.update(device=device, max_batch_size=args.max_batch, job_timeout_s=args.job_timeout or None,
                       compile=args.compile, cp=args.cp, **({} if budget is None else {"memory_budget_bytes": budget}))
+        if args.safety_labels is not None and not args.safety_checker:
+            raise ValueError("--safety-labels names labels of the --safety-checker model: give --safety-checker DIR")
+        if args.safety_checker:
+            fields.update(safety_checker=args.safety_checker,
+                          safety_labels=_check_safety_checker(args.safety_checker, args.safety_labels))
         for model in models:  # e.g. a preset not downloaded yet: one line naming the command, before any loading
             model_config(_model_location(model))
     if getattr(args, "lease_seconds", None) is not None:
@@ -355,6 +363,35 @@ def _check_prompt_enhancer(path: str) -> None:
     except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"--prompt-enhancer: {path} holds no model config: {first}") from None
+
+
+def _check_safety_checker(path: str, labels: str | None) -> tuple[str, ...]:
+    """The --safety-labels names (empty: the checker's defaults), after checking that ``path`` is a folder whose
+    model config has at least one of them among its labels and one other (ValueError with one line, before any
+    model loads; the classifier itself loads with the server)."""
+    from magi_server.runtime.safety_checker import DEFAULT_NSFW_LABELS, parse_labels
+
+    wanted = parse_labels(labels) if labels is not None else ()
+    if labels is not None and not wanted:
+        raise ValueError("--safety-labels: give at least one label name (comma-separated)")
+    if not Path(path).is_dir():
+        raise ValueError(f"--safety-checker: {path!r} is not a folder")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"--safety-checker: {path} holds no model config: {first}") from None
+    names = [str(name) for _, name in sorted((int(i), n) for i, n in (config.id2label or {}).items())]
+    flagging = [name for name in names if name.strip().lower() in set(wanted or DEFAULT_NSFW_LABELS)]
+    if not flagging:
+        raise ValueError(f"--safety-checker: {path} has none of the labels {', '.join(wanted or DEFAULT_NSFW_LABELS)} "
+                         f"(its labels: {', '.join(names) or 'none'}); name its NSFW labels with --safety-labels")
+    if len(flagging) == len(names):
+        raise ValueError(f"--safety-checker: every label of {path} ({', '.join(names)}) is an NSFW label: every "
+                         f"frame would be flagged; name only its NSFW labels with --safety-labels")
+    return wanted
 
 
 def _private_allowlist(items: list[str]) -> tuple[str, ...]:
@@ -553,8 +590,13 @@ def _http_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
                    help="seconds a client has to send a request's headers (slow or silent sockets are closed)")
     p.add_argument("--allow-private-urls", nargs="+", action="extend", default=[], metavar="CIDR|HOST",
-                   help="networks (10.0.0.0/8, 127.0.0.1) and host names a request's image URL may point at although "
-                        "private, on any port (off by default: only public hosts on ports 80/443)")
+                   help="networks (10.0.0.0/8, 127.0.0.1) and host names a request's image/video URLs and webhooks "
+                        "may point at although private, on any port (off by default: only public hosts on ports "
+                        "80/443)")
+    p.add_argument("--webhook-attempts", type=int, default=10, metavar="N",
+                   help="tries per webhook before it is logged as failed (a non-2xx answer or none is retried)")
+    p.add_argument("--webhook-backoff", type=float, default=2.0, metavar="S",
+                   help="first pause between webhook tries; it doubles (with jitter) up to 15 minutes")
     p.add_argument("--prompt-enhancer", default=None, metavar="DIR",
                    help="a local instruction-tuned causal language model (a transformers checkpoint folder) that "
                         "rewrites prompts when a request sets enable_prompt_expansion (default: none; such requests "
@@ -581,6 +623,13 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-memory", default=None, metavar="SIZE",
                    help="device memory to plan admission against, e.g. 80GB (default: the GPU's total; "
                         "`magi-server plan` shows what a request needs)")
+    p.add_argument("--safety-checker", default=None, metavar="DIR",
+                   help="a local image classifier (a transformers image-classification checkpoint folder) run on "
+                        "sampled frames of every chunk: WaveSpeed reports has_nsfw_contents, fal and Magic Hour "
+                        "fail a flagged job (default: none; outputs are then not checked)")
+    p.add_argument("--safety-labels", default=None, metavar="LABELS",
+                   help="comma-separated labels of the --safety-checker model that flag a frame (their "
+                        "probabilities are summed; default: nsfw,porn,hentai,sexy)")
 
 
 def _lease_flag(p: argparse.ArgumentParser) -> None:

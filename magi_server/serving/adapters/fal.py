@@ -24,6 +24,7 @@ Wire rules that drive the code below:
   reaches the client through the result call's status code.
 """
 import asyncio
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from pydantic import BaseModel, BeforeValidator, Field, StrictBool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from magi_server.params import MAX_SEED, GenerationParams, ModelLimits
+from magi_server.params import MAX_SEED, GenerationParams, ModelLimits, ParamError
 from magi_server.serving.common import (
     MAX_IMAGE_REF_CHARS,
     AspectRatio,
@@ -46,9 +47,11 @@ from magi_server.serving.common import (
     Prompt,
     ProviderRoute,
     Resolution,
+    ContinuationInput,
     ServerContext,
     Text,
     admitted,
+    continuation_input,
     api_key_auth,
     build_params,
     cancel_job,
@@ -60,6 +63,7 @@ from magi_server.serving.common import (
 )
 from magi_server.serving.events import wait_for_terminal
 from magi_server.serving.jobs import Job, JobStatus
+from magi_server.serving.webhooks import MAX_WEBHOOK_URL_CHARS, checked_webhook_url, delivery_view
 
 log = logging.getLogger("magi_server.serving.adapters.fal")
 
@@ -97,7 +101,16 @@ class _Options(BaseModel):
     seed: FalInt | None = Field(None, ge=0, le=MAX_SEED, description="absent: random; the output carries the seed")
     resolution: Resolution = "720p"
     aspect_ratio: AspectRatio = Field("auto", description="auto: the image's; 16:9 without one")
-    enable_safety_checker: StrictBool = True  # accepted for schema parity; no safety classifier runs here (README)
+    enable_safety_checker: StrictBool = Field(True, description=(
+        "the server's safety checker (if it runs one: /health/ready) judges the output; a flagged request fails "
+        "with a 422 content_policy_violation"))
+    # extensions (MAGI-1 video-to-video): what the request continues; the output holds only the new frames
+    video_url: Text | None = Field(None, max_length=MAX_IMAGE_REF_CHARS, pattern=r"^(?i:https?://|data:)",
+                                   description="extension: a video to continue (its first 32 frames condition the "
+                                               "new ones): an http(s) URL or a data: URI")
+    continue_from: Text | None = Field(None, max_length=64, description=(
+        "extension: the request_id of an earlier completed request of yours, continued losslessly from its last "
+        "latent frames (kept for the retention period), at its size (resolution and aspect_ratio default to it)"))
 
 
 # One model per app kind. The mixin order puts the fields in fal's schema order (prompt, image_url, num_frames, ...),
@@ -150,6 +163,7 @@ FAL_APPS = (
 # raises at once instead of replaying them.
 FAILURE_STATUS = MappingProxyType({
     "invalid_input": (422, "validation_error"),
+    "content_flagged": (422, "content_policy_violation"),  # the safety checker flagged the output (fal's type)
     "media": (422, "validation_error"),
     "cancelled": (400, "request_cancelled"),
     "timeout": (504, "request_timeout"),
@@ -160,7 +174,8 @@ FAILURE_STATUS = MappingProxyType({
 # contract parameter -> the fal field a client should fix
 FIELDS = MappingProxyType({
     "prompt": "prompt", "image": "image_url", "num_frames": "num_frames", "num_inference_steps": "num_inference_steps",
-    "seed": "seed", "width": "resolution", "height": "resolution",
+    "seed": "seed", "width": "resolution", "height": "resolution", "video": "video_url",
+    "continue_from": "continue_from",
 })
 
 
@@ -168,15 +183,19 @@ def app_base(app_id: str) -> str:
     return "/".join(app_id.split("/")[:2])
 
 
-async def to_params(ctx: ServerContext, body: BaseModel, limits: ModelLimits | None = None) -> GenerationParams:
+async def to_params(ctx: ServerContext, body: BaseModel, limits: ModelLimits | None = None,
+                    continuation: ContinuationInput | None = None) -> GenerationParams:
     """A valid fal input -> GenerationParams (checked against ``limits``: the variant's that will run it); fetches
     the image and stores it at the working size. Raises ParamError naming the field."""
     image_url = getattr(body, "image_url", None)
     image = None if image_url is None else await read_image_field(ctx, image_url, "image_url")
     return await build_params(
         ctx, prompt=body.prompt, image=image,
-        resolution=body.resolution, aspect=body.aspect_ratio, num_frames=body.num_frames,
+        resolution=(body.resolution if "resolution" in body.model_fields_set or continuation is None
+                    else continuation.resolution or body.resolution),
+        aspect=body.aspect_ratio, num_frames=body.num_frames,
         steps=body.num_inference_steps, seed=body.seed, fields=FIELDS, limits=limits,
+        safety_check=body.enable_safety_checker, continuation=continuation,
     )
 
 
@@ -261,6 +280,17 @@ def failure_response(job: Job) -> JSONResponse:
                     headers={"x-fal-error-type": error_type})
 
 
+def webhook_body(ctx: ServerContext, job: Job) -> dict:
+    """What a fal webhook POSTs (api-compat.md §3.6): the result on success, the failure's status and body else."""
+    common = {"request_id": job.id, "gateway_request_id": job.id}
+    if job.status is JobStatus.COMPLETED:
+        base = job.meta.get("webhook_base") or ctx.settings.base_url()
+        return {**common, "status": "OK", "payload": output_body(ctx, job, base), "error": None}
+    failure = failure_response(job)
+    return {**common, "status": "ERROR", "error": f"Invalid status code: {failure.status_code}",
+            "payload": json.loads(failure.body)}
+
+
 def _log(ts: float | None, message: str, level: str = "INFO") -> dict:
     return {"message": message, "level": level, "source": "user", "timestamp": iso_time(ts)}
 
@@ -323,14 +353,20 @@ def build_router(ctx: ServerContext, *, sync: bool) -> APIRouter:
     router = APIRouter(route_class=FalRoute, responses=ERRORS, strict_content_type=False)
     tenant = api_key_auth(ctx, "Key")
 
-    async def accept(app: FalApp, body: BaseModel, owner: str, idempotency_key: str | None) -> Job:
+    async def accept(app: FalApp, body: BaseModel, owner: str, idempotency_key: str | None,
+                     webhook: dict | None = None) -> Job:
         """Admit (queue, quota: before the image is fetched or decoded), validate, store the image and the job
-        (nothing stored when refused)."""
+        (nothing stored when refused). ``webhook``: the job meta of a checked ``fal_webhook``."""
         async with admitted(ctx, owner=owner, idempotency_key=idempotency_key, route=app.app_id) as admission:
-            return await admission.commit(api="fal", model=admission.model(app.app_id),
-                                          params=await to_params(ctx, body, admission.limits),
-                                          meta={"app": app.app_id},
-                                          request_fingerprint=fingerprint(app.app_id, body.model_dump(mode="json")))
+            continuation = await continuation_input(ctx, owner, continue_from=body.continue_from,
+                                                    video=body.video_url, variant=admission.variant_name,
+                                                    video_field="video_url")
+            return await admission.commit(
+                api="fal", model=admission.model(app.app_id),
+                params=await to_params(ctx, body, admission.limits, continuation),
+                meta={"app": app.app_id, **(webhook or {})},
+                request_fingerprint=fingerprint(app.app_id, body.model_dump(mode="json"),
+                                                *([webhook["webhook"]] if webhook else [])))
 
     async def find(request_id: str, owner: str, route_app: str) -> Job | None:
         job = await read_job(ctx, request_id, owner, "fal")
@@ -351,14 +387,19 @@ def build_router(ctx: ServerContext, *, sync: bool) -> APIRouter:
     # ------------------------------------------------------------------------------------------- submit / run
     def submit_route(app: FalApp):
         async def submit(request: Request, body: app.input, owner: str = Depends(tenant),
-                         fal_webhook: str | None = Query(None, description="not supported: poll status_url"),
+                         fal_webhook: str | None = Query(None, max_length=MAX_WEBHOOK_URL_CHARS, description=(
+                             "POSTed the result once the request ends, signed with the key at "
+                             "/.well-known/jwks.json")),
                          idempotency_key: IdempotencyKey = None):
+            webhook = None
             if fal_webhook:
-                # silently dropping it would leave the caller waiting for a callback that never comes
-                raise RequestValidationError([{"loc": ("query", "fal_webhook"), "type": "value_error",
-                                               "msg": "webhooks are not supported by this server; poll status_url "
-                                                      "instead"}])
-            job = await accept(app, body, owner, idempotency_key)
+                try:
+                    url = await checked_webhook_url(ctx, fal_webhook, "fal_webhook")
+                except ParamError as exc:
+                    raise RequestValidationError([{"loc": ("query", "fal_webhook"), "type": "value_error",
+                                                   "msg": exc.message}]) from None
+                webhook = {"webhook": url, "webhook_base": base_url(request)}
+            job = await accept(app, body, owner, idempotency_key, webhook)
             position = ctx.engine.queue_position(job.id)
             answer = {"status": "IN_QUEUE", "request_id": job.id, "gateway_request_id": job.id,
                       **queue_urls(base_url(request), job), "queue_position": 0 if position is None else position}
@@ -455,6 +496,15 @@ def build_router(ctx: ServerContext, *, sync: bool) -> APIRouter:
 
         return cancel
 
+    def webhook_log_route(route_app: str):
+        async def webhook_log(request_id: str, owner: str = Depends(tenant)):
+            """Extension: the request's webhook deliveries, each with its attempts (time, HTTP status, error)."""
+            job = await found(request_id, owner, route_app)
+            deliveries = await asyncio.to_thread(ctx.store.webhook_deliveries, job.id)
+            return fal_json({"deliveries": [delivery_view(d) for d in deliveries]}, 200, job.id)
+
+        return webhook_log
+
     bases = sorted({app.base for app in FAL_APPS} | {app.app_id for app in FAL_APPS})
     for route_app in bases:
         root = f"/{route_app}/requests/{{request_id}}"
@@ -464,4 +514,5 @@ def build_router(ctx: ServerContext, *, sync: bool) -> APIRouter:
                              responses=error_responses(FalError, 400, 500, 504))
         router.add_api_route(f"{root}/cancel", cancel_route(route_app), methods=["PUT"],
                              responses=error_responses(FalError, 400))
+        router.add_api_route(f"{root}/webhooks", webhook_log_route(route_app), methods=["GET"])
     return router

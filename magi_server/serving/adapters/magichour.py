@@ -8,7 +8,9 @@ Routes (all JSON answers carry ``Content-Type: application/json``: the SDK picks
   ``api-assets/<token>.<ext>``, which ``assets.image_file_path`` accepts.
 * ``PUT /v1/files/upload/{token}``: the upload itself (200, empty body); bytes that do not sniff as an image or
   video (HTML, SVG, text, audio, ...) are a 415 and leave the ticket open.
-* ``POST /v1/image-to-video`` -> ``{"id", "credits_charged", "estimated_frame_cost"}``.
+* ``POST /v1/image-to-video`` -> ``{"id", "credits_charged", "estimated_frame_cost"}``. Extensions (MAGI-1
+  video-to-video, instead of the image): ``assets.video_file_path`` (a video to continue) or ``continue_from`` (an
+  earlier project's id, continued from its kept latents); the video then holds only the new frames.
 * ``GET /v1/video-projects/{id}``: every key the SDK's pydantic model requires, the null-able ones included. Its
   ``downloads`` URLs are signed (serving.files): the SDK downloads them without the key until ``expires_at``.
 * ``DELETE /v1/video-projects/{id}`` -> 204: cancels the job if it is still queued or rendering, removes its video
@@ -49,10 +51,11 @@ from pydantic import AfterValidator, BaseModel, Field, Strict, StrictBool
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
-from magi_server.params import FPS, GenerationParams, ModelLimits, ParamError
+from magi_server.params import FPS, GenerationParams, ModelLimits, ParamError, kept_latents_name
 from magi_server.serving.common import (
     MAX_IMAGE_REF_CHARS,
     RAW_BODY,
+    ContinuationInput,
     IdempotencyKey,
     Int,
     ProviderRoute,
@@ -62,6 +65,7 @@ from magi_server.serving.common import (
     api_key_auth,
     build_params,
     cancel_job,
+    continuation_input,
     describe,
     error_responses,
     field_name,
@@ -132,8 +136,12 @@ class UploadUrlsBody(BaseModel):
 
 
 class Assets(BaseModel):
-    image_file_path: Text = Field(min_length=1, max_length=MAX_IMAGE_REF_CHARS, description=(
-        "the first frame: an http(s) URL, a data: URI, or a file_path from POST /v1/files/upload-urls"))
+    image_file_path: Text | None = Field(None, min_length=1, max_length=MAX_IMAGE_REF_CHARS, description=(
+        "the first frame: an http(s) URL, a data: URI, or a file_path from POST /v1/files/upload-urls; required "
+        "unless the request continues a video (video_file_path or continue_from)"))
+    video_file_path: Text | None = Field(None, min_length=1, max_length=MAX_IMAGE_REF_CHARS, description=(
+        "extension: a video to continue instead of an image (MAGI-1 video-to-video: its first 32 frames condition "
+        "the new ones), given as image_file_path is; the output holds only the new frames"))
     end_image_file_path: Text | None = Field(None, description="a last frame: not supported by MAGI-1 (422)")
 
 
@@ -148,13 +156,17 @@ class ImageToVideoBody(BaseModel):
     out."""
 
     end_seconds: Annotated[float, Strict()] = Field(ge=MIN_SECONDS, le=MAX_SECONDS, allow_inf_nan=False)
-    assets: Assets
+    assets: Assets | None = Field(None, description="the image; required unless the request gives continue_from")
     name: Text | None = Field(None, max_length=MAX_NAME_CHARS)
     model: Text | None = Field(None, max_length=100, description=f"one of {', '.join(MAGI_MODELS)}")
     resolution: Literal["360p", "480p", "720p", "1080p", "4k"] | None = Field(
         None, description="360p renders at 480p; 1080p and 4k are refused")
     audio: StrictBool | None = Field(None, description="MAGI-1 makes silent video: true is refused")
     style: Style | None = None
+    continue_from: Text | None = Field(None, max_length=64, description=(
+        "extension: the id of an earlier completed project of yours, continued losslessly from its last latent "
+        "frames (kept for the retention period) instead of an image, at its size; the output holds only the new "
+        "frames"))
     width: Int | None = Field(None, description="deprecated, ignored")
     height: Int | None = Field(None, description="deprecated, ignored")
 
@@ -200,29 +212,38 @@ def _model(model: str | None) -> str:
     raise ParamError("model", f"must be one of {', '.join(repr(m) for m in MAGI_MODELS)}, got {model!r}")
 
 
-def _resolution(body: ImageToVideoBody) -> str:
-    """The requested tier; the deprecated style.high_quality / style.quality_mode only speak when it is absent."""
+def _resolution(body: ImageToVideoBody, continued: str | None = None) -> str:
+    """The requested tier; the deprecated style.high_quality / style.quality_mode only speak when it is absent, and
+    ``continued`` (a continued job's tier) when they are too."""
     field, requested = "resolution", body.resolution
     style = body.style
     if requested is None and style is not None and style.quality_mode is not None:
         field, requested = "style.quality_mode", "1080p" if style.quality_mode == "studio" else "720p"
     elif requested is None and style is not None and style.high_quality is not None:
         field, requested = "style.high_quality", "1080p" if style.high_quality else "720p"
-    requested = requested or DEFAULT_RESOLUTION
+    requested = requested or continued or DEFAULT_RESOLUTION
     if requested not in SERVED_TIER:
         raise ParamError(field, f"asks for {requested}, which MAGI-1 does not support (360p, 480p or 720p; 360p "
                                 f"renders at 480p)")
     return requested
 
 
-async def to_params(ctx: ServerContext, body: ImageToVideoBody,
-                    limits: ModelLimits | None = None) -> tuple[GenerationParams, dict]:
+async def to_params(ctx: ServerContext, body: ImageToVideoBody, limits: ModelLimits | None = None,
+                    continuation: ContinuationInput | None = None) -> tuple[GenerationParams, dict]:
     """A valid Magic Hour body -> GenerationParams (+ meta). Raises ParamError naming the field. Every cheap check
     runs before the image is fetched, and the image is stored (at the working size) only once the request is
     valid."""
-    ref = body.assets.image_file_path
-    if body.assets.end_image_file_path is not None:
+    if body.assets is None and continuation is None:
+        raise ParamError("assets", "field required (or continue_from, to continue an earlier project)", "missing")
+    assets = body.assets or Assets()
+    ref = assets.image_file_path
+    if assets.end_image_file_path is not None:
         raise ParamError("assets.end_image_file_path", "a last frame is not supported by MAGI-1; omit it")
+    if ref is None and continuation is None:
+        raise ParamError("assets.image_file_path", "required (or, to continue a video: assets.video_file_path or "
+                                                   "continue_from)", "missing")
+    if ref is None:
+        ref = ""  # no image: the checks below pass it by
     if ref.startswith("api-assets/") and not ASSET_PATH.fullmatch(ref):
         raise ParamError("assets.image_file_path", "is not a file_path returned by POST /v1/files/upload-urls")
     # our own /files/uploads/<name> URLs are read from disk by name: only names we could have minted get there
@@ -230,16 +251,16 @@ async def to_params(ctx: ServerContext, body: ImageToVideoBody,
     if ref.startswith(own) and not UPLOAD_NAME.fullmatch(ref[len(own):].split("?", 1)[0]):
         raise ParamError("assets.image_file_path", "is not an upload URL this server issued")
     model = _model(body.model)
-    requested = _resolution(body)
+    requested = _resolution(body, continuation.resolution if continuation is not None else None)
     if body.audio:
         raise ParamError("audio", "MAGI-1 generates silent video; omit audio or send false")
     if ref.startswith("api-assets/") and await asyncio.to_thread(resolve_upload, ctx, ref) is None:
         raise ParamError("assets.image_file_path", "unknown or expired file_path; upload the file first")
-    image = await read_image_field(ctx, ref, "assets.image_file_path")
+    image = await read_image_field(ctx, ref, "assets.image_file_path") if ref else None
     params = await build_params(
         ctx, prompt=(body.style and body.style.prompt) or "", image=image,
         resolution=SERVED_TIER[requested], aspect="auto", num_frames=round(body.end_seconds * FPS),
-        steps=ctx.settings.default_steps, seed=None, fields=FIELDS, limits=limits,
+        steps=ctx.settings.default_steps, seed=None, fields=FIELDS, limits=limits, continuation=continuation,
     )
     name = body.name if body.name is not None else f"Image To Video - {iso_time(time.time())}"
     return params, {"name": name, "end_seconds": body.end_seconds, "resolution": requested, "model": model}
@@ -301,8 +322,10 @@ def _delete_files(ctx: ServerContext, job: Job) -> None:
         (ctx.outputs_dir / name).unlink(missing_ok=True)
     for preview in ctx.outputs_dir.glob(f"{job.id}.chunk*.mp4"):
         preview.unlink(missing_ok=True)
-    if job.params.image_path:
-        Path(job.params.image_path).unlink(missing_ok=True)
+    ctx.remove_output(kept_latents_name(job.id))  # nothing continues a deleted project
+    for stored in (job.params.image_path, job.params.video_path, job.params.prefix_latents_path):
+        if stored:
+            Path(stored).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------- routes
@@ -322,7 +345,11 @@ def build_router(ctx: ServerContext) -> APIRouter:
     async def create(body: ImageToVideoBody, owner: str = Depends(tenant), idempotency_key: IdempotencyKey = None):
         # admission (queue, quota) before the image is fetched or decoded
         async with admitted(ctx, owner=owner, idempotency_key=idempotency_key, route="magichour") as admission:
-            params, meta = await to_params(ctx, body, admission.limits)
+            continuation = await continuation_input(
+                ctx, owner, continue_from=body.continue_from,
+                video=body.assets.video_file_path if body.assets is not None else None,
+                variant=admission.variant_name, video_field="assets.video_file_path")
+            params, meta = await to_params(ctx, body, admission.limits, continuation)
             job = await admission.commit(
                 api="magichour", model=meta["model"], params=params, meta=meta,
                 request_fingerprint=fingerprint("image-to-video", body.model_dump(mode="json")))

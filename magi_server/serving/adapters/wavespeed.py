@@ -1,7 +1,8 @@
 """WaveSpeed v3 wire protocol (api-compat.md §1-2): the only place its quirks live.
 
 Routes: ``POST /api/v3/<model>`` (one per served model id, e.g. ``wavespeed-ai/magi-1-24b``), the result routes
-``GET /api/v3/predictions/{id}/result`` and ``GET /api/v3/predictions/{id}``, both upload flows, Bearer auth, sync
+``GET /api/v3/predictions/{id}/result`` and ``GET /api/v3/predictions/{id}``, the caller's history
+``POST /api/v3/predictions``, both upload flows, Bearer auth, sync
 mode, and two extensions: ``POST /api/v3/predictions/{id}/cancel`` and ``GET /api/v3/predictions/{id}/events``
 (Server-Sent Events: status, progress and a ``chunk`` event with the URL of each finished chunk's frames; every
 event has an ``id:``, and a client reconnecting with ``Last-Event-ID`` gets only the events after it).
@@ -18,6 +19,8 @@ import base64
 import mimetypes
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
@@ -28,7 +31,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, Field, StrictBool
 from starlette.exceptions import HTTPException
 
-from magi_server.params import FPS, MAX_PROMPTS, MAX_WINDOW, RANDOM_SEEDS, GenerationParams, ModelLimits
+from magi_server.params import FPS, MAX_PROMPTS, MAX_WINDOW, RANDOM_SEEDS, GenerationParams, ModelLimits, ParamError
 from magi_server.serving.common import (
     MAX_IMAGE_REF_CHARS,
     RAW_BODY,
@@ -39,9 +42,11 @@ from magi_server.serving.common import (
     Prompt,
     ProviderRoute,
     Resolution,
+    ContinuationInput,
     ServerContext,
     Text,
     admitted,
+    continuation_input,
     enhance_prompt,
     api_key_auth,
     build_params,
@@ -60,6 +65,7 @@ from magi_server.serving.common import (
 from magi_server.serving.events import wait_for_terminal
 from magi_server.serving.files import read_stored
 from magi_server.serving.jobs import Job, JobStatus
+from magi_server.serving.webhooks import MAX_WEBHOOK_URL_CHARS, checked_webhook_url, delivery_view
 
 # public model ids this server answers to; all run the loaded model (the README says which variant that is)
 WAVESPEED_MODELS = (
@@ -106,23 +112,49 @@ class SubmitBody(BaseModel):
     aspect_ratio: AspectRatio | None = None
     num_inference_steps: Int | None = Field(None, ge=4, le=256, multiple_of=4,  # the window holds 4 chunks
                                             description="absent: the server's default")
-    enable_safety_checker: StrictBool | None = None  # accepted; no safety classifier runs here (README)
+    enable_safety_checker: StrictBool | None = Field(None, description=(
+        "absent or true: the server's safety checker (if it runs one: /health/ready) judges the output and "
+        "has_nsfw_contents reports it; false: not checked"))
     prompts: list[Prompt] | None = Field(None, min_length=1, max_length=MAX_PROMPTS, description=(
         "extension: one prompt per 24-frame chunk (scene changes; the last holds for the chunks after it); "
         "replaces prompt for the generation"))
     window_size: Int | None = Field(None, ge=1, le=MAX_WINDOW, description=(
         "extension: chunks denoised together (absent: the model's, 4); 1 needs the least memory"))
+    video: Text | None = Field(None, max_length=MAX_IMAGE_REF_CHARS, description=(
+        "extension: a video to continue (MAGI-1 video-to-video: its first 32 frames condition the new ones): an "
+        "http(s) URL, a data: URI or an upload's download_url; the output holds only the new frames"))
+    continue_from: Text | None = Field(None, max_length=64, description=(
+        "extension: the id of an earlier completed prediction of yours, continued losslessly from its last latent "
+        "frames (kept for the retention period); at its size; the output holds only the new frames"))
     enable_prompt_expansion: StrictBool | None = Field(None, description=(
         "rewrite the prompt with the server's prompt enhancer first (the prediction returns enhanced_prompt); "
         "a 400 when the server has none"))
     enable_base64_output: StrictBool | None = None
     enable_sync_mode: StrictBool | None = None
+    webhook: Text | None = Field(None, max_length=MAX_WEBHOOK_URL_CHARS, description=(
+        "the same as the ?webhook= query parameter (both given: they must agree): POSTed the prediction once it "
+        "ends, signed with the secret of GET /api/v3/webhook/secret"))
 
 
 class EnhanceBody(BaseModel):
     """``POST /api/v3/prompt/enhance``."""
 
     prompt: Prompt
+
+
+HISTORY_WINDOW = 1000  # the prediction history covers the caller's newest this-many jobs (of any API)
+
+
+class HistoryBody(BaseModel):
+    """``POST /api/v3/predictions``: a page of the caller's prediction history, newest first (WaveSpeed's
+    "List predictions"; its window is 7 days, ours the caller's newest ``HISTORY_WINDOW`` jobs)."""
+
+    page: Int = Field(ge=1)
+    page_size: Int = Field(ge=1, le=100)
+    model: Text | None = Field(None, max_length=200, description="only predictions of this model")
+    status: Literal["created", "processing", "completed", "failed", "cancelled"] | None = None
+    created_after: datetime | None = Field(None, description="ISO 8601; without a zone: UTC")
+    created_before: datetime | None = Field(None, description="ISO 8601; without a zone: UTC")
 
 
 class UploadTicketBody(BaseModel):
@@ -214,7 +246,9 @@ async def prediction(ctx: ServerContext, job: Job, encoded: Base64Outputs) -> di
     return prediction_data(ctx, job, encoded)
 
 
-def prediction_data(ctx: ServerContext, job: Job, encoded: Base64Outputs) -> dict:
+def prediction_data(ctx: ServerContext, job: Job, encoded: Callable[[str], str] | None) -> dict:
+    """The prediction ``data`` object; ``encoded`` turns a base64 job's output names into their base64 (a
+    :class:`Base64Outputs`; None where no base64 job can come: webhooks)."""
     outputs: list[str] = []
     if job.status is JobStatus.COMPLETED:
         if job.meta.get("base64_output"):
@@ -226,7 +260,9 @@ def prediction_data(ctx: ServerContext, job: Job, encoded: Base64Outputs) -> dic
         "model": job.model,
         "outputs": outputs,
         "urls": {"get": f"{ctx.settings.base_url()}/api/v3/predictions/{job.id}/result"},
-        "has_nsfw_contents": [False] * len(outputs),  # no safety classifier runs here (README)
+        # the safety checker's verdict per output; false also when nothing checked it (safety_checked says which)
+        "has_nsfw_contents": _nsfw_verdicts(job, len(outputs)),
+        "safety_checked": bool(job.meta.get("safety_checked")) if outputs else False,
         "status": STATUS[job.status],
         "created_at": iso_time(job.created_at),
         "error": job.error if job.status in (JobStatus.FAILED, JobStatus.CANCELLED) else "",
@@ -243,18 +279,43 @@ def prediction_data(ctx: ServerContext, job: Job, encoded: Base64Outputs) -> dic
     return data
 
 
+def _nsfw_verdicts(job: Job, count: int) -> list[bool]:
+    """One boolean per output: what the safety checker said of it (events.py stores the verdicts at completion)."""
+    verdicts = job.meta.get("nsfw")
+    if isinstance(verdicts, list) and len(verdicts) == count:
+        return [bool(v) for v in verdicts]
+    return [False] * count
+
+
+def webhook_input(body: SubmitBody) -> dict:
+    """The request as the webhook's ``input`` echoes it: the fields given, a data URI or base64 image or video
+    shortened to a note of its size (the payload would otherwise carry the whole file back)."""
+    given = body.model_dump(mode="json", exclude_none=True, exclude={"webhook"})
+    for name in ("image", "video"):
+        value = given.get(name)
+        if isinstance(value, str) and not value.startswith(("http://", "https://")) and len(value) > 256:
+            given[name] = f"<inline {name}, {len(value)} characters>"
+    return given
+
+
+def webhook_body(ctx: ServerContext, job: Job) -> dict:
+    """What a WaveSpeed webhook POSTs (api-compat.md §1.8): the bare prediction ``data`` plus ``input``."""
+    return {**prediction_data(ctx, job, None), "input": job.meta.get("webhook_input", {})}
+
+
 async def to_params(ctx: ServerContext, body: SubmitBody, limits: ModelLimits | None = None,
-                    prompt: str | None = None) -> GenerationParams:
+                    prompt: str | None = None, continuation: ContinuationInput | None = None) -> GenerationParams:
     """A valid WaveSpeed body -> GenerationParams (checked against ``limits``: the variant's that will run it;
     ``prompt``: the enhanced prompt, when asked for); fetches the image and stores it at the working size. Raises
     ParamError naming the field."""
     s = ctx.settings
     return await build_params(
         ctx, prompt=prompt or body.prompt, image=await read_image_field(ctx, body.image, "image") if body.image else None,
-        resolution=body.resolution or s.default_resolution, aspect=body.aspect_ratio or "auto",
+        resolution=body.resolution or (continuation and continuation.resolution) or s.default_resolution,
+        aspect=body.aspect_ratio or "auto", continuation=continuation,
         num_frames=body.num_frames or s.default_num_frames, steps=body.num_inference_steps or s.default_steps,
         seed=body.seed, fields=FIELDS, limits=limits, prompts=None if prompt else body.prompts,
-        window_size=body.window_size,
+        window_size=body.window_size, safety_check=body.enable_safety_checker is not False,
     )
 
 
@@ -273,24 +334,35 @@ def build_router(ctx: ServerContext) -> APIRouter:
     def submit_route(model_id: str):
         async def submit(body: SubmitBody, webhook: str | None = None, owner: str = Depends(tenant),
                          idempotency_key: IdempotencyKey = None):
+            if webhook and body.webhook and webhook.strip() != body.webhook.strip():
+                raise HTTPException(400, "webhook: the query parameter and the body field name different URLs")
+            webhook = webhook or body.webhook
             if webhook:
                 if body.enable_base64_output:
                     raise HTTPException(400, "webhook callback does not support base64 output, please use the "
                                              "normal API to use base64 output")
-                raise HTTPException(400, "webhook: webhook delivery is not supported by this server; poll the "
-                                         "result URL")
+                try:
+                    webhook = await checked_webhook_url(ctx, webhook, "webhook")
+                except ParamError as exc:
+                    raise HTTPException(400, str(exc)) from None
 
             # admission (queue, quota) before the image is fetched or decoded
             async with admitted(ctx, owner=owner, idempotency_key=idempotency_key, route=model_id) as admission:
+                continuation = await continuation_input(ctx, owner, continue_from=body.continue_from,
+                                                        video=body.video, variant=admission.variant_name)
                 enhanced = (await enhance_prompt(ctx, body.prompt, "enable_prompt_expansion")
                             if body.enable_prompt_expansion else None)
                 job = await admission.commit(
                     api="wavespeed", model=admission.model(model_id),
-                    params=await to_params(ctx, body, admission.limits, prompt=enhanced),
+                    params=await to_params(ctx, body, admission.limits, prompt=enhanced,
+                                           continuation=continuation),
                     meta={"base64_output": bool(body.enable_base64_output),
-                          "resolution": body.resolution or ctx.settings.default_resolution,
-                          **({"original_prompt": body.prompt, "enhanced_prompt": enhanced} if enhanced else {})},
-                    request_fingerprint=fingerprint(model_id, body.model_dump(mode="json")))
+                          "resolution": (body.resolution or (continuation and continuation.resolution)
+                                         or ctx.settings.default_resolution),
+                          **({"original_prompt": body.prompt, "enhanced_prompt": enhanced} if enhanced else {}),
+                          **({"webhook": webhook, "webhook_input": webhook_input(body)} if webhook else {})},
+                    request_fingerprint=fingerprint(model_id, body.model_dump(mode="json"),
+                                                    *([webhook] if webhook else [])))
             if body.enable_sync_mode:
                 job = await wait_for_terminal(ctx, job.id, ctx.settings.sync_timeout_s) or job
                 data = await prediction(ctx, job, encoded)
@@ -309,6 +381,21 @@ def build_router(ctx: ServerContext) -> APIRouter:
     async def enhance(body: EnhanceBody, owner: str = Depends(tenant)):
         """The server's prompt enhancer on its own: what ``enable_prompt_expansion`` would send to the model."""
         return envelope({"prompt": await enhance_prompt(ctx, body.prompt, "prompt"), "original_prompt": body.prompt})
+
+    @router.post("/api/v3/predictions")
+    async def history(body: HistoryBody, owner: str = Depends(tenant)):
+        """A page of the caller's WaveSpeed predictions, newest first, with ``total`` matches (another key's jobs
+        are never listed; with API keys off every job is everyone's). Outputs are URLs here, also for
+        ``enable_base64_output`` jobs, whose result route gives the base64."""
+        scope = owner if ctx.settings.api_keys else None
+        jobs = await asyncio.get_running_loop().run_in_executor(
+            ctx.store_reader, lambda: ctx.store.list(limit=HISTORY_WINDOW, owner=scope))
+        items = [job for job in jobs if job.api == "wavespeed" and _listed(job, body)]
+        start = (body.page - 1) * body.page_size
+        # a history lists many jobs: never a base64 encode of each MP4 (the URL stands in for it, as said above)
+        return envelope({"page": body.page, "page_size": body.page_size, "total": len(items),
+                         "items": [prediction_data(ctx, job, ctx.file_url)
+                                   for job in items[start:start + body.page_size]]})
 
     @router.get("/api/v3/predictions/{job_id}/result")
     @router.get("/api/v3/predictions/{job_id}")
@@ -369,9 +456,16 @@ def build_router(ctx: ServerContext) -> APIRouter:
         return envelope({"type": kind.family, "download_url": ctx.upload_url(path.name), "filename": filename,
                          "size": len(data)})
 
-    @router.get("/api/v3/webhook/secret", dependencies=[Depends(tenant)])
-    async def webhook_secret():
-        return envelope({"secret": ctx.webhook_secret})
+    @router.get("/api/v3/webhook/secret")
+    async def webhook_secret(owner: str = Depends(tenant)):
+        """The secret this API key's webhooks are signed with (the same after a restart and on every replica)."""
+        return envelope({"secret": ctx.webhook_keys.wavespeed_secret(owner)})
+
+    @router.get("/api/v3/predictions/{job_id}/webhooks")
+    async def webhook_log(job: Job = Depends(own_job)):
+        """Extension: the prediction's webhook deliveries, each with its attempts (time, HTTP status, error)."""
+        deliveries = await asyncio.to_thread(ctx.store.webhook_deliveries, job.id)
+        return envelope({"deliveries": [delivery_view(d) for d in deliveries]})
 
     return router
 
@@ -418,6 +512,17 @@ async def _event_stream(ctx: ServerContext, job_id: str, last_seen: int, encoded
             if job is None or job.is_terminal:
                 yield await _final_event(ctx, job, last_seen, encoded)
                 return
+
+
+def _listed(job: Job, body: HistoryBody) -> bool:
+    """Whether a history request's filters keep ``job``."""
+    def epoch(moment: datetime) -> float:
+        return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+    return ((body.model is None or job.model == body.model)
+            and (body.status is None or STATUS[job.status] == body.status)
+            and (body.created_after is None or job.created_at >= epoch(body.created_after))
+            and (body.created_before is None or job.created_at < epoch(body.created_before)))
 
 
 async def _final_event(ctx: ServerContext, job: Job | None, event_id: int, encoded: Base64Outputs) -> ServerSentEvent:
