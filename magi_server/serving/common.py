@@ -802,6 +802,10 @@ async def build_params(ctx: ServerContext, *, prompt: str, image: ImageInput | N
     output's size only once the request is valid, so a refused request leaves nothing behind. ``safety_check``:
     run the server's safety checker (if it has one) on the output. ``continuation``: the video or earlier job the
     request continues (:func:`continuation_input`), stored for the job once the request is valid."""
+    if num_frames > ctx.settings.max_num_frames:
+        raise ParamError(fields.get("num_frames", "num_frames"),
+                         f"at most {ctx.settings.max_num_frames} frames on this server (--max-frames), got "
+                         f"{num_frames}")
     if aspect == "auto" and continuation is not None and continuation.aspect_ratio is not None:
         aspect = continuation.aspect_ratio  # a continuation keeps its source's shape
     if aspect == "auto":

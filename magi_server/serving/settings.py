@@ -40,6 +40,9 @@ class ServerSettings:
     default_num_frames: int = 96
     default_resolution: str = "720p"
     default_steps: int = 16
+    # the longest video a request may ask for (--max-frames): one minute by default, WaveSpeed's documented bound;
+    # every API takes up to this many (fal's own schema stops at 192, Magic Hour's at 60 s: longer is an extension)
+    max_num_frames: int = 1440
     resolution_scale: float = 1.0  # < 1 renders every size smaller (the tiny preset uses 1/8 so a CPU keeps up)
     fal_queue_port: int | None = None  # TLS listeners for fal-client (it only speaks https)
     fal_run_port: int | None = None

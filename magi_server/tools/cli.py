@@ -13,6 +13,8 @@ import re
 import sys
 from pathlib import Path
 
+from magi_server.params import FPS, MAX_FRAMES
+
 
 def _cmd_download(args: argparse.Namespace) -> int:
     from magi_server.tools.download import DownloadError, download
@@ -216,7 +218,9 @@ def _server_settings(args: argparse.Namespace, *, runs_model: bool, answers_http
             route_map=tuple(_route_map(args.route_map).items()),
             allow_private_urls=_private_allowlist(args.allow_private_urls),
             prompt_enhancer=args.prompt_enhancer, webhook_attempts=args.webhook_attempts,
-            webhook_backoff_s=args.webhook_backoff)
+            webhook_backoff_s=args.webhook_backoff, max_num_frames=args.max_frames)
+        if not FPS <= args.max_frames <= MAX_FRAMES:
+            raise ValueError(f"--max-frames must be between {FPS} and {MAX_FRAMES}")
         if args.webhook_attempts < 1 or not args.webhook_backoff > 0:
             raise ValueError("--webhook-attempts must be at least 1 and --webhook-backoff positive")
         if args.prompt_enhancer:
@@ -577,6 +581,9 @@ def _http_flags(p: argparse.ArgumentParser) -> None:
                         "are several keys, else no per-key limit)")
     p.add_argument("--sync-timeout", type=float, default=600.0, help="seconds a sync-mode request may wait")
     p.add_argument("--max-body-mb", type=int, default=25, help="largest request body accepted")
+    p.add_argument("--max-frames", type=int, default=1440, metavar="N",
+                   help="the longest video a request may ask for, in frames at 24 fps (default 1440: one minute; "
+                        f"at most {MAX_FRAMES})")
     p.add_argument("--keep-jobs-hours", type=float, default=168.0,
                    help="finished jobs, their videos and inputs are deleted this long after they end (0 = never)")
     p.add_argument("--resolution-scale", type=float, default=None,

@@ -51,7 +51,8 @@ from pydantic import AfterValidator, BaseModel, Field, Strict, StrictBool
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
-from magi_server.params import FPS, GenerationParams, ModelLimits, ParamError, kept_latents_name
+from magi_server.params import (FPS, MAX_FRAMES, MAX_PROMPTS, MAX_WINDOW, GenerationParams, ModelLimits, ParamError,
+                                kept_latents_name)
 from magi_server.serving.common import (
     MAX_IMAGE_REF_CHARS,
     RAW_BODY,
@@ -79,7 +80,7 @@ from magi_server.serving.common import (
 )
 from magi_server.serving.jobs import Job, JobStatus
 
-MIN_SECONDS, MAX_SECONDS = 1.0, 60.0
+MIN_SECONDS, MAX_SECONDS = 1.0, MAX_FRAMES / FPS  # Magic Hour's own bound is 60 s; longer: the server's --max-frames
 PROJECT_TYPE = "IMAGE_TO_VIDEO"
 STATUS = MappingProxyType({
     JobStatus.QUEUED: "queued",
@@ -167,6 +168,11 @@ class ImageToVideoBody(BaseModel):
         "extension: the id of an earlier completed project of yours, continued losslessly from its last latent "
         "frames (kept for the retention period) instead of an image, at its size; the output holds only the new "
         "frames"))
+    prompts: list[Text] | None = Field(None, min_length=1, max_length=MAX_PROMPTS, description=(
+        "extension: one prompt per 24-frame chunk (scene changes; the last holds for the chunks after it); "
+        "replaces style.prompt for the generation"))
+    window_size: Int | None = Field(None, ge=1, le=MAX_WINDOW, description=(
+        "extension: chunks denoised together (absent: the model's, 4); 1 needs the least memory"))
     width: Int | None = Field(None, description="deprecated, ignored")
     height: Int | None = Field(None, description="deprecated, ignored")
 
@@ -260,7 +266,9 @@ async def to_params(ctx: ServerContext, body: ImageToVideoBody, limits: ModelLim
     params = await build_params(
         ctx, prompt=(body.style and body.style.prompt) or "", image=image,
         resolution=SERVED_TIER[requested], aspect="auto", num_frames=round(body.end_seconds * FPS),
-        steps=ctx.settings.default_steps, seed=None, fields=FIELDS, limits=limits, continuation=continuation,
+        steps=ctx.settings.default_steps, seed=None,
+        fields=dict(FIELDS, prompt="prompts") if body.prompts else FIELDS, limits=limits, continuation=continuation, prompts=tuple(body.prompts) if body.prompts else None,
+        window_size=body.window_size,
     )
     name = body.name if body.name is not None else f"Image To Video - {iso_time(time.time())}"
     return params, {"name": name, "end_seconds": body.end_seconds, "resolution": requested, "model": model}

@@ -17,8 +17,8 @@ Routes (``Authorization: Bearer <key>``; every answer is JSON except the downloa
 
 Mapping to MAGI-1 (the request is served exactly as asked, or refused naming the field):
 
-* ``seconds``: a whole number from 1 to 60 (a string, as the SDK sends it, or a JSON integer) -> seconds x 24
-  frames (MAGI-1 makes 24 fps video in chunks of 24 frames: one chunk per second). Absent: the server's default
+* ``seconds``: a whole number from 1 to the server's --max-frames / 24, 60 by default (a string, as the SDK sends
+  it, or a JSON integer) -> seconds x 24 frames (MAGI-1 makes 24 fps video in chunks of 24 frames: one chunk per second). Absent: the server's default
   frame count.
 * ``size``: one of the six sizes MAGI-1 generates (``1280x720``, ``720x1280``, ``960x960`` at 720p; ``832x480``,
   ``480x832``, ``624x624`` at 480p); any other (Sora's ``1024x1792``, ...) is a 400 naming ``size``. Absent: the
@@ -111,7 +111,6 @@ SIZED_MODELS = MappingProxyType({
     "magi-1-4.5b-distill": "wavespeed-ai/magi-1-4.5b-distill",
 })
 SIZES = MappingProxyType({f"{w}x{h}": key for key, (w, h) in RESOLUTION_SIZES.items()})  # "WxH" -> (tier, aspect)
-MAX_SECONDS = 60  # one minute, as WaveSpeed's bound
 LIST_DEFAULT_LIMIT, LIST_MAX_LIMIT = 20, 100
 LIST_SCAN = 10_000  # the owner's newest jobs (all APIs) a list looks through; retention keeps far fewer
 DELETED_DIR = "openai-deleted"  # under the outputs folder: one empty marker file per deleted video
@@ -151,7 +150,8 @@ class CreateBody(BaseModel):
     prompt: Prompt
     model: Text | None = Field(None, max_length=100, description=(
         "magi-1 (default), magi-1-24b, magi-1-24b-distill, magi-1-4.5b, magi-1-4.5b-distill or a served variant"))
-    seconds: Seconds | None = Field(None, description=f"whole seconds, 1 to {MAX_SECONDS} (24 frames each)")
+    seconds: Seconds | None = Field(None, description=(
+        "whole seconds, 1 to the server's --max-frames / 24 (default 60), 24 frames each"))
     size: Text | None = Field(None, max_length=32, description=f"one of {', '.join(SIZES)}")
     input_reference: dict[str, Text] | None = Field(None, description=(
         "the first frame: {\"image_url\": <http(s) URL or data URL>} (multipart: a file part)"))
@@ -377,9 +377,10 @@ def _frames(ctx: ServerContext, seconds) -> int:
     if seconds is None:
         return ctx.settings.default_num_frames
     text = str(seconds).strip()
-    if not _ASCII_INT.fullmatch(text) or not 1 <= int(text) <= MAX_SECONDS:
-        raise ParamError("seconds", f"must be a whole number of seconds from 1 to {MAX_SECONDS} (MAGI-1 makes "
-                                    f"24-frame chunks at {FPS} fps), got {seconds!r}")
+    longest = ctx.settings.max_num_frames // FPS  # the server's --max-frames
+    if not _ASCII_INT.fullmatch(text) or not 1 <= int(text) <= longest:
+        raise ParamError("seconds", f"must be a whole number of seconds from 1 to {longest} (MAGI-1 makes "
+                                    f"24-frame chunks at {FPS} fps; this server's --max-frames), got {seconds!r}")
     return int(text) * FPS
 
 

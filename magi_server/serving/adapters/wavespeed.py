@@ -31,7 +31,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, Field, StrictBool
 from starlette.exceptions import HTTPException
 
-from magi_server.params import FPS, MAX_PROMPTS, MAX_WINDOW, RANDOM_SEEDS, GenerationParams, ModelLimits, ParamError
+from magi_server.params import FPS, MAX_FRAMES, MAX_PROMPTS, MAX_WINDOW, RANDOM_SEEDS, GenerationParams, ModelLimits, ParamError
 from magi_server.serving.common import (
     MAX_IMAGE_REF_CHARS,
     RAW_BODY,
@@ -95,7 +95,7 @@ QUIET_CHECK_S = 15.0  # how often a quiet event stream looks in the store whethe
 
 # contract parameter -> WaveSpeed field, for a refusal by params.validate (the rest are named alike)
 FIELDS = MappingProxyType({"width": "resolution", "height": "resolution"})
-MAX_NUM_FRAMES = 60 * FPS  # WaveSpeed's documented bound: one minute (the playground's form shares it)
+MAX_NUM_FRAMES = 60 * FPS  # WaveSpeed's documented bound, one minute: ServerSettings.max_num_frames's default
 
 
 class SubmitBody(BaseModel):
@@ -106,7 +106,8 @@ class SubmitBody(BaseModel):
     image: Text | None = Field(None, max_length=MAX_IMAGE_REF_CHARS, description=(
         "first frame: an http(s) URL, a data: URI, bare base64, or an upload's download_url; absent: text-to-video"))
     seed: Int | None = Field(-1, ge=-1, lt=RANDOM_SEEDS, description="-1 (or absent): random")
-    num_frames: Int | None = Field(None, ge=FPS, le=MAX_NUM_FRAMES, description="absent: the server's default")
+    num_frames: Int | None = Field(None, ge=FPS, le=MAX_FRAMES, description=(
+        "absent: the server's default; at most the server's --max-frames (default 1440, one minute)"))
     frames_per_second: Literal[FPS] | None = None
     resolution: Resolution | None = Field(None, description="absent: the server's default")
     aspect_ratio: AspectRatio | None = None
