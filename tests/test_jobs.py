@@ -576,3 +576,19 @@ def test_queue_position_counts_the_queued_jobs_ahead(store):
     store.mark_running(first.id)
     assert [store.queue_position(j.id) for j in (first, second, third)] == [None, 0, 1]
     assert store.queue_position("no-such-job") is None
+
+
+def test_a_deleted_job_is_marked_in_the_store_for_every_replica(open_store, clock):
+    """Magic Hour's and OpenAI's DELETE: only an ended job can be marked (a running one is cancelled first); the mark
+    is in the row, so another replica on the same store answers it as deleted; a second delete marks it again."""
+    a, b = open_store(), open_store()
+    job = a.create(make_job(meta={"name": "kept"}))
+    assert a.mark_deleted(job.id) is None and a.get(job.id).deleted_at is None  # still queued
+    a.cancel(job.id)
+    clock.now += 5.0
+    deleted = a.mark_deleted(job.id)
+    assert deleted.deleted_at == clock.now and deleted.meta["name"] == "kept"  # merged into the meta, not replacing it
+    assert b.get(job.id).deleted_at == clock.now
+    clock.now += 5.0
+    assert b.mark_deleted(job.id).deleted_at == clock.now  # deleting again: still deleted (a 204 / 200 upstream)
+    assert a.mark_deleted("0" * 32) is None

@@ -291,6 +291,30 @@ def cancel_job(ctx: ServerContext, job_id: str) -> Job | None:
     return cancelled
 
 
+def delete_job(ctx: ServerContext, job: Job) -> Job:
+    """The owner's DELETE (Magic Hour projects, OpenAI videos), blocking: a job still running is cancelled first;
+    the row is marked deleted in the store (``Job.deleted_at``: every replica sees it, and it sticks through
+    restarts), then its files go: the video, chunk previews, kept latents (nothing continues a deleted job) and
+    stored inputs, here and in the object store. The row itself stays until retention."""
+    if not job.is_terminal:
+        cancel_job(ctx, job.id)
+    job = ctx.store.mark_deleted(job.id) or ctx.store.get(job.id) or job
+    names = ({*job.outputs, f"{job.id}.mp4", kept_latents_name(job.id)}
+             | {p.name for p in ctx.outputs_dir.glob(f"{job.id}.chunk*.mp4")})
+    if ctx.output_store is not None:
+        try:
+            names |= set(ctx.output_store.names(f"{job.id}.chunk"))
+        except Exception as exc:  # noqa: BLE001 - the store's one-line error; the janitor removes them later
+            log.warning("could not list %s's previews in %s: %s", job.id, ctx.output_store.location, exc)
+    for name in names:
+        ctx.remove_output(name)
+    uploads = ctx.uploads_dir.resolve()
+    for stored in (job.params.image_path, job.params.video_path, job.params.prefix_latents_path):
+        if stored and Path(stored).resolve().parent == uploads:  # only our own copies, never a path elsewhere
+            Path(stored).unlink(missing_ok=True)
+    return job
+
+
 def api_key_auth(ctx: ServerContext, scheme: str):
     """A dependency answering the caller's tenant for ``Authorization: <scheme> <key>`` ("Bearer" for WaveSpeed and
     Magic Hour, "Key" for fal); a 401 when keys are configured and this is not one of them. It is declared as an

@@ -153,6 +153,12 @@ class Job:
     def is_terminal(self) -> bool:
         return self.status in TERMINAL
 
+    @property
+    def deleted_at(self) -> float | None:
+        """When its owner deleted it (Magic Hour / OpenAI DELETE: files gone, the row kept until retention)."""
+        value = self.meta.get("deleted_at")
+        return float(value) if isinstance(value, (int, float)) else None
+
 
 _SCHEMA = f"""
 CREATE TABLE jobs (
@@ -826,6 +832,12 @@ class JobStore(IdempotentCreate, WebhookOutbox):
         return self._transition(
             job_id, _ACTIVE, "status = 'cancelled', finished_at = ?, error = 'cancelled', error_code = 'cancelled'",
             (self._clock(),))
+
+    def mark_deleted(self, job_id: str) -> Job | None:
+        """A terminal job deleted by its owner: ``meta.deleted_at`` set (the row stays until retention, so every
+        replica answers it as deleted); None when the job is not terminal (cancel it first) or unknown."""
+        return self._transition(job_id, TERMINAL, "meta = json_patch(meta, ?)",
+                                (_json({"deleted_at": self._clock()}),))
 
     def requeue(self, job_id: str, *, refund_attempt: bool = True) -> Job | None:
         """RUNNING -> QUEUED for a graceful drain.

@@ -551,6 +551,11 @@ class PostgresJobStore(IdempotentCreate, WebhookOutbox):
              *((_json(meta_updates),) if meta_updates else ())),
             worker_id=worker_id)
 
+    def mark_deleted(self, job_id: str) -> Job | None:
+        """A terminal job deleted by its owner: ``meta.deleted_at`` set (see `JobStore.mark_deleted`)."""
+        return self._transition(job_id, TERMINAL, "meta = (meta::jsonb || %s::jsonb)::text",
+                                (_json({"deleted_at": self._clock()}),), announce=False)
+
     def fail(self, job_id: str, error: str, error_code: str, error_param: str = "", *,
              worker_id: str | None = None) -> Job | None:
         """QUEUED or RUNNING -> FAILED (a queued job can fail too: timeout in queue, input gone); with

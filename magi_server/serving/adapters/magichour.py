@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Literal
 
@@ -51,8 +50,7 @@ from pydantic import AfterValidator, BaseModel, Field, Strict, StrictBool
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
-from magi_server.params import (FPS, MAX_FRAMES, MAX_PROMPTS, MAX_WINDOW, GenerationParams, ModelLimits, ParamError,
-                                kept_latents_name)
+from magi_server.params import FPS, MAX_FRAMES, MAX_PROMPTS, MAX_WINDOW, GenerationParams, ModelLimits, ParamError
 from magi_server.serving.common import (
     MAX_IMAGE_REF_CHARS,
     RAW_BODY,
@@ -65,8 +63,8 @@ from magi_server.serving.common import (
     admitted,
     api_key_auth,
     build_params,
-    cancel_job,
     continuation_input,
+    delete_job,
     describe,
     error_responses,
     field_name,
@@ -109,7 +107,7 @@ MAX_NAME_CHARS = 1000
 # it reaches a filesystem lookup.
 ASSET_PATH = re.compile(r"^api-assets/[A-Za-z0-9_-]{16,64}\.[a-z0-9]{1,8}$")
 UPLOAD_NAME = re.compile(r"^[A-Za-z0-9_-]{16,64}\.[a-z0-9]{1,8}$")
-DELETED_DIR = "magichour-deleted"  # under the outputs folder: one empty marker file per deleted project
+LEGACY_DELETED_DIR = "magichour-deleted"  # where versions before the store's deleted mark put a file per deletion
 # contract parameter -> Magic Hour field, for a refusal by params.validate
 FIELDS = MappingProxyType({"prompt": "style.prompt", "num_frames": "end_seconds", "width": "resolution",
                            "height": "resolution", "image": "assets.image_file_path"})
@@ -277,12 +275,10 @@ async def to_params(ctx: ServerContext, body: ImageToVideoBody, limits: ModelLim
 # -------------------------------------------------------------------------------------------------- projects
 
 
-def _deleted_marker(ctx: ServerContext, job_id: str) -> Path:
-    return ctx.outputs_dir / DELETED_DIR / job_id
-
-
-def _is_deleted(ctx: ServerContext, job_id: str) -> bool:
-    return _deleted_marker(ctx, job_id).exists()
+def _is_deleted(ctx: ServerContext, job: Job) -> bool:
+    """Deleted by its owner (the store's mark; or, for a project deleted before the store kept it, the marker file
+    earlier versions wrote under the outputs folder)."""
+    return job.deleted_at is not None or (ctx.outputs_dir / LEGACY_DELETED_DIR / job.id).exists()
 
 
 def project_data(ctx: ServerContext, job: Job, *, deleted: bool = False) -> dict:
@@ -320,22 +316,6 @@ def project_data(ctx: ServerContext, job: Job, *, deleted: bool = False) -> dict
     }
 
 
-def _delete_files(ctx: ServerContext, job: Job) -> None:
-    """The project's video (and chunk previews) and its stored input image; the marker makes the deletion stick."""
-    marker = _deleted_marker(ctx, job.id)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    names = set(job.outputs) | {f"{job.id}.mp4"}
-    for name in names:
-        (ctx.outputs_dir / name).unlink(missing_ok=True)
-    for preview in ctx.outputs_dir.glob(f"{job.id}.chunk*.mp4"):
-        preview.unlink(missing_ok=True)
-    ctx.remove_output(kept_latents_name(job.id))  # nothing continues a deleted project
-    for stored in (job.params.image_path, job.params.video_path, job.params.prefix_latents_path):
-        if stored:
-            Path(stored).unlink(missing_ok=True)
-
-
 # ----------------------------------------------------------------------------------------------------- routes
 
 
@@ -366,14 +346,11 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
     @router.get("/v1/video-projects/{job_id}")
     async def get_project(job: Job = Depends(own_project)):
-        return project_data(ctx, job, deleted=_is_deleted(ctx, job.id))
+        return project_data(ctx, job, deleted=await asyncio.to_thread(_is_deleted, ctx, job))
 
     @router.delete("/v1/video-projects/{job_id}", status_code=204)
     async def delete_project(job: Job = Depends(own_project)):
-        if not job.is_terminal:
-            cancel_job(ctx, job.id)
-            job = ctx.store.get(job.id) or job
-        await asyncio.to_thread(_delete_files, ctx, job)
+        await asyncio.to_thread(delete_job, ctx, job)
         return Response(status_code=204)
 
     # ------------------------------------------------------------------------------------------------ uploads

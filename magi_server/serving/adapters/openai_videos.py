@@ -77,8 +77,8 @@ from magi_server.serving.common import (
     admitted,
     api_key_auth,
     build_params,
-    cancel_job,
     continuation_input,
+    delete_job,
     describe,
     error_responses,
     field_name,
@@ -113,7 +113,6 @@ SIZED_MODELS = MappingProxyType({
 SIZES = MappingProxyType({f"{w}x{h}": key for key, (w, h) in RESOLUTION_SIZES.items()})  # "WxH" -> (tier, aspect)
 LIST_DEFAULT_LIMIT, LIST_MAX_LIMIT = 20, 100
 LIST_SCAN = 10_000  # the owner's newest jobs (all APIs) a list looks through; retention keeps far fewer
-DELETED_DIR = "openai-deleted"  # under the outputs folder: one empty marker file per deleted video
 INT_FIELDS = ("seed", "num_inference_steps", "window_size")  # multipart sends numbers as text
 _ASCII_INT = re.compile(r"^-?[0-9]{1,30}$")
 _BRACKETED = re.compile(r"^([a-z_]+)\[([a-z_]*)\]$")  # the SDK's multipart spelling: prompts[], input_reference[x]
@@ -509,37 +508,6 @@ async def read_create_request(request: Request, max_field_bytes: int) -> tuple[C
     return body, upload
 
 
-# ------------------------------------------------------------------------------------------ deleted videos
-
-
-def _deleted_marker(ctx: ServerContext, job_id: str) -> Path:
-    return ctx.outputs_dir / DELETED_DIR / job_id
-
-
-def _is_deleted(ctx: ServerContext, job_id: str) -> bool:
-    return _deleted_marker(ctx, job_id).exists()
-
-
-def _delete_files(ctx: ServerContext, job: Job) -> None:
-    """Mark the video deleted (the marker makes it stick), then remove its files and stored input image."""
-    marker = _deleted_marker(ctx, job.id)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    # its video, its chunk previews and the latents a finished job keeps for continue_from
-    names = ({*job.outputs, f"{job.id}.mp4", f"{job.id}.latents.safetensors"}
-             | {p.name for p in ctx.outputs_dir.glob(f"{job.id}.chunk*.mp4")})
-    if ctx.output_store is not None:
-        try:
-            names |= set(ctx.output_store.names(f"{job.id}.chunk"))
-        except Exception as exc:  # noqa: BLE001 - the store's one-line error; the janitor removes them later
-            log.warning("could not list %s's previews in %s: %s", job.id, ctx.output_store.location, exc)
-    for name in names:
-        ctx.remove_output(name)
-    uploads = ctx.uploads_dir.resolve()
-    if job.params.image_path and Path(job.params.image_path).resolve().parent == uploads:
-        Path(job.params.image_path).unlink(missing_ok=True)
-
-
 def _list_videos(ctx: ServerContext, owner: str, after: str | None, limit: int, order: str) -> dict:
     """One page of the owner's videos (blocking: the store's reader thread)."""
     jobs = [job for job in ctx.store.list(limit=LIST_SCAN, owner=owner if ctx.settings.api_keys else None)
@@ -554,7 +522,7 @@ def _list_videos(ctx: ServerContext, owner: str, after: str | None, limit: int, 
     page: list[Job] = []
     has_more = False
     for job in jobs:
-        if _is_deleted(ctx, job.id):
+        if job.deleted_at is not None:
             continue
         if len(page) == limit:
             has_more = True
@@ -616,7 +584,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         """The caller's video (another key's, a deleted one or an unknown id: a 404 alike)."""
         match = VIDEO_ID.fullmatch(video_id)
         job = await read_job(ctx, match.group(1), owner, API) if match else None
-        if job is None or await asyncio.to_thread(_is_deleted, ctx, job.id):
+        if job is None or job.deleted_at is not None:
             raise HTTPException(404, f"video {video_id!r} not found")
         return job
 
@@ -656,10 +624,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
     @router.delete("/v1/videos/{video_id}", response_model=VideoDeleted)
     async def delete(job: Job = Depends(own_video)):
-        if not job.is_terminal:
-            cancel_job(ctx, job.id)
-            job = await read_job(ctx, job.id, job.owner, API) or job
-        await asyncio.to_thread(_delete_files, ctx, job)
+        job = await asyncio.to_thread(delete_job, ctx, job)
         return JSONResponse({"id": public_id(job.id), "object": "video.deleted", "deleted": True})
 
     @router.get("/v1/videos/{video_id}/content", response_class=Response, responses={200: {"content": {
