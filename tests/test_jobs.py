@@ -8,6 +8,7 @@ store's own schema and fault tests are in tests/test_jobs_postgres.py."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import signal
 import sqlite3
@@ -592,3 +593,13 @@ def test_a_deleted_job_is_marked_in_the_store_for_every_replica(open_store, cloc
     clock.now += 5.0
     assert b.mark_deleted(job.id).deleted_at == clock.now  # deleting again: still deleted (a 204 / 200 upstream)
     assert a.mark_deleted("0" * 32) is None
+
+
+def test_listing_by_api(store):
+    """The history routes ask the store for one wire protocol's jobs (WaveSpeed's predictions, OpenAI's videos)."""
+    mine = [store.create(make_job(created_at=float(i), owner="k")) for i in range(3)]
+    fal = store.create(dataclasses.replace(make_job(created_at=10.0, owner="k"), api="fal"))
+    assert [j.id for j in store.list(owner="k", api="wavespeed")] == [j.id for j in reversed(mine)]
+    assert [j.id for j in store.list(owner="k", api="fal")] == [fal.id]
+    assert [j.id for j in store.list(api="wavespeed", limit=2)] == [mine[2].id, mine[1].id]
+    assert store.list(api="openai") == []

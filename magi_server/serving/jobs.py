@@ -704,8 +704,8 @@ class JobStore(IdempotentCreate, WebhookOutbox):
         return self._owned_job(row, None if owner is None else _text(owner))
 
     def list(self, statuses: Iterable[JobStatus] | None = None, limit: int = 100,
-             owner: str | None = None) -> list[Job]:
-        """Newest first."""
+             owner: str | None = None, api: str | None = None) -> list[Job]:
+        """Newest first; ``api``: only the jobs that wire protocol created."""
         where, args = [], []
         if statuses is not None:
             marks, values = _in(statuses)
@@ -716,6 +716,9 @@ class JobStore(IdempotentCreate, WebhookOutbox):
         if owner is not None:
             where.append("owner = ?")
             args.append(_text(owner))
+        if api is not None:
+            where.append("api = ?")
+            args.append(_text(api))
         if limit <= 0:
             return []
         clause = f"WHERE {' AND '.join(where)}" if where else ""
@@ -723,7 +726,7 @@ class JobStore(IdempotentCreate, WebhookOutbox):
         return self._select(
             f"{clause} ORDER BY created_at DESC, rowid DESC LIMIT ?", (*args, int(limit)), newest_first=True,
             limit=limit, keep=lambda job: (wanted is None or job.status in wanted)
-            and (owner is None or job.owner == _text(owner)))
+            and (owner is None or job.owner == _text(owner)) and (api is None or job.api == api))
 
     def queued_in_order(self) -> list[Job]:
         """Every QUEUED job, oldest first: the order the restart path resubmits them in."""

@@ -457,8 +457,8 @@ class PostgresJobStore(IdempotentCreate, WebhookOutbox):
         return self._owned_job(row, None if owner is None else _pg_text(owner))
 
     def list(self, statuses: Iterable[JobStatus] | None = None, limit: int = 100,
-             owner: str | None = None) -> list[Job]:
-        """Newest first; damaged rows are skipped with a warning."""
+             owner: str | None = None, api: str | None = None) -> list[Job]:
+        """Newest first (``api``: only that wire protocol's jobs); damaged rows are skipped with a warning."""
         where, args = [], []
         if statuses is not None:
             values = _statuses(statuses)
@@ -469,6 +469,9 @@ class PostgresJobStore(IdempotentCreate, WebhookOutbox):
         if owner is not None:
             where.append("owner = %s")
             args.append(_pg_text(owner))
+        if api is not None:
+            where.append("api = %s")
+            args.append(_pg_text(api))
         if limit <= 0:
             return []
         clause = f"WHERE {' AND '.join(where)}" if where else ""

@@ -112,7 +112,7 @@ SIZED_MODELS = MappingProxyType({
 })
 SIZES = MappingProxyType({f"{w}x{h}": key for key, (w, h) in RESOLUTION_SIZES.items()})  # "WxH" -> (tier, aspect)
 LIST_DEFAULT_LIMIT, LIST_MAX_LIMIT = 20, 100
-LIST_SCAN = 10_000  # the owner's newest jobs (all APIs) a list looks through; retention keeps far fewer
+LIST_SCAN = 10_000  # the owner's newest videos a list looks through; retention keeps far fewer
 INT_FIELDS = ("seed", "num_inference_steps", "window_size")  # multipart sends numbers as text
 _ASCII_INT = re.compile(r"^-?[0-9]{1,30}$")
 _BRACKETED = re.compile(r"^([a-z_]+)\[([a-z_]*)\]$")  # the SDK's multipart spelling: prompts[], input_reference[x]
@@ -510,8 +510,7 @@ async def read_create_request(request: Request, max_field_bytes: int) -> tuple[C
 
 def _list_videos(ctx: ServerContext, owner: str, after: str | None, limit: int, order: str) -> dict:
     """One page of the owner's videos (blocking: the store's reader thread)."""
-    jobs = [job for job in ctx.store.list(limit=LIST_SCAN, owner=owner if ctx.settings.api_keys else None)
-            if job.api == API]
+    jobs = ctx.store.list(limit=LIST_SCAN, owner=owner if ctx.settings.api_keys else None, api=API)
     if order == "asc":
         jobs.reverse()
     if after is not None:

@@ -143,7 +143,7 @@ class EnhanceBody(BaseModel):
     prompt: Prompt
 
 
-HISTORY_WINDOW = 1000  # the prediction history covers the caller's newest this-many jobs (of any API)
+HISTORY_WINDOW = 1000  # the prediction history covers the caller's newest this-many WaveSpeed jobs
 
 
 class HistoryBody(BaseModel):
@@ -390,8 +390,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
         ``enable_base64_output`` jobs, whose result route gives the base64."""
         scope = owner if ctx.settings.api_keys else None
         jobs = await asyncio.get_running_loop().run_in_executor(
-            ctx.store_reader, lambda: ctx.store.list(limit=HISTORY_WINDOW, owner=scope))
-        items = [job for job in jobs if job.api == "wavespeed" and _listed(job, body)]
+            ctx.store_reader, lambda: ctx.store.list(limit=HISTORY_WINDOW, owner=scope, api="wavespeed"))
+        items = [job for job in jobs if _listed(job, body)]
         start = (body.page - 1) * body.page_size
         # a history lists many jobs: never a base64 encode of each MP4 (the URL stands in for it, as said above)
         return envelope({"page": body.page, "page_size": body.page_size, "total": len(items),
