@@ -270,3 +270,21 @@ def test_a_job_is_continued_only_by_the_variant_that_made_it(tmp_path):
     with pytest.raises(ParamError) as refused:
         _continued_job(ctx, "", job.id, "magi-1-24b", "continue_from")
     assert refused.value.param == "continue_from" and "magi-1-4.5b-distill" in refused.value.message
+
+
+def test_admission_charges_a_continuation_its_prefix(pipeline):
+    """A v2v job (a video or continue_from) holds its prefix's latent frames in the KV cache beside the new ones:
+    admission charges it more than the same text-to-video job, and the charge is the planner's formula with an
+    8-frame prefix."""
+    from magi_server.params import GenerationParams
+    from magi_server.runtime.memory_model import request_memory_estimate
+
+    runner = pipeline.runner
+    base = dict(prompts=("x",), width=832, height=480, num_frames=96, num_inference_steps=8, seed=1,
+                trim_to_frames=True)
+    t2v = GenerationParams(**base)
+    v2v = GenerationParams(**base, prefix_latents_path="/kept.safetensors")
+    facts = runner.memory_facts(v2v)
+    assert facts["prefix_frames"] == 8 and runner.memory_facts(t2v)["prefix_frames"] == 0
+    assert runner.request_memory_bytes(v2v) > runner.request_memory_bytes(t2v)
+    assert runner.request_memory_bytes(v2v) == request_memory_estimate(**facts).total_bytes

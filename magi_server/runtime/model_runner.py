@@ -297,11 +297,15 @@ class ModelRunner:
         """The arguments of :func:`magi_server.runtime.memory_model.request_memory_estimate` for a job (no tensors
         touched): what admission charges it, checked against the planner's op accounting of this code."""
         s = self.config.sampling
-        frames = plan_frames_for_output(params.num_frames, params.task) if params.trim_to_frames else params.num_frames
+        # the prefix's latent frames: an i2v image is one; a v2v prefix is at most 8 (a video's first 32 frames, or
+        # the latents a continued job kept), charged at that most since a video's length is known only once decoded
+        prefix = {"i2v": 1, "v2v": max(KEPT_LATENT_FRAMES, PREFIX_VIDEO_FRAMES // 4)}.get(params.task, 0)
+        frames = (plan_frames_for_output(params.num_frames, params.task, prefix, s.chunk_width)
+                  if params.trim_to_frames else params.num_frames)
         return dict(
             dit=self.dit.config, width=params.width, height=params.height, num_frames=frames,
             num_steps=params.num_inference_steps or s.num_steps, window_size=params.window_size or s.window_size,
-            cfg_number=s.cfg_number, prefix_frames=1 if params.task == "i2v" else 0,
+            cfg_number=s.cfg_number, prefix_frames=prefix,
             chunk_width=s.chunk_width, noise2clean_kvrange=tuple(s.noise2clean_kvrange),
             clean_chunk_kvrange=s.clean_chunk_kvrange, max_piece_tokens=self.dit.max_piece_tokens,
             kv_offload=self.kv_cache_device != self.device,
