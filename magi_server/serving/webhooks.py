@@ -52,6 +52,7 @@ log = logging.getLogger("magi_server.serving.webhooks")
 
 MAX_WEBHOOK_URL_CHARS = 2048
 JWKS_PATH = "/.well-known/jwks.json"
+WARN_EVERY_S = 30.0
 
 
 def webhook_policy(allow_private_urls: tuple[str, ...], timeout_s: float = 10.0) -> SourcePolicy:
@@ -121,8 +122,7 @@ class WebhookFormat:
 
 
 class WebhookDispatcher:
-    """Claims due deliveries every ``poll_s`` on a thread of its own and sends them on up to ``senders`` threads.
-    :meth:`run_once` is one pass, waiting for its sends (tests call it directly)."""
+    """Claims due deliveries every ``poll_s`` on a thread of its own and sends them on up to ``senders`` threads."""
 
     def __init__(self, ctx, formats: Mapping[str, WebhookFormat], *, policy: SourcePolicy, max_attempts: int = 10,
                  backoff_initial_s: float = 1.0, backoff_max_s: float = 600.0, poll_s: float = 0.25,
@@ -146,6 +146,7 @@ class WebhookDispatcher:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._quiet_until = 0.0  # a failing pass (the store down) is logged at most every WARN_EVERY_S
 
     def backoff_s(self, attempts_made: int) -> float:
         """Seconds to wait after the ``attempts_made``-th failed attempt (tenacity's jittered exponential wait)."""
@@ -167,30 +168,22 @@ class WebhookDispatcher:
     def _loop(self) -> None:
         while not self._stop.is_set() and not getattr(self.ctx.store, "closed", False):
             try:
-                self._claim_and_send(wait=False)
+                self._claim_and_send()
             except Exception:  # noqa: BLE001 - a store outage or a bug must not end deliveries for good
-                log.warning("webhook dispatch pass failed; retrying", exc_info=True)
+                if time.monotonic() >= self._quiet_until:
+                    log.warning("webhook dispatch pass failed; retrying every %.2f s", self.poll_s, exc_info=True)
+                    self._quiet_until = time.monotonic() + WARN_EVERY_S
             self._stop.wait(self.poll_s)
 
-    def run_once(self) -> int:
-        """Claim what is due and send it, waiting for the sends; returns how many were sent."""
-        return self._claim_and_send(wait=True)
-
-    def _claim_and_send(self, *, wait: bool) -> int:
+    def _claim_and_send(self) -> None:
         with self._lock:
             room = self._senders - self._in_flight
         if room <= 0:
-            return 0
-        deliveries = self.ctx.store.claim_webhooks(self.lease_s, limit=room)
-        futures = []
-        for delivery in deliveries:
+            return
+        for delivery in self.ctx.store.claim_webhooks(self.lease_s, limit=room):
             with self._lock:
                 self._in_flight += 1
-            futures.append(self._pool.submit(self._send_guarded, delivery))
-        if wait:
-            for future in futures:
-                future.result()
-        return len(deliveries)
+            self._pool.submit(self._send_guarded, delivery)
 
     def _send_guarded(self, delivery: WebhookDelivery) -> None:
         try:
