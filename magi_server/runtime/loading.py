@@ -306,6 +306,23 @@ MODEL_CONFIG_NAME = "magi_config.json"
 SPECIAL_TOKENS_NAME = "special_tokens.npz"
 
 
+def load_local_transformers(path: str | Path, *, flag: str, kind: str, model_class, companion_class,
+                            device: torch.device | str = "cpu"):
+    """(model, tokenizer or processor) of a local `transformers` checkpoint folder given with ``flag`` (no download:
+    ``local_files_only``): the prompt enhancer's causal LM, the safety checker's image classifier. ValueError with
+    one line, naming the flag, when the folder is missing or does not hold a ``kind`` checkpoint."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"{flag}: {str(path)!r} is not a folder")
+    try:
+        companion = companion_class.from_pretrained(folder, local_files_only=True)
+        model = model_class.from_pretrained(folder, local_files_only=True).to(device)
+    except (OSError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{flag}: {folder} is not {kind} checkpoint: {first}") from None
+    return model, companion
+
+
 def hide_progress_bars() -> None:
     """No tqdm bars from transformers / huggingface_hub (saving and loading the T5): a server's log is lines, and
     under ``--log-format json`` every one of them must be JSON."""

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from magi_server.runtime.loading import load_local_transformers
+
 # modelled on the reference's enhancer instructions: describe what is seen and how it moves, one paragraph
 SYSTEM_PROMPT = (
     "You rewrite short requests for a video generation model into one vivid paragraph of at most 80 words. "
@@ -45,15 +47,9 @@ class PromptEnhancer:
         is not a causal language model with a tokenizer."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        folder = Path(path)
-        if not folder.is_dir():
-            raise ValueError(f"--prompt-enhancer: {str(path)!r} is not a folder")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).to(device)
-        except (OSError, ValueError, KeyError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ValueError(f"--prompt-enhancer: {folder} is not a causal language model checkpoint: {first}") from None
+        model, tokenizer = load_local_transformers(path, flag="--prompt-enhancer", kind="a causal language model",
+                                                   model_class=AutoModelForCausalLM, companion_class=AutoTokenizer,
+                                                   device=device)
         return cls(model, tokenizer, max_new_tokens=max_new_tokens, device=device)
 
     def _inputs(self, prompt: str) -> torch.Tensor:

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from magi_server.runtime.loading import load_local_transformers
+
 DEFAULT_NSFW_LABELS = ("nsfw", "porn", "hentai", "sexy")
 FRAMES_PER_CHUNK = 3  # the first, middle and last frame of each chunk: a 24-frame chunk is one second
 
@@ -77,16 +79,10 @@ class SafetyChecker:
         not an image classifier with an image processor, or has no NSFW-type label."""
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        folder = Path(path)
-        if not folder.is_dir():
-            raise ValueError(f"--safety-checker: {str(path)!r} is not a folder")
-        try:
-            processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
-            model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True).to(device)
-        except (OSError, ValueError, KeyError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ValueError(f"--safety-checker: {folder} is not an image classification checkpoint: {first}") from None
-        return cls(model, processor, nsfw_labels, threshold=threshold, device=device, source=str(folder))
+        model, processor = load_local_transformers(
+            path, flag="--safety-checker", kind="an image classification", device=device,
+            model_class=AutoModelForImageClassification, companion_class=AutoImageProcessor)
+        return cls(model, processor, nsfw_labels, threshold=threshold, device=device, source=str(Path(path)))
 
     @torch.no_grad()
     def nsfw_scores(self, frames: np.ndarray) -> np.ndarray:

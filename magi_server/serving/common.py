@@ -39,9 +39,9 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -61,12 +61,13 @@ from magi_server.media import InputError
 from magi_server.media.fetch import SourcePolicy, open_source, read_path
 from magi_server.media.images import fit_image, image_size, read_image_bytes
 from magi_server.media.video import MAX_VIDEO_BYTES, load_video
-from magi_server.params import (ASPECT_RATIOS, MAX_SIDE, RESOLUTION_SIZES, RESOLUTIONS, GenerationParams, ModelLimits,
-                                ParamError, kept_latents_name, nearest_aspect, output_size, resolve_seed, validate)
+from magi_server.params import (ASPECT_RATIOS, MAX_PROMPTS, MAX_SIDE, MAX_WINDOW, RESOLUTION_SIZES, RESOLUTIONS,
+                                GenerationParams, ModelLimits, ParamError, kept_latents_name, nearest_aspect,
+                                output_size, resolve_seed, validate)
 from magi_server.serving.events import EventHub, StoreBacklog
 from magi_server.serving.jobs import (MAX_IDEMPOTENCY_KEY_LEN, DamagedJob, IdempotencyConflict, Job, JobStatus,
                                       JobStore, JobStoreError, QueueFull, QuotaExceeded)
-from magi_server.serving.files import ACCEPTED_KINDS, UPLOAD_NAME, FileSigner, MediaKind, sniff_media
+from magi_server.serving.files import ACCEPTED_KINDS, UPLOAD_NAME, FileSigner, MediaKind, read_stored, sniff_media
 from magi_server.serving.routing import Choice, Router, UnservedRoute
 from magi_server.serving.settings import ServerSettings
 from magi_server.serving.webhooks import WebhookKeys
@@ -137,6 +138,20 @@ def _not_blank(value: str) -> str:
 Int = Annotated[int, Strict(), BeforeValidator(_integral)]
 Text = Annotated[str, Strict(), AfterValidator(_plain_text)]
 Prompt = Annotated[Text, Field(min_length=1), AfterValidator(_not_blank)]  # WaveSpeed and fal require the text
+
+
+def scene_prompts_field(replaces: str = "prompt"):
+    """The ``prompts`` extension field (MAGI-1's chunk-wise captions) as every API declares it."""
+    return Field(None, min_length=1, max_length=MAX_PROMPTS, description=(
+        "extension: one prompt per 24-frame chunk (scene changes; the last holds for the chunks after it); "
+        f"replaces {replaces} for the generation"))
+
+
+def window_size_field():
+    """The ``window_size`` extension field (chunks denoised together) as every API declares it."""
+    return Field(None, ge=1, le=MAX_WINDOW, description=(
+        "extension: chunks denoised together (absent: the model's, 4); 1 needs the least memory"))
+
 Resolution = Literal[RESOLUTIONS]
 AspectRatio = Literal[("auto", *ASPECT_RATIOS)]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=MAX_IDEMPOTENCY_KEY_LEN,
@@ -222,6 +237,13 @@ class ServerContext:
         return self.file_signer
 
     @property
+    def media_policy(self) -> SourcePolicy:
+        """Where a request's image and video URLs may be fetched from: never a server path; public hosts, plus the
+        operator's --allow-private-urls exceptions."""
+        return SourcePolicy(allow_paths=False, allow_private_hosts=self.settings.allow_private_image_hosts,
+                            private_allowlist=self.settings.allow_private_urls)
+
+    @property
     def webhook_keys(self):
         """serving.webhooks.WebhookKeys, derived from the kept signing secret (the same in every replica)."""
         if self._webhook_keys is None:
@@ -266,6 +288,16 @@ class ServerContext:
         # compare against every key in constant time: no early exit that leaks which prefix matched
         matches = [hmac.compare_digest(key.encode(), k.encode()) for k in self.settings.api_keys]
         return any(matches)
+
+
+def read_output(ctx: ServerContext, name: str) -> bytes | None:
+    """An output, preview or kept file wherever it lives (the reading twin of :meth:`ServerContext.remove_output`):
+    this replica's folder (never through a link), else the object store; None when in neither. The object store's
+    errors (serving.outputs.OutputStoreError) propagate: the caller says what a read that failed means."""
+    data = read_stored(ctx.outputs_dir, name)
+    if data is not None or ctx.output_store is None:
+        return data
+    return ctx.output_store.read(name)
 
 
 def find_job(ctx: "ServerContext", job_id: str, owner: str, api: str) -> Job | None:
@@ -451,22 +483,12 @@ async def read_image_field(ctx: ServerContext, value: str, field_name: str) -> I
     return await asyncio.to_thread(_read_image_field, ctx, value, field_name)
 
 
-def _read_image_field(ctx: ServerContext, value: str, field_name: str) -> ImageInput:
-    local = resolve_upload(ctx, value)
+@contextmanager
+def _media_field(field_name: str) -> Iterator[None]:
+    """Reading a request's image or video: every failure is the reference's fault (a 4xx naming ``field_name``),
+    never a 5xx; one the loaders did not classify is logged."""
     try:
-        if local is not None:
-            data = read_image_bytes(local, param=field_name)
-        elif value.startswith(("http://", "https://", "data:")):
-            policy = SourcePolicy(allow_paths=False, allow_private_hosts=ctx.settings.allow_private_image_hosts,
-                                  private_allowlist=ctx.settings.allow_private_urls)
-            data = read_image_bytes(value, param=field_name, policy=policy)
-        else:
-            try:  # bare base64 (WaveSpeed accepts it as a harmless extension)
-                raw = base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError):
-                raise ParamError(field_name, "must be an http(s) URL, a data: URI or base64 image bytes") from None
-            data = read_image_bytes(raw, param=field_name)
-        width, height = image_size(data, param=field_name)
+        yield
     except InputError as exc:
         raise ParamError(field_name, exc.message, "media_error") from None
     except ParamError:
@@ -474,6 +496,22 @@ def _read_image_field(ctx: ServerContext, value: str, field_name: str) -> ImageI
     except Exception:  # a fetch failure the loader did not classify is still the reference's fault, not a 5xx
         log.warning("%s could not be read", field_name, exc_info=True)
         raise ParamError(field_name, "could not be fetched or decoded", "media_error") from None
+
+
+def _read_image_field(ctx: ServerContext, value: str, field_name: str) -> ImageInput:
+    local = resolve_upload(ctx, value)
+    with _media_field(field_name):
+        if local is not None:
+            data = read_image_bytes(local, param=field_name)
+        elif value.startswith(("http://", "https://", "data:")):
+            data = read_image_bytes(value, param=field_name, policy=ctx.media_policy)
+        else:
+            try:  # bare base64 (WaveSpeed accepts it as a harmless extension)
+                raw = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise ParamError(field_name, "must be an http(s) URL, a data: URI or base64 image bytes") from None
+            data = read_image_bytes(raw, param=field_name)
+        width, height = image_size(data, param=field_name)
     if width * height > MAX_INPUT_IMAGE_PIXELS:
         raise ParamError(field_name, f"the image is {width}x{height} ({width * height / 1e6:.1f} megapixels); at "
                                      f"most {MAX_INPUT_IMAGE_PIXELS / 1e6:.1f} megapixels (e.g. 4096x4096) are "
@@ -688,13 +726,13 @@ def _kept_latents(ctx: ServerContext, job_id: str, *, read: bool) -> bytes | boo
     """Whether a job's kept latents exist (``read=False``; the object store is asked without a download) or their
     bytes (``read=True``): in this replica's folder, else the output store."""
     name = kept_latents_name(job_id)
-    path = ctx.outputs_dir / name
-    if path.is_file() and not path.is_symlink():
-        return path.read_bytes() if read else True
-    if ctx.output_store is None:
-        return None
     try:
-        return ctx.output_store.read(name) if read else ctx.output_store.exists(name)
+        if read:
+            return read_output(ctx, name)
+        path = ctx.outputs_dir / name
+        if path.is_file() and not path.is_symlink():
+            return True
+        return ctx.output_store is not None and ctx.output_store.exists(name)
     except Exception as exc:  # noqa: BLE001 - serving.outputs.OutputStoreError, one line
         log.error("could not %s %s: %s", "read" if read else "look up", name, exc)
         raise Unavailable(10.0, str(exc), "the server cannot read its output store now; retry later") from None
@@ -704,13 +742,11 @@ def _read_video_field(ctx: ServerContext, value: str, field_name: str) -> tuple[
     """A video given as an http(s) URL (SSRF rules as for images), a data: URI, or one of our uploads: its bytes
     and extension, once it sniffs as a video and decodes to at least :data:`MIN_VIDEO_FRAMES` frames."""
     local = resolve_upload(ctx, value)
-    try:
+    with _media_field(field_name):
         if local is not None:
             data = read_path(local, param=field_name, max_bytes=MAX_VIDEO_BYTES)
         elif value.startswith(("http://", "https://", "data:")):
-            policy = SourcePolicy(allow_paths=False, allow_private_hosts=ctx.settings.allow_private_image_hosts,
-                                  private_allowlist=ctx.settings.allow_private_urls)
-            data = open_source(value, param=field_name, max_bytes=MAX_VIDEO_BYTES, policy=policy)
+            data = open_source(value, param=field_name, max_bytes=MAX_VIDEO_BYTES, policy=ctx.media_policy)
         else:
             raise ParamError(field_name, "must be an http(s) URL, a data: URI or an upload's URL")
         kind = sniff_media(data[:64])
@@ -718,13 +754,6 @@ def _read_video_field(ctx: ServerContext, value: str, field_name: str) -> tuple[
             raise ParamError(field_name, "must be an MP4/MOV or WebM video", "media_error")
         # decoded once, small and quickly, so a video that cannot be continued is refused now, not as a failed job
         frames = load_video(data, width=16, height=16, max_frames=MIN_VIDEO_FRAMES, param=field_name)
-    except InputError as exc:
-        raise ParamError(field_name, exc.message, "media_error") from None
-    except ParamError:
-        raise
-    except Exception:  # a fetch failure the loader did not classify is still the reference's fault, not a 5xx
-        log.warning("%s could not be read", field_name, exc_info=True)
-        raise ParamError(field_name, "could not be fetched or decoded", "media_error") from None
     if len(frames) < MIN_VIDEO_FRAMES:
         raise ParamError(field_name, f"has {len(frames)} frame(s) at 24 fps; a video to continue needs at least "
                                      f"{MIN_VIDEO_FRAMES}", "media_error")
@@ -817,7 +846,7 @@ def _holds_bytes(path: Path) -> bool:
 
 async def build_params(ctx: ServerContext, *, prompt: str, image: ImageInput | None, resolution: str, aspect: str,
                        num_frames: int, steps: int, seed: int | None, fields: Mapping[str, str],
-                       limits: ModelLimits | None = None, prompts: tuple[str, ...] | None = None,
+                       limits: ModelLimits | None = None, prompts: Sequence[str] | None = None,
                        window_size: int | None = None, safety_check: bool = True,
                        continuation: ContinuationInput | None = None) -> GenerationParams:
     """A provider request as the contract's GenerationParams, checked by :func:`validate` against the served
@@ -825,7 +854,10 @@ async def build_params(ctx: ServerContext, *, prompt: str, image: ImageInput | N
     provider's). The input image ("auto" takes the aspect ratio from its header) is decoded and stored at the
     output's size only once the request is valid, so a refused request leaves nothing behind. ``safety_check``:
     run the server's safety checker (if it has one) on the output. ``continuation``: the video or earlier job the
-    request continues (:func:`continuation_input`), stored for the job once the request is valid."""
+    request continues (:func:`continuation_input`), stored for the job once the request is valid. ``prompts``: the
+    chunk-wise captions, which replace ``prompt`` (a refusal about the prompt then names the ``prompts`` field)."""
+    if prompts:
+        fields = {**fields, "prompt": "prompts"}
     if num_frames > ctx.settings.max_num_frames:
         raise ParamError(fields.get("num_frames", "num_frames"),
                          f"at most {ctx.settings.max_num_frames} frames on this server (--max-frames), got "

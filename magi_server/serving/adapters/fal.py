@@ -38,8 +38,7 @@ from pydantic import BaseModel, BeforeValidator, Field, StrictBool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from magi_server.params import (MAX_FRAMES, MAX_PROMPTS, MAX_SEED, MAX_WINDOW, GenerationParams, ModelLimits,
-                                ParamError)
+from magi_server.params import MAX_FRAMES, MAX_SEED, GenerationParams, ModelLimits, ParamError
 from magi_server.serving.common import (
     MAX_IMAGE_REF_CHARS,
     AspectRatio,
@@ -61,6 +60,8 @@ from magi_server.serving.common import (
     iso_time,
     read_image_field,
     read_job,
+    scene_prompts_field,
+    window_size_field,
 )
 from magi_server.serving.events import wait_for_terminal
 from magi_server.serving.jobs import Job, JobStatus
@@ -113,11 +114,8 @@ class _Options(BaseModel):
     continue_from: Text | None = Field(None, max_length=64, description=(
         "extension: the request_id of an earlier completed request of yours, continued losslessly from its last "
         "latent frames (kept for the retention period), at its size (resolution and aspect_ratio default to it)"))
-    prompts: list[Prompt] | None = Field(None, min_length=1, max_length=MAX_PROMPTS, description=(
-        "extension: one prompt per 24-frame chunk (scene changes; the last holds for the chunks after it); "
-        "replaces prompt for the generation"))
-    window_size: FalInt | None = Field(None, ge=1, le=MAX_WINDOW, description=(
-        "extension: chunks denoised together (absent: the model's, 4); 1 needs the least memory"))
+    prompts: list[Prompt] | None = scene_prompts_field()
+    window_size: FalInt | None = window_size_field()
 
 
 # One model per app kind. The mixin order puts the fields in fal's schema order (prompt, image_url, num_frames, ...),
@@ -201,9 +199,9 @@ async def to_params(ctx: ServerContext, body: BaseModel, limits: ModelLimits | N
         resolution=(body.resolution if "resolution" in body.model_fields_set or continuation is None
                     else continuation.resolution or body.resolution),
         aspect=body.aspect_ratio, num_frames=body.num_frames,
-        steps=body.num_inference_steps, seed=body.seed,
-        fields=dict(FIELDS, prompt="prompts") if body.prompts else FIELDS, limits=limits, safety_check=body.enable_safety_checker, continuation=continuation,
-        prompts=tuple(body.prompts) if body.prompts else None, window_size=body.window_size,
+        steps=body.num_inference_steps, seed=body.seed, fields=FIELDS, limits=limits,
+        safety_check=body.enable_safety_checker, continuation=continuation, prompts=body.prompts,
+        window_size=body.window_size,
     )
 
 

@@ -50,7 +50,7 @@ from pydantic import AfterValidator, BaseModel, Field, Strict, StrictBool
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
-from magi_server.params import FPS, MAX_FRAMES, MAX_PROMPTS, MAX_WINDOW, GenerationParams, ModelLimits, ParamError
+from magi_server.params import FPS, MAX_FRAMES, GenerationParams, ModelLimits, ParamError
 from magi_server.serving.common import (
     MAX_IMAGE_REF_CHARS,
     RAW_BODY,
@@ -75,6 +75,8 @@ from magi_server.serving.common import (
     read_job,
     receive_upload,
     resolve_upload,
+    scene_prompts_field,
+    window_size_field,
 )
 from magi_server.serving.jobs import Job, JobStatus
 
@@ -166,11 +168,8 @@ class ImageToVideoBody(BaseModel):
         "extension: the id of an earlier completed project of yours, continued losslessly from its last latent "
         "frames (kept for the retention period) instead of an image, at its size; the output holds only the new "
         "frames"))
-    prompts: list[Text] | None = Field(None, min_length=1, max_length=MAX_PROMPTS, description=(
-        "extension: one prompt per 24-frame chunk (scene changes; the last holds for the chunks after it); "
-        "replaces style.prompt for the generation"))
-    window_size: Int | None = Field(None, ge=1, le=MAX_WINDOW, description=(
-        "extension: chunks denoised together (absent: the model's, 4); 1 needs the least memory"))
+    prompts: list[Text] | None = scene_prompts_field("style.prompt")
+    window_size: Int | None = window_size_field()
     width: Int | None = Field(None, description="deprecated, ignored")
     height: Int | None = Field(None, description="deprecated, ignored")
 
@@ -264,9 +263,8 @@ async def to_params(ctx: ServerContext, body: ImageToVideoBody, limits: ModelLim
     params = await build_params(
         ctx, prompt=(body.style and body.style.prompt) or "", image=image,
         resolution=SERVED_TIER[requested], aspect="auto", num_frames=round(body.end_seconds * FPS),
-        steps=ctx.settings.default_steps, seed=None,
-        fields=dict(FIELDS, prompt="prompts") if body.prompts else FIELDS, limits=limits, continuation=continuation, prompts=tuple(body.prompts) if body.prompts else None,
-        window_size=body.window_size,
+        steps=ctx.settings.default_steps, seed=None, fields=FIELDS, limits=limits, continuation=continuation,
+        prompts=body.prompts, window_size=body.window_size,
     )
     name = body.name if body.name is not None else f"Image To Video - {iso_time(time.time())}"
     return params, {"name": name, "end_seconds": body.end_seconds, "resolution": requested, "model": model}

@@ -18,8 +18,8 @@ Routes (``Authorization: Bearer <key>``; every answer is JSON except the downloa
 Mapping to MAGI-1 (the request is served exactly as asked, or refused naming the field):
 
 * ``seconds``: a whole number from 1 to the server's --max-frames / 24, 60 by default (a string, as the SDK sends
-  it, or a JSON integer) -> seconds x 24 frames (MAGI-1 makes 24 fps video in chunks of 24 frames: one chunk per second). Absent: the server's default
-  frame count.
+  it, or a JSON integer) -> seconds x 24 frames (MAGI-1 makes 24 fps video in chunks of 24 frames: one chunk per
+  second). Absent: the server's default frame count.
 * ``size``: one of the six sizes MAGI-1 generates (``1280x720``, ``720x1280``, ``960x960`` at 720p; ``832x480``,
   ``480x832``, ``624x624`` at 480p); any other (Sora's ``1024x1792``, ...) is a 400 naming ``size``. Absent: the
   server's default tier, 16:9, or the input image's nearest aspect ratio. An input image is center-cropped and
@@ -62,8 +62,8 @@ from starlette.exceptions import HTTPException
 
 from magi_server.media import InputError
 from magi_server.media.ffmpeg import run_ffmpeg
-from magi_server.params import (FPS, MAX_PROMPTS, MAX_SEED, MAX_WINDOW, RESOLUTION_SIZES, GenerationParams,
-                                ModelLimits, ParamError)
+from magi_server.params import (FPS, MAX_PROMPTS, MAX_SEED, RESOLUTION_SIZES, GenerationParams, ModelLimits,
+                                ParamError)
 from magi_server.serving.common import (
     MAX_IMAGE_REF_CHARS,
     MAX_UPLOAD_BYTES,
@@ -85,8 +85,11 @@ from magi_server.serving.common import (
     fingerprint,
     read_image_field,
     read_job,
+    read_output,
+    scene_prompts_field,
+    window_size_field,
 )
-from magi_server.serving.files import StoredFileResponse, StoredObjectResponse, open_stored, read_stored
+from magi_server.serving.files import StoredFileResponse, StoredObjectResponse, open_stored
 from magi_server.serving.jobs import Job, JobStatus
 from magi_server.serving.routing import ROUTE_PROMISES, Router, UnservedRoute
 
@@ -154,12 +157,10 @@ class CreateBody(BaseModel):
     size: Text | None = Field(None, max_length=32, description=f"one of {', '.join(SIZES)}")
     input_reference: dict[str, Text] | None = Field(None, description=(
         "the first frame: {\"image_url\": <http(s) URL or data URL>} (multipart: a file part)"))
-    prompts: list[Prompt] | None = Field(None, min_length=1, max_length=MAX_PROMPTS, description=(
-        "extension: one prompt per 24-frame chunk (the last holds for the chunks after it); replaces prompt"))
+    prompts: list[Prompt] | None = scene_prompts_field()
     seed: Int | None = Field(None, ge=-1, le=MAX_SEED, description="extension: -1 (or absent): random")
     num_inference_steps: Int | None = Field(None, ge=1, le=256, description="extension: absent: the server's")
-    window_size: Int | None = Field(None, ge=1, le=MAX_WINDOW, description=(
-        "extension: chunks denoised together (absent: the model's, 4); 1 needs the least memory"))
+    window_size: Int | None = window_size_field()
     continue_from: Text | None = Field(None, max_length=100, description=(
         "extension: the id of an earlier completed video of this key to continue losslessly from its kept latents "
         "(the output holds only the new frames; size absent: the source's)"))
@@ -427,12 +428,10 @@ async def to_params(ctx: ServerContext, body: CreateBody, upload: bytes | None,
         image = await read_image_field(ctx, reference["image_url"], "input_reference.image_url")
     else:
         image = None
-    fields = dict(FIELDS, prompt="prompts") if body.prompts else FIELDS
     return await build_params(
         ctx, prompt=body.prompt, image=image, resolution=resolution, aspect=aspect, num_frames=frames,
-        steps=body.num_inference_steps or ctx.settings.default_steps, seed=body.seed, fields=fields,
-        limits=limits, prompts=tuple(body.prompts) if body.prompts else None, window_size=body.window_size,
-        continuation=continuation)
+        steps=body.num_inference_steps or ctx.settings.default_steps, seed=body.seed, fields=FIELDS,
+        limits=limits, prompts=body.prompts, window_size=body.window_size, continuation=continuation)
 
 
 async def _form_fields(form) -> tuple[dict, bytes | None]:
@@ -536,13 +535,11 @@ def _list_videos(ctx: ServerContext, owner: str, after: str | None, limit: int, 
 
 
 def _video_bytes(ctx: ServerContext, name: str) -> bytes | None:
-    if ctx.output_store is not None:
-        try:
-            return ctx.output_store.read(name)
-        except Exception as exc:  # noqa: BLE001 - the store's one-line error
-            log.warning("could not read %s from %s: %s", name, ctx.output_store.location, exc)
-            return None
-    return read_stored(ctx.outputs_dir, name)
+    try:
+        return read_output(ctx, name)
+    except Exception as exc:  # noqa: BLE001 - the object store's one-line error
+        log.warning("could not read %s from %s: %s", name, ctx.output_store.location, exc)
+        return None
 
 
 def render_still(video: bytes, variant: str, num_frames: int, width: int) -> tuple[bytes, str]:

@@ -31,7 +31,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, Field, StrictBool
 from starlette.exceptions import HTTPException
 
-from magi_server.params import FPS, MAX_FRAMES, MAX_PROMPTS, MAX_WINDOW, RANDOM_SEEDS, GenerationParams, ModelLimits, ParamError
+from magi_server.params import FPS, MAX_FRAMES, RANDOM_SEEDS, GenerationParams, ModelLimits, ParamError
 from magi_server.serving.common import (
     MAX_IMAGE_REF_CHARS,
     RAW_BODY,
@@ -61,6 +61,8 @@ from magi_server.serving.common import (
     read_job,
     receive_upload,
     save_upload,
+    scene_prompts_field,
+    window_size_field,
 )
 from magi_server.serving.events import wait_for_terminal
 from magi_server.serving.files import read_stored
@@ -116,11 +118,8 @@ class SubmitBody(BaseModel):
     enable_safety_checker: StrictBool | None = Field(None, description=(
         "absent or true: the server's safety checker (if it runs one: /health/ready) judges the output and "
         "has_nsfw_contents reports it; false: not checked"))
-    prompts: list[Prompt] | None = Field(None, min_length=1, max_length=MAX_PROMPTS, description=(
-        "extension: one prompt per 24-frame chunk (scene changes; the last holds for the chunks after it); "
-        "replaces prompt for the generation"))
-    window_size: Int | None = Field(None, ge=1, le=MAX_WINDOW, description=(
-        "extension: chunks denoised together (absent: the model's, 4); 1 needs the least memory"))
+    prompts: list[Prompt] | None = scene_prompts_field()
+    window_size: Int | None = window_size_field()
     video: Text | None = Field(None, max_length=MAX_IMAGE_REF_CHARS, description=(
         "extension: a video to continue (MAGI-1 video-to-video: its first 32 frames condition the new ones): an "
         "http(s) URL, a data: URI or an upload's download_url; the output holds only the new frames"))
