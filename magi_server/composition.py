@@ -77,13 +77,6 @@ def load_safety_checker(settings: ServerSettings, device: str = "cpu"):
     return checker
 
 
-def serving_runner(pipeline, settings: ServerSettings, safety_checker=None):
-    """The runner the engine drives for a loaded pipeline: its model, writing into the outputs folder, checked by
-    ``safety_checker`` when there is one (a runner without a checker is asked nothing about it)."""
-    extra = {} if safety_checker is None else {"safety_checker": safety_checker}
-    return pipeline.runner.with_outputs(settings.outputs_dir, **extra)
-
-
 def make_router(settings: ServerSettings, variants):
     from magi_server.serving.routing import Router
 
@@ -125,7 +118,8 @@ def build_context(settings: ServerSettings, *, pipeline=None, store: JobStore | 
     # each variant's own model; the engines' requests (one outputs folder: job ids are unique); one safety checker
     # for all of them
     checker = load_safety_checker(settings, settings.device)
-    executors = {name: serving_runner(pipelines[name], settings, checker) for name, _ in specs}
+    executors = {name: pipelines[name].runner.with_outputs(settings.outputs_dir, safety_checker=checker)
+                 for name, _ in specs}
     router = make_router(settings, [variant_for(name, pipelines[name].config) for name, _ in specs])
     store = store if store is not None else open_job_store(settings.db_path)
     holder: dict[str, ServerContext] = {}
@@ -294,7 +288,8 @@ def run_worker(settings: ServerSettings, *, pipeline=None, stop=None) -> int:
             hide_progress_bars()
             pipeline = MagiPipeline.from_pretrained(location, device=settings.device, cache_dir=settings.cache_dir,
                                                     compile=settings.compile, cp=settings.cp)
-        executor = serving_runner(pipeline, settings, load_safety_checker(settings, settings.device))
+        executor = pipeline.runner.with_outputs(settings.outputs_dir,
+                                                safety_checker=load_safety_checker(settings, settings.device))
         holder: dict = {}
 
         publish = _output_publisher(settings)

@@ -37,7 +37,7 @@ class FakeStore:
         self.calls.append(("sweep", max_attempts))
         return [], []
 
-    def complete(self, job_id, outputs, ms, *, worker_id=None):
+    def complete(self, job_id, outputs, ms, *, worker_id=None, meta_updates=None):
         self.calls.append(("complete", job_id, worker_id))
         return None
 

@@ -115,8 +115,8 @@ class GatedPipeline:
         self._gate = gate
         self.runner = self  # build_context asks the pipeline's runner for the served one (with_outputs)
 
-    def with_outputs(self, outputs_dir):
-        served = self._pipe.runner.with_outputs(outputs_dir)
+    def with_outputs(self, outputs_dir, **options):
+        served = self._pipe.runner.with_outputs(outputs_dir, **options)
         prefill = served.prefill
 
         def gated(*args, **kwargs):

@@ -265,8 +265,7 @@ class Engine:
                 self._emit(EngineEvent(EventKind.FINISHED, job_id, chunks_done=record.chunks_total,
                                        chunks_total=record.chunks_total, output=record.output,
                                        num_frames=record.num_frames, inference_ms=record.inference_ms,
-                                       safety_checked=getattr(record, "safety_checked", False),
-                                       nsfw=getattr(record, "nsfw", False)))
+                                       safety_checked=record.safety_checked, nsfw=record.nsfw))
             elif record.kind == "failed":  # bad input found by the prefill, or an output that could not be written
                 result.fail(job_id, self._failure(record.error))
 

@@ -62,8 +62,8 @@ class FencedStore:
 
     def complete(self, job_id: str, outputs, inference_ms: int | None, *,
                  meta_updates: dict | None = None) -> Job | None:
-        extra = {"meta_updates": meta_updates} if meta_updates else {}  # e.g. the safety checker's verdict
-        return self._store.complete(job_id, outputs, inference_ms, worker_id=self.worker_id, **extra)
+        return self._store.complete(job_id, outputs, inference_ms, worker_id=self.worker_id,
+                                    meta_updates=meta_updates)
 
     def fail(self, job_id: str, error: str, error_code: str, error_param: str = "") -> Job | None:
         return self._store.fail(job_id, error, error_code, error_param, worker_id=self.worker_id)
